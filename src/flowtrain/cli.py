@@ -1,0 +1,290 @@
+"""`flowtrain <verb>`: parse arguments, load config, call one function per verb.
+
+Heavy libraries (torch, diffusers) are imported inside the verbs so `flowtrain --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    level = logging.WARNING if (quiet or rank != 0) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 9,18,27, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- verbs
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flowtrain.data.prepare import prepare
+
+    report = prepare(
+        args.src,
+        args.out,
+        resolution=args.resolution,
+        shard_size=args.shard_size,
+        min_size=args.min_size,
+        progress=not args.quiet,
+    )
+    print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from flowtrain.data.precompute import PrecomputeSettings, precompute
+
+    cfg = None
+    if args.config:
+        from flowtrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+    model = args.model or (cfg.model.pretrained if cfg else None)
+    out = args.out or (cfg.dataset.cache_dir if cfg else None)
+    if not model or not out:
+        raise ValueError(
+            "precompute needs --model (or --config with model.pretrained) and --out "
+            "(or --config with dataset.cache_dir)"
+        )
+    settings = PrecomputeSettings(
+        model=model,
+        family=cfg.model.family if cfg else "flux2_klein",
+        revision=cfg.model.revision if cfg else None,
+        text_encoder_layers=tuple(args.text_encoder_layers or (cfg.model.text_encoder_layers if cfg else (9, 18, 27))),
+        max_sequence_length=args.max_sequence_length or (cfg.model.max_sequence_length if cfg else 512),
+        resolution=args.resolution,
+        dtype=args.dtype or (cfg.model.dtype if cfg else "bfloat16"),
+        trust_remote_code=cfg.model.trust_remote_code if cfg else False,
+    )
+    manifest = precompute(
+        args.raw_dir, out, settings, batch_size=args.batch_size, device=args.device, progress=not args.quiet
+    )
+    print(f"precompute: {manifest['num_rows']} rows → {out} (fingerprint {manifest['fingerprint']['id']})")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from flowtrain.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.max_train_steps:
+        overrides.append(f"train.max_steps={args.max_train_steps}")
+    if args.precomputed_data_dir:
+        overrides.append(f"dataset.cache_dir={args.precomputed_data_dir}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flowtrain.train.loop import train
+
+    cfg = _train_config(args)
+    result = train(cfg, resume=args.resume_from_checkpoint, progress=not args.quiet)
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(f"train: step {result.step}, last loss {last:.4f} → {result.output_dir}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from flowtrain.config import dump_config
+
+    cfg = _train_config(args)
+    print(dump_config(cfg), end="")
+    print(f"# {args.config}: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowtrain.sample import generate, load_sampling_pipeline, save_images
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
+    seq_len, layers = args.max_sequence_length, args.text_encoder_layers
+    run_cfg = _run_config_near(args.lora or args.transformer)
+    if run_cfg is not None:  # a run dir: use the text settings it was trained with unless told otherwise
+        seq_len = seq_len or run_cfg.model.max_sequence_length
+        layers = layers or run_cfg.model.text_encoder_layers
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    pipe = load_sampling_pipeline(
+        args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=args.device
+    )
+    images = generate(
+        pipe,
+        prompts,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        max_sequence_length=seq_len or 512,
+        text_encoder_layers=tuple(layers or (9, 18, 27)),
+        images_per_prompt=args.num_images,
+    )
+    paths = save_images(images, args.out, prompts, args.num_images)
+    print(f"sample: {len(paths)} images and grid.png → {args.out}")
+    return 0
+
+
+def _run_config_near(path: str | None):
+    """The resolved config.yaml of the run a LoRA / transformer came from, if there is one."""
+    if path is None:
+        return None
+    p = Path(path)
+    for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+        if (d / "config.yaml").exists():
+            from flowtrain.config import load_config
+
+            return load_config(d / "config.yaml")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowtrain",
+        description="Train flow-matching text-to-image transformers: prepare → precompute → train → sample.",
+        epilog="Run `flowtrain VERB --help` for each verb's options.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser(
+        "prepare",
+        help="images + captions → raw Parquet shards",
+        description="Read a folder (image + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
+        "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
+        "skipped items.",
+    )
+    s.add_argument("src", help="folder, .tsv, .jsonl or .parquet")
+    s.add_argument("--out", required=True, help="output folder for raw shards")
+    s.add_argument("--resolution", type=int, default=None, help="downscale so the short side is at most this")
+    s.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
+    s.add_argument("--min-size", type=int, default=16, help="skip images smaller than this on a side (default 16)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser(
+        "precompute",
+        help="raw shards → VAE latents + text embeddings cache",
+        description="Run the VAE and text encoder once over the raw shards. Settings come from the "
+        "flags, or from --config (model.* and dataset.cache_dir) where a flag is not given.",
+    )
+    s.add_argument("raw_dir", help="output folder of `flowtrain prepare`")
+    s.add_argument("--out", help="cache folder (default: dataset.cache_dir of --config)")
+    s.add_argument("--model", help="pipeline hub id or local folder (default: model.pretrained of --config)")
+    s.add_argument("--config", help="training config to take model settings from")
+    s.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. model.dtype=float32")
+    s.add_argument("--resolution", type=int, default=512, help="square training resolution (default 512)")
+    s.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder + storage dtype")
+    s.add_argument("--text-encoder-layers", type=_csv_ints, help="hidden-state indices, default 9,18,27")
+    s.add_argument("--max-sequence-length", type=int, help="text tokens (default 512)")
+    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_precompute)
+
+    for verb, helptext, func in (
+        ("train", "train a LoRA or full fine-tune on a latent cache", cmd_train),
+        ("check", "validate a config and print it resolved", cmd_check),
+    ):
+        s = sub.add_parser(
+            verb,
+            help=helptext,
+            description=helptext + ". Overrides are dotted key=value pairs "
+            "parsed as YAML, e.g. train.learning_rate=3e-4 lora.rank=32.",
+        )
+        s.add_argument("config", help="YAML config (may `extends:` another)")
+        s.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+        s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+        s.add_argument(
+            "--max_train_steps", "--max-train-steps", dest="max_train_steps", type=int, help="sets train.max_steps"
+        )
+        s.add_argument(
+            "--precomputed_data_dir",
+            "--precomputed-data-dir",
+            dest="precomputed_data_dir",
+            help="sets dataset.cache_dir",
+        )
+        s.add_argument(
+            "--resume_from_checkpoint",
+            "--resume-from-checkpoint",
+            dest="resume_from_checkpoint",
+            help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
+        )
+        s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser(
+        "sample",
+        help="generate images from a base model + LoRA / transformer",
+        description="Generate PNGs (one per prompt and image) and grid.png with the diffusers "
+        "pipeline. Text settings are read from the run's config.yaml next to --lora/--transformer "
+        "when present.",
+    )
+    s.add_argument("--model", required=True, help="base pipeline hub id or folder")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--lora", help="pytorch_lora_weights.safetensors, or the folder holding it")
+    g.add_argument("--transformer", help="a full fine-tune's transformer folder (diffusers format)")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    s.add_argument("--prompts", help="a file with one prompt per line")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    s.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale, 1 disables (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    s.add_argument("--height", type=int, default=512)
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    s.add_argument("--max-sequence-length", type=int, help="text tokens (default: run config or 512)")
+    s.add_argument("--text-encoder-layers", type=_csv_ints, help="default: run config or 9,18,27")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    _setup_logging(getattr(args, "quiet", False))
+    if args.debug:
+        return args.func(args)
+    from flowtrain.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        # User-facing problems (bad config, missing files, incompatible cache): one clear message, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"flowtrain {args.verb}: error: {msg}", file=sys.stderr)
+        print("(run with --debug for the full traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The run config: pydantic schema plus YAML loading (`extends`, overrides, errors that name their source)."""
+
+from flowtrain.config.load import ConfigError, config_to_flat_dict, dump_config, load_config, save_config
+from flowtrain.config.schema import FlowtrainConfig
+
+__all__ = ["ConfigError", "FlowtrainConfig", "config_to_flat_dict", "dump_config", "load_config", "save_config"]

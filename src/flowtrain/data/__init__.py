@@ -1,0 +1,1 @@
+"""Data pipeline: source listing, raw Parquet shards (`prepare`) and the readers built on them."""

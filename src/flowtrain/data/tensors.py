@@ -1,0 +1,32 @@
+"""Torch tensors ↔ Arrow fixed-shape tensor columns, so caches stay readable with plain pyarrow.
+
+Arrow has no bfloat16: bf16 is stored as its raw uint16 bit pattern and the manifest says so
+(`storage_dtype: bfloat16`). `docs/cache-format.md` shows how to read it back with numpy alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+
+def tensor_column(batch: torch.Tensor, storage_dtype: str) -> pa.ExtensionArray:
+    """(B, *shape) tensor → Arrow `fixed_shape_tensor` array of B rows, cast to `storage_dtype`."""
+    t = batch.detach().to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
+    arr = t.view(torch.uint16).numpy() if storage_dtype == "bfloat16" else t.numpy()
+    ty = pa.fixed_shape_tensor(_ARROW_VALUE[storage_dtype], list(arr.shape[1:]))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(np.prod(arr.shape[1:])))
+    return pa.ExtensionArray.from_storage(ty, storage)
+
+
+def column_to_tensor(column: pa.ChunkedArray | pa.Array, storage_dtype: str) -> torch.Tensor:
+    """Inverse of `tensor_column`: a fixed-shape tensor column → (B, *shape) torch tensor (storage dtype)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    # Arrow buffers are read-only; one copy per row group gives torch a writable, owned tensor.
+    t = torch.from_numpy(np.array(column.to_numpy_ndarray(), copy=True))
+    return t.view(torch.bfloat16) if storage_dtype == "bfloat16" else t

@@ -1,0 +1,45 @@
+"""Sampling the training noise level σ ∈ (0, 1).
+
+Schemes (the SD3 paper's names; diffusers `training_utils.compute_density_for_timestep_sampling` implements the
+same densities but draws from the global RNG, while we need an explicit generator for exact resume):
+  uniform       σ ~ U(0, 1)
+  logit_normal  σ = sigmoid(N(mean, std))
+  mode          u ~ U(0,1), σ = 1 - u - s·(cos²(πu/2) - 1 + u)
+then an optional fixed shift σ' = s·σ / (1 + (s - 1)·σ) (s > 1 moves mass towards noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ' = shift·σ / (1 + (shift - 1)·σ); identity for shift == 1."""
+    if shift == 1.0:
+        return sigma
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sample_sigmas(
+    batch_size: int,
+    generator: torch.Generator,
+    scheme: str = "logit_normal",
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Draw (batch_size,) float32 noise levels in (0, 1) on the CPU from `generator`."""
+    if scheme == "uniform":
+        sigma = torch.rand(batch_size, generator=generator)
+    elif scheme == "logit_normal":
+        sigma = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
+    elif scheme == "mode":
+        u = torch.rand(batch_size, generator=generator)
+        sigma = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+    else:
+        raise ValueError(f"unknown timestep scheme {scheme!r}; expected uniform, logit_normal or mode")
+    return shift_sigmas(sigma, shift)

@@ -1,0 +1,1 @@
+"""Training: one explicit loop (`loop.train`), optimizers, checkpoints."""
