@@ -1,0 +1,52 @@
+"""Tiny image folders, caches and configs for tests and benchmarks (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_RES = 32  # pixels; the tiny VAE downsamples 2× → 16×16 latents → 8×8 = 64 tokens
+TINY_SEQ = 32  # text tokens
+
+
+def make_image_folder(root: Path, n: int = 8, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """n RGB PNGs (a colour per image plus noise) with captions `a photo number i`."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        base = np.zeros((*size, 3), dtype=np.uint8)
+        base[..., i % 3] = 200
+        img = np.clip(base + rng.integers(0, 40, (*size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a photo number {i}")
+    return root
+
+
+def make_tiny_cache(root: Path, pipeline: Path, n: int = 8, text_dtype: str = "float32") -> tuple[Path, Path]:
+    """prepare + precompute n images at TINY_RES; returns (raw_dir, cache_dir)."""
+    from flowtrain.data.precompute import PrecomputeSettings, precompute
+    from flowtrain.data.prepare import prepare
+
+    images = make_image_folder(root / "images", n=n)
+    prepare(images, root / "raw", progress=False)
+    settings = PrecomputeSettings(
+        model=str(pipeline), max_sequence_length=TINY_SEQ, resolution=TINY_RES, dtype=text_dtype
+    )
+    precompute(root / "raw", root / "cache", settings, batch_size=4, progress=False)
+    return root / "raw", root / "cache"
+
+
+def tiny_config_dict(pipeline: Path, cache: Path, out: Path, **train) -> dict:
+    """A FlowtrainConfig dict for the tiny pipeline: fp32 on CPU, LoRA rank 4 on attention."""
+    return {
+        "model": {"pretrained": str(pipeline), "max_sequence_length": TINY_SEQ, "dtype": "float32"},
+        "dataset": {"cache_dir": str(cache)},
+        "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no", **train},
+        "train_mode": "lora",
+        "lora": {"rank": 4, "targets": "attention"},
+        "checkpoint": {"every_steps": 3, "keep_last": None},
+        "output_dir": str(out),
+    }

@@ -1,0 +1,26 @@
+"""Session fixtures: one tiny Klein pipeline folder and one small latent cache, built offline once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    from flowtrain.testing.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_pipeline_dir) -> tuple[Path, Path]:
+    """(raw_dir, cache_dir): 8 images prepared and precomputed at 32 px, text embeddings in float32."""
+    from flowtrain.testing.data import make_tiny_cache
+
+    return make_tiny_cache(tmp_path_factory.mktemp("data"), tiny_pipeline_dir)

@@ -1,0 +1,31 @@
+"""Every YAML config we ship validates, and the Klein-4B ones hold the reference's settings."""
+
+from pathlib import Path
+
+import pytest
+
+from flowtrain.config import load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {str(p.relative_to(p.parents[1])) for p in CONFIGS}
+    assert {"klein4b/base.yaml", "klein4b/lora.yaml", "tiny/lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_config_validates(path):
+    import yaml
+
+    if (yaml.safe_load(path.read_text()) or {}).get("kind") not in (None, "train"):
+        pytest.skip("not a training config")  # e.g. autoencoder / demo configs validate in their own tests
+    load_config(path)
+
+
+def test_klein4b_lora_matches_reference_settings():
+    cfg = load_config(Path(__file__).parents[1] / "configs/klein4b/lora.yaml")
+    assert cfg.model.pretrained.endswith("FLUX.2-klein-base-4B")  # base, not distilled
+    assert cfg.model.text_encoder_layers == [9, 18, 27]
+    assert cfg.model.max_sequence_length == 512
+    assert cfg.train_mode == "lora" and cfg.lora.targets == "attention+ff"
