@@ -106,3 +106,12 @@ def test_config_error_is_one_clear_message(tmp_path, capsys, tiny_pipeline_dir):
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "train.learning_rat" in err and "learning_rate" in err and "Traceback" not in err
+
+
+def test_check_prints_the_resolved_config_with_extends_and_overrides(tmp_path, capsys, tiny_pipeline_dir):
+    (tmp_path / "base.yaml").write_text(f"model:\n  pretrained: {tiny_pipeline_dir}\ntrain:\n  batch_size: 4\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  learning_rate: 3e-4\n")
+    assert main(["check", str(tmp_path / "child.yaml"), "lora.rank=8"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["batch_size"] == 4 and resolved["train"]["learning_rate"] == 3e-4
+    assert resolved["lora"]["rank"] == 8 and resolved["model"]["pretrained"] == str(tiny_pipeline_dir)

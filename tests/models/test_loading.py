@@ -1,0 +1,66 @@
+"""Loading what real users point at: a pipeline folder, a separate `dit` folder or file, distilled checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowtrain.config import FlowtrainConfig
+from flowtrain.models import get_adapter
+from flowtrain.train.setup import build_transformer
+
+
+@pytest.fixture(scope="module")
+def finetuned_dit(tiny_pipeline_dir, tmp_path_factory):
+    """A transformer that differs from the pipeline's, saved as a diffusers folder and as one .safetensors file."""
+    from diffusers import Flux2Transformer2DModel
+
+    t = Flux2Transformer2DModel.from_pretrained(tiny_pipeline_dir, subfolder="transformer")
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.01)
+    root = tmp_path_factory.mktemp("dit")
+    t.save_pretrained(root / "folder")
+    save_file(t.state_dict(), str(root / "dit.safetensors"))
+    return t.state_dict(), root
+
+
+@pytest.mark.parametrize("kind", ["folder", "dit.safetensors"])
+def test_model_dit_replaces_the_pipeline_transformer(tiny_pipeline_dir, finetuned_dit, kind):
+    expected, root = finetuned_dit
+    cfg = FlowtrainConfig.model_validate(
+        {
+            "model": {"pretrained": str(tiny_pipeline_dir), "dit": str(root / kind), "dtype": "float32"},
+            "train_mode": "full",
+        }
+    )
+    transformer, lora = build_transformer(cfg, get_adapter("flux2_klein"))
+    assert lora is None
+    got = transformer.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    cfg = FlowtrainConfig.model_validate({"model": {"pretrained": str(tmp_path / "nope"), "dtype": "float32"}})
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        build_transformer(cfg, get_adapter("flux2_klein"))
+
+
+def test_distilled_checkpoint_warns(tiny_pipeline_dir, tmp_path, caplog):
+    distilled = tmp_path / "distilled"
+    shutil.copytree(tiny_pipeline_dir, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    index["is_distilled"] = True
+    (distilled / "model_index.json").write_text(json.dumps(index))
+    adapter = get_adapter("flux2_klein")
+    with caplog.at_level(logging.WARNING):
+        adapter.load_pipeline(str(tiny_pipeline_dir), dtype=torch.float32)
+    assert "distilled" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        adapter.load_pipeline(str(distilled), dtype=torch.float32)
+    assert "is_distilled=true" in caplog.text and "-base" in caplog.text
