@@ -18,7 +18,7 @@ def _setup_logging(quiet: bool) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     level = logging.WARNING if (quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "peft"):
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "peft", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -95,6 +95,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     result = train(cfg, resume=args.resume_from_checkpoint, progress=not args.quiet)
+    if result.interrupted:
+        from flowtrain.train.errors import EXIT_INTERRUPTED
+
+        print(
+            f"flowtrain train: stopped by {result.interrupted} at step {result.step} after writing "
+            f"{result.output_dir / f'checkpoint-{result.step}'}; continue with --resume_from_checkpoint latest "
+            f"(exit code {EXIT_INTERRUPTED})",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     print(f"train: step {result.step}, last loss {last:.4f} → {result.output_dir}")
     return 0
@@ -142,6 +152,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     paths = save_images(images, args.out, prompts, args.num_images)
     print(f"sample: {len(paths)} images and grid.png → {args.out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from flowtrain.track.plots import plot_run
+
+    written = plot_run(args.run_dir)
+    print(f"plot: {', '.join(p.name for p in written)} → {Path(args.run_dir) / 'graphs'}")
+    return 0
+
+
+def cmd_autoencoder(args: argparse.Namespace) -> int:
+    from flowtrain.autoencoder import load_autoencoder_config
+    from flowtrain.autoencoder.train import train_autoencoder
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_autoencoder_config(args.config, overrides)
+    result = train_autoencoder(cfg, progress=not args.quiet)
+    rec = result.stats.get("reconstruction_l1")
+    loss = result.final.get("loss", float("nan"))
+    rec_text = f", reconstruction L1 {rec:.4f}" if rec is not None else ""
+    print(f"autoencoder: step {result.step}, loss {loss:.4f}{rec_text} → {result.vae_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flowtrain.demo.run import run_demo, summary
+
+    rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
+    print(summary(rep))
     return 0
 
 
@@ -259,6 +299,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser(
+        "plot",
+        help="graphs and a summary of a run's metrics",
+        description="Read RUN_DIR/logs/metrics.jsonl and write PNG graphs (loss, loss by σ, learning rate, "
+        "throughput, memory) and summary.txt into RUN_DIR/graphs/. Training does this at its end too.",
+    )
+    s.add_argument("run_dir", help="a training output_dir")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser(
+        "autoencoder",
+        help="train an AutoencoderKLFlux2 on prepared images and fit its latent stats",
+        description="Train a VAE (reconstruction + β-KL with warm-up) on the raw shards of `flowtrain prepare`, "
+        "fit the BatchNorm latent statistics Klein normalises with, and save OUTPUT_DIR/vae (diffusers format).",
+    )
+    s.add_argument("config", help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
+    s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    s.set_defaults(func=cmd_autoencoder)
+
+    s = sub.add_parser(
+        "demo",
+        help="train on real digits on a CPU in minutes and measure prompt adherence",
+        description="scikit-learn digits → prepare → autoencoder → precompute → train a Klein transformer from "
+        "scratch → sample each digit with CFG → score with a classifier. Writes samples.png, loss_curve.png and "
+        "demo_report.json into --out. See docs/demo.md.",
+    )
+    s.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. sample.per_digit=20")
+    s.add_argument("--config", help="demo config (default: configs/demo/demo.yaml of this checkout)")
+    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; its stage folders are replaced)")
+    s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
     return p
 
 
@@ -275,15 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         return args.func(args)
     from flowtrain.config import ConfigError
+    from flowtrain.train.errors import TrainingAborted
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # a second Ctrl-C during training: abort without a traceback
+        print(f"flowtrain {args.verb}: aborted", file=sys.stderr)
+        return 130
+    except TrainingAborted as e:
+        # The run stopped for a reason the user must act on (non-finite loss, checkpoint write failure); the last
+        # checkpoint is intact and the exit code says which reason (docs/reliability.md).
+        print(f"flowtrain {args.verb}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         # User-facing problems (bad config, missing files, incompatible cache): one clear message, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"flowtrain {args.verb}: error: {msg}", file=sys.stderr)
+        print(f"flowtrain {args.verb}: error: {_without_worker_traceback(e, str(msg))}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _without_worker_traceback(e: BaseException, msg: str) -> str:
+    """An error raised in a DataLoader worker comes back with the worker's traceback inside its message; keep the
+    original message only."""
+    if "Original Traceback" not in msg:
+        return msg
+    marker = f"{type(e).__name__}: "
+    at = msg.rfind(marker)
+    return (msg[at + len(marker) :] if at >= 0 else msg.strip().splitlines()[-1]).strip() + " (in a DataLoader worker)"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,7 @@ OVERRIDE_SOURCE = "command line override"
 EXTENDS_KEY = "extends"
 
 Provenance = dict[str, str]
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -76,11 +77,16 @@ class ResolvedConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> FlowtrainConfig:
     """Read `path` (following `extends`), apply `key.path=value` overrides, and validate."""
-    resolved = resolve_config(path, overrides)
+    return validate_config(resolve_config(path, overrides), FlowtrainConfig)
+
+
+def validate_config(resolved: ResolvedConfig, schema: type[M]) -> M:
+    """Validate a resolved mapping against any pydantic `schema` (the training config, or another verb's own,
+    e.g. `flowtrain.autoencoder.AutoencoderConfig`), with the same file-and-key error messages."""
     try:
-        return FlowtrainConfig.model_validate(resolved.data)
+        return schema.model_validate(resolved.data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, resolved)) from exc
+        raise ConfigError(_format_validation_error(exc, resolved, schema)) from exc
 
 
 def resolve_config(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedConfig:
@@ -195,7 +201,9 @@ def _apply_override(data: dict, provenance: Provenance, text: str) -> None:
     _merge(data, provenance, nested, _leaf_provenance(nested, OVERRIDE_SOURCE))
 
 
-def _format_validation_error(exc: ValidationError, resolved: ResolvedConfig) -> str:
+def _format_validation_error(
+    exc: ValidationError, resolved: ResolvedConfig, root: type[BaseModel] = FlowtrainConfig
+) -> str:
     """One line per problem: source file, dotted key, what is wrong."""
     grouped: dict[tuple[str, str], list[dict]] = {}  # pydantic reports each union member separately; merge them
     for err in exc.errors():
@@ -204,7 +212,7 @@ def _format_validation_error(exc: ValidationError, resolved: ResolvedConfig) -> 
         source = str(resolved.path) if absent else _source_of(path, resolved)
         grouped.setdefault((source, key), []).append({**err, "path": path, "absent": absent})
     lines = [f"invalid config {resolved.path}: {len(grouped)} problem(s)"]
-    lines += [f"  - {source}: {key}: {_describe(errs)}" for (source, key), errs in grouped.items()]
+    lines += [f"  - {source}: {key}: {_describe(errs, root)}" for (source, key), errs in grouped.items()]
     return "\n".join(lines)
 
 
@@ -238,14 +246,14 @@ def _source_of(path: tuple[Any, ...], resolved: ResolvedConfig) -> str:
     return str(resolved.path)
 
 
-def _describe(errs: list[dict]) -> str:
+def _describe(errs: list[dict], root: type[BaseModel]) -> str:
     """Human wording for the errors of one key."""
     first = errs[0]
     path = first["path"]
     dotted = ".".join(str(p) for p in path)
     if first["type"] == "extra_forbidden":
-        return "unknown key; " + _suggest(path)
-    field = _field_at(path)
+        return "unknown key; " + _suggest(path, root)
+    field = _field_at(path, root)
     if first["absent"]:
         return _describe_missing(dotted, field)
     message = " or ".join(dict.fromkeys(e["msg"] for e in errs))
@@ -265,9 +273,9 @@ def _describe_missing(dotted: str, field: FieldInfo | None) -> str:
     return f"required value is missing{hint}; set it in the file or override with `{dotted}=...`"
 
 
-def _suggest(path: tuple[Any, ...]) -> str:
+def _suggest(path: tuple[Any, ...], root: type[BaseModel]) -> str:
     """`did you mean` the closest valid key at that level, or else list the valid keys."""
-    model = _model_at(path[:-1])
+    model = _model_at(path[:-1], root)
     if model is None:
         return "this section takes no extra keys"
     valid = list(model.model_fields)
@@ -279,9 +287,9 @@ def _suggest(path: tuple[Any, ...]) -> str:
     return f"valid keys at {where}: {', '.join(valid)}"
 
 
-def _model_at(parts: Sequence[Any]) -> type[BaseModel] | None:
+def _model_at(parts: Sequence[Any], root: type[BaseModel] = FlowtrainConfig) -> type[BaseModel] | None:
     """The schema section at `parts` (empty: the root), or None when `parts` leaves the schema's sections."""
-    model: type[BaseModel] = FlowtrainConfig
+    model: type[BaseModel] = root
     for part in parts:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = field.annotation if field else None
@@ -291,8 +299,8 @@ def _model_at(parts: Sequence[Any]) -> type[BaseModel] | None:
     return model
 
 
-def _field_at(path: Sequence[Any]) -> FieldInfo | None:
-    model = _model_at(path[:-1]) if path else None
+def _field_at(path: Sequence[Any], root: type[BaseModel] = FlowtrainConfig) -> FieldInfo | None:
+    model = _model_at(path[:-1], root) if path else None
     return model.model_fields.get(path[-1]) if model else None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -21,16 +21,16 @@ class ModelConfig(Section):
     dit: str | None = Field(
         None, description="Optional separate transformer weights: a diffusers folder or a .safetensors file."
     )
-    revision: str | None = None
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.pretrained.")
     text_encoder_layers: list[int] = Field(
         default_factory=lambda: [9, 18, 27],
         description="Text-encoder hidden-state indices stacked into the prompt embedding (Klein: 9, 18, 27).",
     )
-    max_sequence_length: int = Field(512, gt=0)
+    max_sequence_length: int = Field(512, gt=0, description="Text tokens per prompt (padded); must match the cache.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype of the frozen base weights (LoRA) or of the loaded weights (full)."
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow custom code from the model repository.")
 
 
 class DatasetConfig(Section):
@@ -38,72 +38,342 @@ class DatasetConfig(Section):
     latent_sampling: Literal["mode", "sample"] = Field(
         "mode", description="`mode` uses the VAE posterior mean (the reference); `sample` draws from it each step."
     )
-    shuffle: bool = True
-    num_workers: int = Field(0, ge=0)
-    pin_memory: bool = True
-    prefetch_factor: int = Field(2, ge=1)
+    shuffle: bool = Field(True, description="Shuffle the rows every epoch (a resumable order from train.seed).")
+    shuffle_window: int | None = Field(
+        None,
+        ge=0,
+        description="Shuffle by Parquet row groups: groups in random order, rows shuffled within windows of this many "
+        "groups, so each group is decoded once an epoch. 0: one global permutation (a random row group per row: "
+        "slow for large rows once the cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 "
+        "row groups, else 8.",
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 reads in the main process.")
+    pin_memory: bool = Field(True, description="Pinned host memory for batches (CUDA only).")
+    prefetch_factor: int = Field(2, ge=1, description="Batches each worker reads ahead (with num_workers > 0).")
+    prefetch: bool = Field(
+        True,
+        description="With num_workers 0: a background thread reads prefetch_factor batches ahead while the step "
+        "runs (workers prefetch on their own).",
+    )
+    class_cache_dir: str | None = Field(
+        None,
+        description="DreamBooth class (regularisation) images: a second latent cache; each batch adds as many class "
+        "rows as instance rows. Needs loss.name: prior_preservation.",
+    )
 
 
 class TrainConfig(Section):
     max_steps: int = Field(1000, gt=0, description="Optimizer steps.")
     batch_size: int = Field(1, gt=0, description="Micro-batch size per process.")
-    learning_rate: float = Field(1e-4, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null disables.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    log_every: int = Field(1, gt=0)
-    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of the empty-prompt embedding.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (the schedule multiplies it).")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step; the loss is averaged over them (and logged so)."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, description="Clip the global grad norm; null disables. `grad_norm` is logged before clipping."
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast compute dtype (trainable weights stay fp32; fp16 adds a GradScaler). `auto`: bf16 / fp16 "
+        "when model.dtype is bfloat16 / float16, else no.",
+    )
+    seed: int = Field(0, description="Seeds LoRA init, data order and every per-step draw (σ, noise, dropout).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, roughly 30% slower steps."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer (`flowtrain.train.perf`): static shapes, so a fixed resolution "
+        "compiles once (the first step is slow) and never recompiles across steps.",
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend with train.compile (inductor; aot_eager / eager to debug)."
+    )
+    compile_regional: bool = Field(
+        True,
+        description="With train.compile: compile each repeated transformer block (one graph per block kind, fast to "
+        "compile) rather than the whole model.",
+    )
+    deterministic: bool = Field(
+        False,
+        description="torch deterministic algorithms (+ cuDNN / cuBLAS settings): same seed + config → identical "
+        "losses, at some speed cost on GPU.",
+    )
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps (means over those steps).")
+    caption_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability per sample of training on the cached empty-prompt embedding instead of the caption "
+        "(keeps the unconditional branch for classifier-free guidance).",
+    )
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="A step whose loss (or grad norm) is NaN/inf: `skip` its update and count it, or `stop` the run "
+        "(no checkpoint is written, the last one stays intact, exit code 3).",
+    )
+    max_nonfinite_in_a_row: int = Field(
+        5, gt=0, description="With nonfinite=skip: stop (exit code 3) after this many non-finite steps in a row."
+    )
 
 
 class LoraConfig(Section):
-    rank: int = Field(16, gt=0)
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
     alpha: float | None = Field(None, description="LoRA alpha; null means alpha = rank (scale 1).")
 
     @property
     def effective_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
     targets: str | list[str] = Field(
-        "attention", description="A preset name of the model adapter, or a list of module names / regexes."
+        "attention",
+        description="A preset of the model adapter (Klein: attention, attention+ff, all), or a list of Linear module "
+        "names / regexes (each also matches as a name suffix).",
     )
-    init: Literal["gaussian", "default"] = "gaussian"
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="LoRA A init (B starts at zero either way): gaussian, or peft's default (Kaiming)."
+    )
 
 
 class TimestepConfig(Section):
-    scheme: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    shift: float = Field(1.0, gt=0, description="Fixed shift σ' = sσ/(1+(s-1)σ); 1 disables.")
+    """How the training noise level σ is drawn (see `flowtrain.flow.timesteps`)."""
+
+    scheme: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal", description="σ density: U(0,1), sigmoid(N(logit_mean, logit_std²)), or SD3's mode sampling."
+    )
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal before the sigmoid.")
+    mode_scale: float = Field(
+        1.29,
+        ge=-1.0,
+        le=1.75,
+        description="mode: scale s of σ = 1 - u - s·(cos²(πu/2) - 1 + u); must lie in [-1, 1.75] for σ to stay "
+        "monotone in u (0 is uniform).",
+    )
+    shift: float = Field(1.0, gt=0, description="shift_mode fixed: σ' = sσ/(1+(s-1)σ); 1 disables, > 1 favours noise.")
+    shift_mode: Literal["fixed", "resolution"] = Field(
+        "fixed",
+        description="`resolution`: s = exp(μ) with FLUX.2's empirical μ(image tokens, reference_steps), the shift "
+        "the Klein sampler uses at that resolution (overrides `shift`).",
+    )
+    reference_steps: int = Field(
+        50, gt=0, description="shift_mode resolution: the inference step count μ is taken at (Klein base default 50)."
+    )
 
 
 class LossConfig(Section):
-    name: str = Field("flow_matching", description="Registered loss name or `pkg.module:Class`.")
-    base: Literal["mse", "l1", "huber", "logcosh"] = "mse"
-    huber_delta: float = Field(1.0, gt=0)
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    kwargs: dict = Field(default_factory=dict, description="Extra keyword arguments for a custom loss.")
+    """The objective (docs/training.md#losses). A loss is `(LossContext) -> (scalar, log_dict)`."""
+
+    name: str = Field(
+        "flow_matching",
+        description="`flow_matching`, `prior_preservation` (DreamBooth; needs dataset.class_cache_dir), "
+        "`distillation` (needs loss.teacher), or a user loss as an import string `pkg.module:Class`.",
+    )
+    base: Literal["mse", "l1", "huber", "logcosh"] = Field(
+        "mse", description="Per-element error between the predicted and target velocity."
+    )
+    huber_delta: float = Field(1.0, gt=0, description="base huber: quadratic below δ, linear above.")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Per-sample weight w(σ) (SD3 schemes, diffusers `compute_loss_weighting_for_sd3`)."
+    )
+    prior_loss_weight: float = Field(1.0, ge=0, description="prior_preservation: weight of the class-image loss.")
+    teacher: str | None = Field(
+        None,
+        description="distillation: the frozen teacher of the same family: a pipeline folder, a transformer folder "
+        "or a .safetensors file (architecture from model.pretrained).",
+    )
+    flow_weight: float = Field(1.0, ge=0, description="distillation: weight of the flow-matching (data) term.")
+    distill_weight: float = Field(
+        1.0, ge=0, description="distillation: weight of the teacher term err(v̂, v̂_teacher) at the same x_σ, σ."
+    )
+    kwargs: dict = Field(default_factory=dict, description="Extra keyword arguments for the loss class.")
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "prodigy", "adamw8bit", "adafactor", "ao_adamw8bit", "ao_adamw4bit",
+              "ao_adamw_fp8")  # fmt: skip
+_TORCH_OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(1e-4, ge=0)
-    eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.9, ge=0)
+    """The optimizer (`flowtrain.train.optim`); the lr is train.learning_rate, its schedule lr_scheduler."""
+
+    name: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "adamw",
+        description="torch adamw / adam / sgd / rmsprop; prodigy (prodigyopt, use learning_rate 1.0); adamw8bit "
+        "(bitsandbytes); adafactor (transformers); ao_adamw8bit / ao_adamw4bit / ao_adamw_fp8 (torchao, "
+        "`pip install flowtrain[lowbit]`).",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-family and prodigy β1, β2.")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW-style) or L2 (adam, sgd, rmsprop) decay.")
+    eps: float = Field(1e-8, gt=0, description="Adam-family / rmsprop / prodigy ε (adafactor uses its own).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop momentum.")
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto",
+        description="torch optimizers' kernels (`flowtrain.train.perf.optimizer_kwargs`): fused (adamw / adam / sgd), "
+        "foreach, for_loop, or auto (fused where torch has it for every parameter, else foreach). Fused and foreach "
+        "agree up to rounding, not bitwise.",
+    )
+    lr_scale: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-parameter lr multipliers: {regex on the parameter name: factor}, first match wins, e.g. "
+        "{lora_B: 4.0} (LoRA+). Unmatched parameters use 1.",
+    )
+    kwargs: dict = Field(default_factory=dict, description="Extra constructor arguments (e.g. prodigy d_coef).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must each lie in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _scales(cls, v: dict[str, float]) -> dict[str, float]:
+        import re
+
+        for pattern, factor in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"lr_scale key {pattern!r} is not a valid regex ({e})") from None
+            if not factor > 0:
+                raise ValueError(f"lr_scale[{pattern!r}] = {factor} must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _implementation(self) -> OptimizerConfig:
+        if "implementation" in self.model_fields_set and self.name not in _TORCH_OPTIMIZERS:
+            raise ValueError(
+                f"implementation is an option of the torch optimizers {list(_TORCH_OPTIMIZERS)}, not {self.name!r}"
+            )
+        if self.implementation == "fused" and self.name == "rmsprop":
+            raise ValueError("torch rmsprop has no fused implementation; use implementation: foreach")
+        return self
 
 
 class LrSchedulerConfig(Section):
-    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    """The lr multiplier per optimizer step (`flowtrain.train.schedules`): warm-up, then the named decay."""
+
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine", "step", "exponential", "plateau"] = Field(
+        "constant",
+        description="constant; constant_with_warmup; linear / cosine decay to min_lr_ratio at max_steps; step "
+        "(×gamma every step_size); exponential (×gamma per step_size, smoothly); plateau (×gamma when the smoothed "
+        "train loss stops improving).",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 (every schedule but `constant`).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of every decay, as a fraction of learning_rate.")
+    step_size: int = Field(1000, gt=0, description="step / exponential: steps per factor gamma.")
+    gamma: float = Field(0.5, gt=0, le=1, description="step / exponential / plateau: the lr multiplier.")
+    patience: int = Field(
+        500, gt=0, description="plateau: steps without a relative improvement > threshold before lowering the lr."
+    )
+    threshold: float = Field(1e-3, ge=0, description="plateau: relative improvement of the smoothed loss that counts.")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="plateau: EMA β of the logged train loss (per logged step).")
+    cooldown: int = Field(0, ge=0, description="plateau: steps after a reduction before counting again.")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> LrSchedulerConfig:
+        if self.name == "constant" and self.warmup_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} has no effect with name: constant; use name: constant_with_warmup"
+            )
+        return self
+
+
+class EmaConfig(Section):
+    """Exponential moving average of the trainable weights; when enabled, validation samples and the exported
+    weights use it, and checkpoints hold it (`ema.safetensors`)."""
+
+    enabled: bool = Field(False, description="Keep an EMA of the trainable weights.")
+    decay: float = Field(0.999, gt=0, lt=1, description="ema ← decay·ema + (1 - decay)·weights, per update.")
+    update_every: int = Field(1, gt=0, description="Update every N optimizer steps (decay applies per update).")
+    start_step: int = Field(0, ge=0, description="Before this step the EMA just copies the weights.")
+    device: Literal["accelerator", "cpu"] = Field(
+        "accelerator", description="Where the EMA copy lives: next to the weights, or in CPU memory (saves VRAM)."
+    )
 
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(500, gt=0, description="Save every N optimizer steps; null: only at the end.")
     keep_last: int | None = Field(3, gt=0, description="Keep the newest K checkpoints; null keeps all.")
+    every_minutes: float | None = Field(
+        None, gt=0, description="Also save when this many minutes passed since the last save; null: off."
+    )
+    keep_every: int | None = Field(
+        None, gt=0, description="Keep checkpoints whose step is a multiple of M for good (not pruned by keep_last)."
+    )
+
+
+class TrackingConfig(Section):
+    """Where metrics go (see docs/tracking.md). `{output_dir}/logs/metrics.jsonl` is always written."""
+
+    report_to: list[Literal["mlflow", "wandb", "tensorboard", "jsonl"]] = Field(
+        default_factory=lambda: ["mlflow", "jsonl"],
+        description="Backends, any combination; wandb / tensorboard need their packages (flowtrain[tracking]).",
+    )
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (e.g. http://host:5000); null: sqlite:///{output_dir}/mlflow.db."
+    )
+    experiment_name: str = Field("flowtrain", min_length=1, description="MLflow experiment / W&B project.")
+    run_name: str | None = Field(None, description="Run name in MLflow / W&B; null: the output_dir folder name.")
+    log_weights: bool = Field(
+        True, description="Log the final LoRA file / transformer folder as an artifact (a copy, for full fine-tunes)."
+    )
+    graphs: bool = Field(True, description="Write graphs/ and summary.txt at the end of training (`flowtrain plot`).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, v: object) -> object:
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _dedupe(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class ValidationConfig(Section):
+    """Sample images from fixed prompts during training (main process, eval mode, EMA weights when EMA is on)."""
+
+    every_steps: int | None = Field(None, gt=0, description="Sample every N optimizer steps; null: never.")
+    at_start: bool = Field(False, description="Also sample before the first step (the base model, for comparison).")
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
+    prompts_file: str | None = Field(None, description="Or a text file with one prompt per line.")
+    num_inference_steps: int = Field(28, gt=0)
+    guidance_scale: float = Field(4.0, ge=0, description="Real CFG with the empty prompt; <= 1 disables it.")
+    seed: int = Field(0, description="Generator seed of every validation image (the same each time, to compare).")
+    sizes: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="[height, width] pairs, each a multiple of the model's pixel multiple (16 for Klein); "
+        "empty: the cache's training resolution.",
+    )
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for h, w in v:
+            if h <= 0 or w <= 0:
+                raise ValueError(f"sizes must be positive [height, width] pairs, got [{h}, {w}]")
+        return v
+
+    @model_validator(mode="after")
+    def _prompts(self) -> ValidationConfig:
+        if self.prompts and self.prompts_file:
+            raise ValueError("set validation.prompts or validation.prompts_file, not both")
+        if (self.every_steps or self.at_start) and not (self.prompts or self.prompts_file):
+            raise ValueError(
+                "validation sampling is on (every_steps / at_start) but there are no prompts: "
+                "set validation.prompts (a list) or validation.prompts_file"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every_steps or self.at_start)
 
 
 class FlowtrainConfig(Section):
@@ -112,14 +382,19 @@ class FlowtrainConfig(Section):
     model: ModelConfig
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    train_mode: Literal["lora", "full"] = "lora"
+    train_mode: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: train LoRA adapters on a frozen base; `full`: all transformer weights (fp32)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     timesteps: TimestepConfig = Field(default_factory=TimestepConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_scheduler: LrSchedulerConfig = Field(default_factory=LrSchedulerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    output_dir: str = "runs/default"
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    output_dir: str = Field("runs/default", description="Run folder: checkpoints, logs, exported weights, samples.")
 
     @field_validator("output_dir")
     @classmethod
@@ -127,3 +402,30 @@ class FlowtrainConfig(Section):
         if not v.strip():
             raise ValueError("output_dir must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _training_choices(self) -> FlowtrainConfig:
+        """Cross-section checks of the training choices (precision, prior preservation, distillation)."""
+        dtype, mp = self.model.dtype, self.train.mixed_precision
+        if mp == "auto":
+            self.train.mixed_precision = mp = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+        needed = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+        if self.train_mode == "lora" and needed and mp != needed:
+            raise ValueError(
+                f"model.dtype={dtype} with train_mode=lora needs train.mixed_precision={needed} (the frozen "
+                f"{dtype} base and the fp32 LoRA weights only meet under autocast), got {mp!r}; set "
+                f"train.mixed_precision: {needed} (or auto), or model.dtype: float32"
+            )
+        name, builtin = self.loss.name, ("flow_matching", "prior_preservation", "distillation")
+        if name == "prior_preservation" and not self.dataset.class_cache_dir:
+            raise ValueError("loss.name=prior_preservation needs dataset.class_cache_dir (the class images' cache)")
+        if self.dataset.class_cache_dir and name in builtin and name != "prior_preservation":
+            raise ValueError(
+                f"dataset.class_cache_dir is set but loss.name={name!r} would train on the class rows as ordinary "
+                "data; set loss.name: prior_preservation (or remove dataset.class_cache_dir)"
+            )
+        if name == "distillation" and not self.loss.teacher:
+            raise ValueError("loss.name=distillation needs loss.teacher (a path to the teacher transformer)")
+        if self.loss.teacher and name in builtin and name != "distillation":
+            raise ValueError(f"loss.teacher is set but loss.name={name!r}; set loss.name: distillation")
+        return self

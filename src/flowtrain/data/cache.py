@@ -1,11 +1,16 @@
-"""Reading the latent cache in training: a map-style Dataset plus a resumable, rank-sharded sampler."""
+"""Reading the latent cache in training: a map-style Dataset plus a resumable, rank-sharded sampler.
+
+Validation happens at the read boundary, never per step: every shard's existence, row count and tensor shapes are
+checked when the dataset is opened, and each row group is checked for NaN/inf once per process, the first time
+it is read. Errors are `CacheError`s that name the file, row and key and say what to do.
+"""
 
 from __future__ import annotations
 
 import bisect
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +19,10 @@ from torch.utils.data import Dataset, Sampler
 
 from flowtrain.data.precompute import CACHE_KIND
 from flowtrain.data.tensors import column_to_tensor
+
+
+class CacheError(ValueError):
+    """A cache that cannot be trained on; the message names the file (and row / key) and the fix."""
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -31,7 +40,8 @@ def read_manifest(cache_dir: str | Path) -> dict:
 
 
 class CacheDataset(Dataset):
-    """Rows of a latent cache: {"latent_moments": (2C, h, w) f32, "text_embeds": (L, D) f32, "index": int}.
+    """Rows of a latent cache: {"latent_moments": (2C, h, w) f32, "text_embeds": (L, D) in the cache's storage dtype
+    (`manifest["text_storage_dtype"]`), "index": int}.
 
     Shards are read one row group at a time with a small LRU, so memory stays bounded for Klein-sized rows.
     """
@@ -48,6 +58,13 @@ class CacheDataset(Dataset):
             self._starts.append(n)
             n += s["rows"]
         self._len = n
+        if n == 0:
+            raise CacheError(
+                f"{self.dir / 'manifest.json'}: the cache holds no rows: check that `flowtrain prepare` wrote "
+                "images (see its prepare_report.json) and rerun `flowtrain precompute`"
+            )
+        self._check_shards()
+        self._finite_checked: set[tuple[int, int]] = set()
         self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self._lru_size = lru_row_groups
         self._pf: dict[int, pq.ParquetFile] = {}
@@ -55,6 +72,70 @@ class CacheDataset(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def lru_row_groups(self) -> int:
+        """How many decoded row groups this reader keeps (per process)."""
+        return self._lru_size
+
+    def row_group_sizes(self) -> list[int]:
+        """Rows of every Parquet row group, in row order over all shards (from the files' footers)."""
+        return [n for shard in range(len(self._files)) for n in self._group_rows(shard)]
+
+    def shuffle_blocks(self, shuffle_window: int | None) -> dict:
+        """`ResumableSampler` keyword arguments for `dataset.shuffle_window` (None: auto, see
+        `resolve_shuffle_window`)."""
+        sizes = self.row_group_sizes()
+        return {
+            "row_groups": sizes,
+            "shuffle_window": resolve_shuffle_window(shuffle_window, len(sizes), self._lru_size),
+        }
+
+    def _group_rows(self, shard: int) -> list[int]:
+        # The footer alone, no handle kept: handles are opened after the DataLoader forks its workers.
+        md = pq.read_metadata(self.dir / self._files[shard])
+        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+    def _check_shards(self) -> None:
+        """Every listed shard exists, is readable Parquet, and has the manifest's row count and tensor shapes."""
+        rerun = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
+        shapes = {"latent_moments": self.manifest.get("latent_shape"), "text_embeds": self.manifest.get("text_shape")}
+        for s in self.manifest["shards"]:
+            path = self.dir / s["file"]
+            if not path.exists():
+                raise CacheError(f"{path}: listed in manifest.json but missing; {rerun}")
+            try:
+                pf = pq.ParquetFile(path)
+                rows, schema = pf.metadata.num_rows, pf.schema_arrow
+            except Exception as e:
+                raise CacheError(f"{path}: not a readable Parquet file ({e}); delete it and {rerun}") from e
+            if rows != s["rows"]:
+                raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {rerun}")
+            for col, expected in shapes.items():
+                ty = schema.field(col).type if col in schema.names else None
+                got = list(ty.shape) if hasattr(ty, "shape") else None
+                if got != list(expected or []):
+                    raise CacheError(
+                        f"{path}: column {col!r} holds tensors of shape {got}, manifest.json says {expected} (a shard "
+                        f"from another model or resolution?); delete it and {rerun}"
+                    )
+
+    def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor]) -> None:
+        """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
+        for col, t in data.items():
+            if t.is_floating_point() and bool(torch.isfinite(t.sum())):
+                continue  # one reduction (~20× cheaper than isfinite): any NaN/inf makes the sum non-finite
+            bad = ~torch.isfinite(t.flatten(1)).all(dim=1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                key = self._file(shard).read_row_group(rg, columns=["key"]).column("key")[i].as_py()
+                row = self._rg_starts[shard][rg] + i
+                path = self.dir / self._files[shard]
+                raise CacheError(
+                    f"{path}: row {row} (key {key!r}) has NaN/inf values in {col!r}. Remove or fix the source image "
+                    f"{key!r} and rerun `flowtrain prepare` + `flowtrain precompute`, or delete {path.name} and "
+                    "rerun precompute if the encoders were at fault"
+                )
 
     def empty_prompt_embeds(self) -> torch.Tensor:
         """(L, D) float32 embedding of the empty prompt (caption dropout / CFG's unconditional branch)."""
@@ -77,11 +158,19 @@ class CacheDataset(Dataset):
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
-        table = self._file(shard).read_row_group(rg, columns=["latent_moments", "text_embeds"])
+        pf = self._file(shard)
+        has_mask = LOSS_MASK in pf.schema_arrow.names
+        table = pf.read_row_group(rg, columns=["latent_moments", "text_embeds"] + ([LOSS_MASK] if has_mask else []))
         data = {
-            "latent_moments": column_to_tensor(table.column("latent_moments"), self.latent_dtype),
-            "text_embeds": column_to_tensor(table.column("text_embeds"), self.text_dtype),
+            # Shared with Arrow, not copied: rows are only ever copied out (collate stacks them).
+            "latent_moments": column_to_tensor(table.column("latent_moments"), self.latent_dtype, copy=False),
+            "text_embeds": column_to_tensor(table.column("text_embeds"), self.text_dtype, copy=False),
         }
+        if has_mask:
+            data[LOSS_MASK] = _mask_tensor(table.column(LOSS_MASK))
+        if key not in self._finite_checked:  # once per row group and process, not on every read
+            self._check_finite(shard, rg, data)
+            self._finite_checked.add(key)
         self._lru[key] = data
         if len(self._lru) > self._lru_size:
             self._lru.popitem(last=False)
@@ -96,20 +185,82 @@ class CacheDataset(Dataset):
         rg = bisect.bisect_right(self._rg_starts[shard], local) - 1
         data = self._row_group(shard, rg)
         i = local - self._rg_starts[shard][rg]
-        return {
+        row = {
             "latent_moments": data["latent_moments"][i].float(),
-            "text_embeds": data["text_embeds"][i].float(),
+            # The storage dtype (bf16 for Klein): half the bytes to collate, pin and copy to the device than float32;
+            # `train.step.make_inputs` casts on the device.
+            "text_embeds": data["text_embeds"][i],
             "index": index,
         }
+        if LOSS_MASK in data:
+            row[LOSS_MASK] = data[LOSS_MASK][i]
+        return row
+
+
+# Optional per-row loss weights: a float column (per-sample weight) or a float32 fixed-shape tensor column of the
+# token grid (h, w) or (N,) (per-token weights). `train.step` hands it to the loss as LossContext.mask.
+LOSS_MASK = "loss_mask"
+
+
+def _mask_tensor(column) -> torch.Tensor:
+    """A loss_mask column → (B, 1) for a plain float column (per-sample weights), else (B, *shape) float32."""
+    import pyarrow as pa
+
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column_to_tensor(column, "float32").float()
+    return torch.from_numpy(column.to_numpy().astype("float32")).unsqueeze(1)
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Stack rows into (B, ...) tensors; `index` becomes a (B,) int64 tensor."""
-    return {
-        "latent_moments": torch.stack([r["latent_moments"] for r in rows]),
-        "text_embeds": torch.stack([r["text_embeds"] for r in rows]),
+    batch = {
+        "latent_moments": _stack([r["latent_moments"] for r in rows]),
+        "text_embeds": _stack([r["text_embeds"] for r in rows]),
         "index": torch.tensor([r["index"] for r in rows], dtype=torch.int64),
     }
+    if LOSS_MASK in rows[0]:
+        batch[LOSS_MASK] = _stack([r[LOSS_MASK] for r in rows])
+    return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker straight into shared memory (as torch's default_collate does), which
+    the batch would otherwise be copied into to reach the main process."""
+    from torch.utils.data import get_worker_info
+
+    out = None
+    if get_worker_info() is not None:
+        first = tensors[0]
+        storage = first.untyped_storage()._new_shared(sum(t.nbytes for t in tensors), device=first.device)
+        out = first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
+def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: int) -> torch.Tensor:
+    """A row order that reads each Parquet row group once: the row groups in a random order, and the rows of each
+    `window` consecutive groups of that order shuffled together. A pure function of (row groups, seed, epoch).
+
+    A global permutation touches a random row group for every row: with Klein-sized rows (~8 MiB, 16 to a row
+    group) and a cache larger than the reader's LRU, every row would decode a whole row group.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    starts = [0]
+    for n in row_groups:
+        starts.append(starts[-1] + n)
+    order = torch.randperm(len(row_groups), generator=g).tolist()
+    parts = []
+    for i in range(0, len(order), window):
+        rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in order[i : i + window]])
+        parts.append(rows[torch.randperm(len(rows), generator=g)])
+    return torch.cat(parts)
+
+
+def resolve_shuffle_window(configured: int | None, num_row_groups: int, lru_row_groups: int) -> int:
+    """`dataset.shuffle_window`: None (auto) → 0 (one global permutation) when every row group fits in the
+    reader's LRU, else a window of as many row groups as the LRU holds."""
+    if configured is not None:
+        return configured
+    return 0 if num_row_groups <= lru_row_groups else lru_row_groups
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -124,6 +275,8 @@ class ResumableSampler(Sampler[int]):
 
     Each epoch's permutation is split into `batch_size * world_size` blocks; rank r takes the r-th slice of each
     block, and the incomplete tail is dropped so every rank runs the same number of steps (DDP needs that).
+    With `row_groups` (rows per Parquet row group, in row order) and `shuffle_window` > 0, the permutation is a
+    `block_permutation` (each row group read once an epoch); otherwise one global permutation.
     """
 
     def __init__(
@@ -137,8 +290,13 @@ class ResumableSampler(Sampler[int]):
         world_size: int = 1,
         start_epoch: int = 0,
         start_batch: int = 0,
+        row_groups: Sequence[int] | None = None,
+        shuffle_window: int = 0,
     ):
         self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
+        if row_groups is not None and sum(row_groups) != num_rows:
+            raise ValueError(f"row_groups add up to {sum(row_groups)} rows, the cache has {num_rows}")
+        self.row_groups, self.shuffle_window = list(row_groups or []), shuffle_window
         self.rank, self.world_size = rank, world_size
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.batches_per_epoch = num_rows // (batch_size * world_size)
@@ -152,11 +310,17 @@ class ResumableSampler(Sampler[int]):
         epoch, first = self.start_epoch, self.start_batch
         global_batch = self.batch_size * self.world_size
         while True:
-            perm = epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)
+            perm = self.permutation(epoch)
             for b in range(first, self.batches_per_epoch):
                 block = perm[b * global_batch : (b + 1) * global_batch]
                 yield from block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             epoch, first = epoch + 1, 0
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The row order of `epoch` (all rows, before the split into batches and ranks)."""
+        if self.shuffle and self.row_groups and self.shuffle_window > 0:
+            return block_permutation(self.row_groups, self.seed, epoch, self.shuffle_window)
+        return epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)
 
     def position_after(self, batches_consumed: int) -> tuple[int, int]:
         """(epoch, batch) of the next batch after `batches_consumed` batches since the start position."""

@@ -4,7 +4,9 @@ Output (see docs/cache-format.md): `cache-{raw:05d}-{chunk:04d}.parquet` shards,
 (for caption dropout) and `manifest.json` with the fingerprint that `train` checks.
 
 Interrupted runs continue: each cache shard is written to a temporary name and renamed when complete, so a rerun
-skips the shards that exist and recomputes only the rest; the result equals an uninterrupted run.
+skips the shards that exist and recomputes only the rest; the result equals an uninterrupted run. An existing
+shard is reused only when it holds exactly the keys of its raw slice (the raw shards may have been re-prepared
+since), and the manifest is removed at the start and written last, so it never vouches for a half-done cache.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def precompute(
     latent_mean, latent_std = adapter.latent_stats(pipe)
     fingerprint = settings.fingerprint(latent_mean, latent_std)
     _check_existing(out, fingerprint)
+    (out / "manifest.json").unlink(missing_ok=True)  # written again, last, when every shard is in place
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
         return adapter.encode_prompts(
@@ -120,10 +123,11 @@ def precompute(
 
     from safetensors.torch import save_file
 
+    tmp_empty = out / "empty_prompt.safetensors.tmp"
     save_file(
-        {"text_embeds": encode_text([""])[0].to("cpu", STORAGE_DTYPES[settings.dtype]).contiguous()},
-        str(out / "empty_prompt.safetensors"),
+        {"text_embeds": encode_text([""])[0].to("cpu", STORAGE_DTYPES[settings.dtype]).contiguous()}, str(tmp_empty)
     )
+    tmp_empty.replace(out / "empty_prompt.safetensors")
 
     total = sum(s["rows"] for s in raw["shards"])
     bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
@@ -136,13 +140,14 @@ def precompute(
             for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
                 name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
                 part = table.slice(start, rows_per_shard)
-                if (out / name).exists():  # finished by an earlier, interrupted run
+                if _reusable(out / name, part):  # finished by an earlier, interrupted run
                     shards.append({"file": name, "rows": part.num_rows})
                     bar.update(part.num_rows)
                     continue
                 _encode_shard(part, out / name, adapter, pipe, encode_text, settings, batch_size, pool, bar)
                 shards.append({"file": name, "rows": part.num_rows})
     bar.close()
+    _remove_stale(out, {s["file"] for s in shards})
     manifest = _manifest(out, settings, fingerprint, latent_mean, latent_std, shards, raw_dir)
     log.info("precompute: %d rows in %.1fs → %s", manifest["num_rows"], time.perf_counter() - t0, out)
     return manifest
@@ -173,6 +178,29 @@ def _encode_shard(part: pa.Table, path: Path, adapter, pipe, encode_text, settin
         }
     )
     _write_atomic(table, path)
+
+
+def _reusable(path: Path, part: pa.Table) -> bool:
+    """An existing cache shard counts as done only if it holds exactly the keys of its raw slice, in order."""
+    if not path.exists():
+        return False
+    try:
+        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    except Exception as e:  # unreadable: recompute it
+        log.warning("precompute: %s is unreadable (%s); recomputing it", path, e)
+        return False
+    if keys != part.column("key").to_pylist():
+        log.warning("precompute: %s holds other rows than its raw slice now (re-prepared data?); recomputing", path)
+        return False
+    return True
+
+
+def _remove_stale(out: Path, current: set[str]) -> None:
+    """Temporary files of interrupted writes, and shards no raw slice maps to any more."""
+    for p in out.iterdir():
+        stale_shard = p.name.startswith("cache-") and p.name.endswith(".parquet") and p.name not in current
+        if p.is_file() and (p.name.endswith(".tmp") or stale_shard):
+            p.unlink(missing_ok=True)
 
 
 def _check_existing(out: Path, fingerprint: dict) -> None:

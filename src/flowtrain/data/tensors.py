@@ -6,6 +6,8 @@ Arrow has no bfloat16: bf16 is stored as its raw uint16 bit pattern and the mani
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -23,10 +25,20 @@ def tensor_column(batch: torch.Tensor, storage_dtype: str) -> pa.ExtensionArray:
     return pa.ExtensionArray.from_storage(ty, storage)
 
 
-def column_to_tensor(column: pa.ChunkedArray | pa.Array, storage_dtype: str) -> torch.Tensor:
-    """Inverse of `tensor_column`: a fixed-shape tensor column → (B, *shape) torch tensor (storage dtype)."""
+def column_to_tensor(column: pa.ChunkedArray | pa.Array, storage_dtype: str, *, copy: bool = True) -> torch.Tensor:
+    """Inverse of `tensor_column`: a fixed-shape tensor column → (B, *shape) torch tensor (storage dtype).
+
+    `copy=False` shares Arrow's (read-only) buffer instead of copying it: for readers that only ever copy out of the
+    tensor (the cache's row-group LRU), it saves a full pass over every row group. Never write to such a tensor.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     # Arrow buffers are read-only; one copy per row group gives torch a writable, owned tensor.
-    t = torch.from_numpy(np.array(column.to_numpy_ndarray(), copy=True))
+    arr = column.to_numpy_ndarray()
+    if copy:
+        t = torch.from_numpy(np.array(arr, copy=True))
+    else:
+        with warnings.catch_warnings():  # torch warns about the non-writable array; the caller never writes
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if storage_dtype == "bfloat16" else t

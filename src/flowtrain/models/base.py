@@ -9,12 +9,17 @@ import torch
 from flowtrain.registry import Registry
 
 
+class ModelPathError(FileNotFoundError):
+    """A model path that is clearly local but missing or not a model folder; its message is complete as is."""
+
+
 class ModelAdapter(Protocol):
     """What `precompute`, `train` and `sample` need from a model family.
 
     Precompute side: `load_pipeline`, `encode_prompts`, `encode_images`.
     Train side (cache only, no VAE / text encoder): `training_latents`, `load_transformer`, `predict`,
     `lora_target_modules`, `save_lora`.
+    Validation side (sampling during training): `load_pipeline`, `encode_prompts`, `pixel_multiple`, `sample`.
     """
 
     family: str

@@ -9,6 +9,7 @@ Reference: diffusers `pipelines/flux2/pipeline_flux2_klein.py`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -16,20 +17,27 @@ from typing import Any
 
 import torch
 
-from flowtrain.models.base import MODELS
+from flowtrain.models.base import MODELS, ModelPathError
 
 log = logging.getLogger(__name__)
 
 # LoRA targets. Double blocks hold attention (+ the text stream's add_* projections), ff and ff_context; single
 # blocks hold one fused qkv+mlp projection and a plain Linear `attn.to_out` (a ModuleList in double blocks,
-# hence regexes anchored on the block kind).
+# hence regexes anchored on the block kind). Single blocks fuse attention and MLP in those two Linears, so
+# `attention` already adapts the single blocks' MLP; `attention+ff` adds the double blocks' ff / ff_context;
+# `all` adds every remaining Linear: the input embedders (x_embedder, context_embedder), the timestep embedding
+# MLP, the shared AdaLN modulation projections, and the output layer (norm_out.linear, proj_out).
 _DOUBLE_ATTN = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_FF = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)"
 _SINGLE_ATTN = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+_GLOBAL = (
+    r"x_embedder|context_embedder|proj_out|norm_out\.linear|time_guidance_embed\.\w+\.linear_[12]"
+    r"|(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
+)
 LORA_PRESETS: dict[str, list[str]] = {
     "attention": [_DOUBLE_ATTN, _SINGLE_ATTN],
     "attention+ff": [_DOUBLE_ATTN, _DOUBLE_FF, _SINGLE_ATTN],
-    "all": [_DOUBLE_ATTN, _DOUBLE_FF, _SINGLE_ATTN],
+    "all": [_DOUBLE_ATTN, _DOUBLE_FF, _SINGLE_ATTN, _GLOBAL],
 }
 
 
@@ -72,6 +80,13 @@ def text_ids(batch: int, length: int) -> torch.Tensor:
     ell = torch.arange(length)
     zeros = torch.zeros_like(ell)
     return torch.stack([zeros, zeros, zeros, ell], dim=-1).unsqueeze(0).expand(batch, -1, -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _position_ids(batch: int, height: int, width: int, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(latent_ids, text_ids) on `device`, built once per shape: a training run sees one or a few shapes, and
+    rebuilding them cost a few small CPU ops and two host→device copies every step. The transformer only reads them."""
+    return latent_ids(batch, height, width).to(device), text_ids(batch, length).to(device)
 
 
 def normalize_latents(patched: torch.Tensor, bn_mean: torch.Tensor, bn_std: torch.Tensor) -> torch.Tensor:
@@ -124,10 +139,20 @@ class Flux2KleinAdapter:
         """Load the diffusers pipeline; without the transformer unless asked (precompute never needs it)."""
         from diffusers import Flux2KleinPipeline
 
-        kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+        # use_safetensors=True: weights never come from pickle files (diffusers would fall back to them otherwise).
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "revision": revision,
+            "trust_remote_code": trust_remote_code,
+            "use_safetensors": True,
+        }
         if not with_transformer:
             kwargs["transformer"] = None
-        pipe = Flux2KleinPipeline.from_pretrained(pretrained, **kwargs)
+        check_model_path(pretrained, "model.pretrained", need="model_index.json")
+        try:
+            pipe = Flux2KleinPipeline.from_pretrained(pretrained, **kwargs)
+        except OSError as e:  # diffusers/hub report a missing model as OSError / EnvironmentError
+            raise FileNotFoundError(f"could not load the pipeline model.pretrained={pretrained!r}: {e}") from e
         warn_if_distilled(pipe.config)
         return pipe
 
@@ -179,17 +204,24 @@ class Flux2KleinAdapter:
         from diffusers import Flux2Transformer2DModel
 
         if dit is None:
+            check_model_path(pretrained, "model.pretrained", need="transformer/config.json")
             return Flux2Transformer2DModel.from_pretrained(
-                pretrained, subfolder="transformer", dtype=dtype, revision=revision
+                pretrained, subfolder="transformer", dtype=dtype, revision=revision, use_safetensors=True
             )
         dit_path = Path(dit)
+        check_model_path(dit, "model.dit")
         if dit_path.is_file():
             # A single .safetensors (BFL or diffusers key layout); the architecture comes from the base pipeline.
+            if dit_path.suffix != ".safetensors":
+                raise ValueError(
+                    f"model.dit={dit!r}: only .safetensors weight files are loaded (pickle-based .ckpt/.pt/.bin can "
+                    "run code); convert it to safetensors first"
+                )
             return Flux2Transformer2DModel.from_single_file(
                 str(dit_path), config=pretrained, subfolder="transformer", torch_dtype=dtype
             )
         sub = "transformer" if (dit_path / "transformer" / "config.json").exists() else None
-        return Flux2Transformer2DModel.from_pretrained(dit, subfolder=sub, dtype=dtype)
+        return Flux2Transformer2DModel.from_pretrained(dit, subfolder=sub, dtype=dtype, use_safetensors=True)
 
     def predict(
         self,
@@ -200,9 +232,7 @@ class Flux2KleinAdapter:
         grid: tuple[int, int],
     ) -> torch.Tensor:
         """Velocity prediction (B, N, 4C) for noisy tokens x_t (B, N, 4C) on an h×w grid at noise level σ (B,)."""
-        b = x_t.shape[0]
-        img_ids = latent_ids(b, *grid).to(x_t.device)
-        txt_ids = text_ids(b, text_embeds.shape[1]).to(x_t.device)
+        img_ids, txt_ids = _position_ids(x_t.shape[0], grid[0], grid[1], text_embeds.shape[1], x_t.device)
         return transformer(
             hidden_states=x_t,
             encoder_hidden_states=text_embeds,
@@ -212,6 +242,42 @@ class Flux2KleinAdapter:
             guidance=None,  # Klein base has no guidance embedding; CFG is done at inference.
             return_dict=False,
         )[0]
+
+    # ---- validation side (train.validation) -------------------------------------------------------------------
+    def pixel_multiple(self, pretrained: str, *, revision: str | None = None) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling × the 2×2 latent patch (16 for Klein).
+        Reads only the VAE's config."""
+        from diffusers import AutoencoderKLFlux2
+
+        vae_cfg = AutoencoderKLFlux2.load_config(pretrained, subfolder="vae", revision=revision)
+        return 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2
+
+    def sample(
+        self,
+        pipe: Any,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        *,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+    ) -> Any:
+        """One PIL image from precomputed (1, L, D) prompt embeddings with the pipeline's own sampler; equals
+        `pipe(prompt=...)` for the prompt the embeddings came from. `negative_embeds` (the "" prompt) is used when
+        guidance_scale > 1 (real CFG)."""
+        out = pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds if guidance_scale > 1 else None,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            max_sequence_length=prompt_embeds.shape[1],
+        )
+        return out.images[0]
 
     def save_lora(self, output_dir: str | Path, transformer: torch.nn.Module, lora_config: Any) -> Path:
         """Write `pytorch_lora_weights.safetensors` in diffusers format, with the adapter metadata.
@@ -228,6 +294,25 @@ class Flux2KleinAdapter:
             transformer_lora_adapter_metadata=lora_config.to_dict(),
         )
         return Path(output_dir) / "pytorch_lora_weights.safetensors"
+
+
+def check_model_path(path: str, key: str, need: str | None = None) -> None:
+    """A clear error for a model path that is clearly local (absolute, ./, ~, or existing) but missing or not a
+    diffusers folder; anything else may be a hub id and is left to diffusers."""
+    p = Path(path).expanduser()
+    local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
+    if not local:
+        return
+    if not p.exists():
+        raise ModelPathError(
+            f"{key}={path!r}: no such file or folder. Give a local diffusers pipeline folder (with model_index.json) "
+            "or a Hugging Face hub id such as black-forest-labs/FLUX.2-klein-base-4B"
+        )
+    if need is not None and p.is_dir() and not (p / need).exists():
+        raise ModelPathError(
+            f"{key}={path!r} is not a diffusers pipeline folder ({need} is missing); point it at the folder that "
+            "holds model_index.json"
+        )
 
 
 def warn_if_distilled(config: Any) -> None:

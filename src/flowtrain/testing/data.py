@@ -40,7 +40,7 @@ def make_tiny_cache(root: Path, pipeline: Path, n: int = 8, text_dtype: str = "f
 
 
 def tiny_config_dict(pipeline: Path, cache: Path, out: Path, **train) -> dict:
-    """A FlowtrainConfig dict for the tiny pipeline: fp32 on CPU, LoRA rank 4 on attention."""
+    """A FlowtrainConfig dict for the tiny pipeline: fp32 on CPU, LoRA rank 4 on attention, JSONL tracking."""
     return {
         "model": {"pretrained": str(pipeline), "max_sequence_length": TINY_SEQ, "dtype": "float32"},
         "dataset": {"cache_dir": str(cache)},
@@ -48,5 +48,8 @@ def tiny_config_dict(pipeline: Path, cache: Path, out: Path, **train) -> dict:
         "train_mode": "lora",
         "lora": {"rank": 4, "targets": "attention"},
         "checkpoint": {"every_steps": 3, "keep_last": None},
+        # JSONL only and no end-of-run graphs: MLflow's store and matplotlib cost seconds per run; the tests of
+        # tracking (and the CLI e2e) turn them on.
+        "tracking": {"report_to": ["jsonl"], "graphs": False},
         "output_dir": str(out),
     }

@@ -79,19 +79,15 @@ def build_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def build_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
-    """Build every pipeline component, randomly initialised from `seed`. Returns kwargs for the pipeline."""
-    import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+def build_text_encoder(tokenizer, hidden: int = 32, layers: int = 27):
+    """A random tiny `Qwen3ForCausalLM` for `tokenizer` (init from torch's global RNG), in eval mode."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(spec.vocab_size)
     te_config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=spec.te_hidden,
-        intermediate_size=2 * spec.te_hidden,
-        num_hidden_layers=spec.te_layers,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
@@ -99,7 +95,17 @@ def build_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    text_encoder = Qwen3ForCausalLM(te_config).eval()
+    return Qwen3ForCausalLM(te_config).eval()
+
+
+def build_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
+    """Build every pipeline component, randomly initialised from `seed`. Returns kwargs for the pipeline."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    text_encoder = build_text_encoder(tokenizer, spec.te_hidden, spec.te_layers)
     n_blocks = len(spec.vae_channels)
     vae = AutoencoderKLFlux2(
         in_channels=3,

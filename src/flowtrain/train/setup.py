@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from flowtrain.config.schema import FlowtrainConfig
+from flowtrain.models.base import ModelPathError
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +21,28 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """train.deterministic: deterministic torch kernels for the block (an op without one raises, naming itself),
+    cuDNN autotuning off, and the cuBLAS workspace setting CUDA needs for deterministic matmuls. The previous
+    global settings come back afterwards. Everything random in a step already comes from seeded generators."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def lora_target_regex(targets: str | list[str], presets: dict[str, list[str]]) -> str:
@@ -44,6 +70,39 @@ def matching_linear_modules(model: torch.nn.Module, regex: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
 
 
+def check_lora_targets(model: torch.nn.Module, targets: str | list[str], presets: dict[str, list[str]]) -> list[str]:
+    """Everything peft would trip over, checked before `add_adapter` (which leaves a half-configured model when it
+    fails): the targets match some Linear; no user entry matches nothing (a typo); nothing but Linear layers
+    match (peft cannot wrap e.g. an attention block or a ModuleList). Returns the matched Linear names."""
+    regex = lora_target_regex(targets, presets)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    modules = matching_linear_modules(model, regex)
+    if not modules:
+        raise ValueError(
+            f"lora.targets={targets!r} matches no Linear module of the transformer; examples of names: "
+            f"{linear_names[:6]}; presets: {sorted(presets)}"
+        )
+    if isinstance(targets, list):
+        for entry in targets:
+            if not matching_linear_modules(model, lora_target_regex([entry], presets)):
+                raise ValueError(
+                    f"lora.targets entry {entry!r} matches no Linear module (a typo?); examples of names: "
+                    f"{linear_names[:6]}"
+                )
+    pattern = re.compile(regex)
+    other = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if n and not isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)
+    ]
+    if other:
+        raise ValueError(
+            f"lora.targets={targets!r} also matches modules that are not Linear layers: {other[:5]}; LoRA wraps "
+            "Linear layers only: name the Linear inside (e.g. `attn.to_out.0`) or anchor the regex"
+        )
+    return modules
+
+
 def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict[str, list[str]]) -> Any:
     """Freeze the base, add a peft LoRA adapter on the configured targets; returns the peft LoraConfig.
 
@@ -53,12 +112,7 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
     from peft import LoraConfig
 
     regex = lora_target_regex(cfg.lora.targets, presets)
-    modules = matching_linear_modules(transformer, regex)
-    if not modules:
-        raise ValueError(
-            f"lora.targets={cfg.lora.targets!r} matches no Linear module of the transformer; "
-            f"examples of names: {[n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)][:6]}"
-        )
+    modules = check_lora_targets(transformer, cfg.lora.targets, presets)
     transformer.requires_grad_(False)
     lora_cfg = LoraConfig(
         r=cfg.lora.rank,
@@ -71,7 +125,11 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
     # LoRA weights train in fp32 even when the frozen base is bf16 (diffusers' recipe).
     cast_training_params(transformer, dtype=torch.float32)
     n_train = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-    log.info("LoRA on %d modules, %.3fM trainable parameters", len(modules), n_train / 1e6)
+    n_all = sum(p.numel() for p in transformer.parameters())
+    log.info(
+        "LoRA rank %d on %d Linear modules (lora.targets=%r): %d trainable parameters (%.3f%% of %d)",
+        cfg.lora.rank, len(modules), cfg.lora.targets, n_train, 100.0 * n_train / n_all, n_all,
+    )  # fmt: skip
     return lora_cfg
 
 
@@ -84,10 +142,14 @@ def build_transformer(cfg: FlowtrainConfig, adapter: Any) -> tuple[torch.nn.Modu
         transformer = adapter.load_transformer(
             cfg.model.pretrained, dit=cfg.model.dit, dtype=dtype, revision=cfg.model.revision
         )
+    except ModelPathError:
+        raise  # already says which key and what to do
     except (OSError, ValueError) as e:
+        hint = " (weights are loaded only from .safetensors files: convert pickle .bin/.ckpt weights first)"
         raise FileNotFoundError(
             f"could not load the transformer from model.pretrained={cfg.model.pretrained!r}"
             f"{f' / model.dit={cfg.model.dit!r}' if cfg.model.dit else ''}: {e}"
+            f"{hint if 'safetensors' in str(e) else ''}"
         ) from e
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -96,6 +158,10 @@ def build_transformer(cfg: FlowtrainConfig, adapter: Any) -> tuple[torch.nn.Modu
         lora_cfg = apply_lora(transformer, cfg, adapter.lora_presets)
     else:
         transformer.requires_grad_(True)
+    if cfg.train.compile:  # after LoRA: the compiled graphs include the adapters
+        from flowtrain.train.perf import compile_transformer
+
+        compile_transformer(transformer, backend=cfg.train.compile_backend, regional=cfg.train.compile_regional)
     transformer.train()
     return transformer, lora_cfg
 

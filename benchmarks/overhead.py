@@ -1,0 +1,104 @@
+"""Framework overhead: `flowtrain.train.loop.train` vs a bare hand-written PyTorch loop (benchmarks/bare.py).
+
+Same transformer, batch, LoRA, optimizer and precomputed data. Both run in this process, interleaved
+(bare, flowtrain, flowtrain, bare, ...); each run's steady-state step time is the median over its steps after
+`--warmup`; the reported ratio is median(flowtrain) / median(bare) over the repetitions.
+
+flowtrain's step time is read from its own metrics (`s_per_step` in logs/metrics.jsonl, logged every step), so it
+covers everything the loop does per step: data loading, σ/noise, forward/backward, clipping, the optimizer, the
+non-finite check, logging and tracking.
+
+    .venv/bin/python benchmarks/overhead.py                  # tiny + bench70m, ~4 min on 2 cores
+    .venv/bin/python benchmarks/overhead.py --model tiny --reps 7 --steps 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bare  # noqa: E402
+import common  # noqa: E402
+
+_RUN = 0
+DEFAULTS = {"tiny": {"steps": 60, "warmup": 10, "reps": 5}, "bench70m": {"steps": 7, "warmup": 2, "reps": 3}}
+
+
+def flowtrain_run(cfg_dict: dict, warmup: int) -> tuple[float, float]:
+    """One `train()` run; (median s/step after warm-up, median data-wait fraction)."""
+    from flowtrain.config import FlowtrainConfig
+    from flowtrain.track import read_metrics
+    from flowtrain.train.loop import train
+
+    # A fresh output_dir each run: MLflow keeps its SQLite store per URI open for the whole process.
+    global _RUN
+    _RUN += 1
+    out = Path(f"{cfg_dict['output_dir']}-{_RUN}")
+    shutil.rmtree(out, ignore_errors=True)
+    train(FlowtrainConfig.model_validate({**cfg_dict, "output_dir": str(out)}), progress=False)
+    rows = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["step"] > warmup]
+    return common.median([r["s_per_step"] for r in rows]), common.median([r.get("data_wait_frac", 0.0) for r in rows])
+
+
+def bare_run(cfg_dict: dict, steps: int, warmup: int) -> float:
+    s = bare.setup(cfg_dict)
+    return common.median(bare.run(s, steps)[warmup:])
+
+
+def measure(name: str, steps: int, warmup: int, reps: int, overrides: dict) -> dict:
+    fx = common.fixture(name)
+    cfg = common.train_config(fx, common.bench_dir() / f"overhead-{name}", max_steps=steps)
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        cfg.setdefault(section, {})[field] = value
+    waits: list[float] = []
+
+    def ft() -> float:
+        t, w = flowtrain_run(cfg, warmup)
+        waits.append(w)
+        return t
+
+    res = common.interleave({"bare": lambda: bare_run(cfg, steps, warmup), "flowtrain": ft}, reps)
+    b, f = common.median(res["bare"]), common.median(res["flowtrain"])
+    print(f"{name}: bare {[round(x * 1e3, 2) for x in res['bare']]} ms, "
+          f"flowtrain {[round(x * 1e3, 2) for x in res['flowtrain']]} ms")  # fmt: skip
+    return {
+        "model": name,
+        "bare_ms": b * 1e3,
+        "flowtrain_ms": f * 1e3,
+        "ratio": f / b,
+        "data_wait": common.median(waits),
+        "steps×reps": f"{steps}×{reps}",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "bench70m", "all"], default="all")
+    p.add_argument("--steps", type=int, help="steps per run (default: tiny 60, bench70m 7)")
+    p.add_argument("--warmup", type=int, help="steps left out of each run's median (default: tiny 10, bench70m 2)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (default: tiny 5, bench70m 3)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON",
+                   help="config overrides for the flowtrain side, e.g. tracking.report_to='[\"jsonl\"]'")  # fmt: skip
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import json
+
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    names = ["tiny", "bench70m"] if args.model == "all" else [args.model]
+    rows = []
+    for name in names:
+        d = DEFAULTS[name]
+        rows.append(
+            measure(name, args.steps or d["steps"], args.warmup or d["warmup"], args.reps or d["reps"], overrides)
+        )
+    common.report("overhead (flowtrain / bare step time)", rows, {"command": " ".join(sys.argv), "set": overrides})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Precompute: images/s of `flowtrain.data.precompute.precompute` vs a bare loop running the same VAE and text
+encoder on the same images (read the raw shard, decode, resize/crop, VAE encode, text encode) — nothing else.
+
+flowtrain also writes the cache (Parquet, zstd), checks the shards and writes the manifest; it overlaps decoding
+the next batch with encoding the current one on a thread. Fixed costs (loading the pipeline, the empty-prompt
+embedding, the manifest) are taken out by timing N + 8 and 8 images and dividing the difference by N, for both.
+
+Pipelines:
+  tiny     the test suite's tiny pipeline at 32 px (decoding and Python dominate)
+  encoder  a heavier VAE (4 blocks, 8× down, 32 latent channels, widths 32-128) at 256 px and a 27-layer Qwen3
+           text encoder (hidden 256) at 128 tokens, so encoding dominates as it does for Klein
+
+    .venv/bin/python benchmarks/precompute.py           # ~4 min on 2 cores
+    .venv/bin/python benchmarks/precompute.py --pipeline encoder --images 48 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+PIPELINES = {
+    "tiny": {"resolution": 32, "seq": 32, "image_size": (40, 48), "images": 64},
+    "encoder": {"resolution": 256, "seq": 128, "image_size": (320, 384), "images": 24},
+}
+SMALL = 8  # images of the run that measures the fixed costs (one batch)
+
+
+def pipeline(name: str) -> Path:
+    from flowtrain.testing.tiny import TinySpec, build_tiny_pipeline, save_tiny_pipeline
+
+    path = common.bench_dir() / f"precompute-{name}" / "pipeline"
+    if name == "tiny":
+        return save_tiny_pipeline(path)
+    if not (path / "model_index.json").exists():
+        spec = TinySpec(te_hidden=256, latent_channels=32, vae_channels=(32, 64, 128, 128))
+        build_tiny_pipeline(spec).save_pretrained(path)
+    return path
+
+
+def raw_dirs(name: str, n: int) -> tuple[Path, Path]:
+    """(raw dir of SMALL images, raw dir of SMALL + n images): prepared like `flowtrain prepare` does."""
+    from flowtrain.data.prepare import prepare
+    from flowtrain.testing.data import make_image_folder
+
+    spec, root = PIPELINES[name], common.bench_dir() / f"precompute-{name}"
+    dirs = []
+    for count in (SMALL, SMALL + n):
+        raw = root / f"raw-{count}"
+        if not (raw / "manifest.json").exists():
+            images = make_image_folder(root / f"images-{count}", n=count, size=spec["image_size"])
+            prepare(images, raw, progress=False)
+        dirs.append(raw)
+    return dirs[0], dirs[1]
+
+
+def settings(name: str):
+    from flowtrain.data.precompute import PrecomputeSettings
+
+    spec = PIPELINES[name]
+    return PrecomputeSettings(model=str(pipeline(name)), max_sequence_length=spec["seq"], resolution=spec["resolution"])
+
+
+def flowtrain_time(name: str, raw: Path) -> float:
+    from flowtrain.data.precompute import precompute
+
+    out = common.bench_dir() / f"precompute-{name}" / "cache-run"
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    precompute(raw, out, settings(name), batch_size=8, device="cpu", progress=False)
+    dt = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return dt
+
+
+class Bare:
+    """The same encoders, loaded once, and a plain loop over the raw shards."""
+
+    def __init__(self, name: str):
+        import torch
+        from diffusers import Flux2KleinPipeline
+
+        s = settings(name)
+        self.s = s
+        self.pipe = Flux2KleinPipeline.from_pretrained(s.model, transformer=None, dtype=torch.bfloat16)
+
+    def time(self, raw: Path) -> float:
+        import pyarrow.parquet as pq
+        import torch
+        from PIL import Image
+
+        pipe, s = self.pipe, self.s
+        t = time.perf_counter()
+        pipe.encode_prompt([""], device="cpu", max_sequence_length=s.max_sequence_length,
+                           text_encoder_out_layers=tuple(s.text_encoder_layers))  # fmt: skip
+        for shard in sorted(raw.glob("*.parquet")):
+            table = pq.read_table(shard, columns=["caption", "image"])
+            for i in range(0, table.num_rows, 8):
+                rows = table.slice(i, 8).to_pydict()
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in rows["image"]]
+                pixels = torch.cat([pipe.image_processor.preprocess(im, height=s.resolution, width=s.resolution,
+                                                                    resize_mode="crop") for im in images])  # fmt: skip
+                with torch.no_grad():
+                    dist = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist
+                    torch.cat([dist.mean, dist.logvar], dim=1).float()
+                    pipe.encode_prompt(rows["caption"], device="cpu", max_sequence_length=s.max_sequence_length,
+                                       text_encoder_out_layers=tuple(s.text_encoder_layers))  # fmt: skip
+        return time.perf_counter() - t
+
+
+def measure(name: str, n: int, reps: int) -> dict:
+    small, full = raw_dirs(name, n)
+    bare = Bare(name)
+    res = common.interleave(
+        {
+            "bare_full": lambda: bare.time(full),
+            "ft_full": lambda: flowtrain_time(name, full),
+            "bare_small": lambda: bare.time(small),
+            "ft_small": lambda: flowtrain_time(name, small),
+        },
+        reps,
+    )
+    med = {k: common.median(v) for k, v in res.items()}
+    bare_rate = n / (med["bare_full"] - med["bare_small"])
+    ft_rate = n / (med["ft_full"] - med["ft_small"])
+    print(name, {k: [round(x, 2) for x in v] for k, v in res.items()})
+    return {
+        "pipeline": name,
+        "resolution": PIPELINES[name]["resolution"],
+        "bare_img_per_s": bare_rate,
+        "flowtrain_img_per_s": ft_rate,
+        "ratio": ft_rate / bare_rate,
+        "images×reps": f"{n}×{reps}",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipeline", choices=[*PIPELINES, "all"], default="all")
+    p.add_argument("--images", type=int, help="images beyond the fixed-cost run (default: tiny 64, encoder 24)")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
+    rows = [measure(n, args.images or PIPELINES[n]["images"], args.reps) for n in names]
+    common.report("precompute (flowtrain / bare images per second)", rows, {"command": " ".join(sys.argv)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The option reference of docs/training.md, generated from the schema (field types, defaults, descriptions).
+
+    python -m flowtrain.config.reference            # print the Markdown
+    python -m flowtrain.config.reference --write docs/training.md   # refresh the block between the markers
+
+tests/config/test_reference.py checks that docs/training.md mentions every option with its default.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from flowtrain.config.schema import FlowtrainConfig
+
+BEGIN = "<!-- BEGIN CONFIG REFERENCE (python -m flowtrain.config.reference --write docs/training.md) -->"
+END = "<!-- END CONFIG REFERENCE -->"
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def default_text(field: Any) -> str:
+    """The default as YAML-ish text: `required` when there is none."""
+    if field.default_factory is not None:
+        value = field.default_factory()
+    elif field.default is PydanticUndefined:
+        return "required"
+    else:
+        value = field.default
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    return str(value)
+
+
+def type_text(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    text = getattr(annotation, "__name__", None) if origin is None else None
+    return text or str(annotation).replace("typing.", "").replace("|", "\\|")
+
+
+def option_rows(model: type[BaseModel] = FlowtrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) of every leaf option, sections expanded in schema order."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if _is_section(field.annotation):
+            rows += option_rows(field.annotation, f"{key}.")
+        else:
+            desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            rows.append((key, type_text(field.annotation), default_text(field), desc))
+    return rows
+
+
+def markdown() -> str:
+    """One table per top-level section (top-level scalars first)."""
+    rows = option_rows()
+    sections: dict[str, list] = {"": []}  # top-level options first
+    for row in rows:
+        sections.setdefault(row[0].split(".")[0] if "." in row[0] else "", []).append(row)
+    out = [BEGIN, ""]
+    for section, items in sections.items():
+        doc = FlowtrainConfig.model_fields[section].annotation.__doc__ if section else None
+        out.append(f"### `{section}`" if section else "### top level")
+        if doc and not doc.startswith(("Usage docs", "!!!")):
+            out += ["", " ".join(doc.split())]
+        out += ["", "| option | type | default | description |", "|---|---|---|---|"]
+        out += [f"| `{k}` | {t} | `{d}` | {desc} |" for k, t, d, desc in items]
+        out.append("")
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def write(path: str | Path) -> None:
+    """Replace the block between BEGIN and END in `path` (append it when the markers are missing)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = markdown()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + block.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write(sys.argv[2])
+    else:
+        sys.stdout.write(markdown())

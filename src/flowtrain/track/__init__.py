@@ -1,0 +1,103 @@
+"""Seeing a run: trackers (MLflow by default, W&B / TensorBoard on request, metrics.jsonl always), training
+statistics, and graphs. See docs/tracking.md.
+
+`open_tracking` is what the training loop calls; only the main process gets real backends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from flowtrain.track.base import MultiTracker, Tracker
+from flowtrain.track.jsonl import JsonlTracker, read_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JsonlTracker", "MultiTracker", "Tracker", "check_backends", "open_tracking", "read_metrics"]
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_backends(report_to: list[str]) -> None:
+    """Fail before any work is done when an optional backend's package is missing."""
+    from flowtrain.track.optional import _missing
+
+    for name in report_to:
+        pkg = _PACKAGES.get(name)
+        if pkg and importlib.util.find_spec(pkg) is None:
+            raise _missing(name, pkg)
+
+
+def open_tracking(
+    cfg: Any, output_dir: str | Path, *, resume_step: int | None = None, is_main: bool = True
+) -> MultiTracker:
+    """The run's trackers, with the flattened config logged as params and `config.yaml` as an artifact.
+
+    `resume_step`: the step of the checkpoint being resumed (None for a fresh run); JSONL rows and TensorBoard
+    events after it are dropped and MLflow / W&B continue their recorded run. Non-main processes get a no-op.
+    """
+    if not is_main:
+        return MultiTracker()
+    from flowtrain.config import config_to_flat_dict
+
+    t, out = cfg.tracking, Path(output_dir)
+    check_backends(t.report_to)
+    trackers: list[Tracker] = [JsonlTracker(out / "logs" / "metrics.jsonl", resume_step=resume_step)]
+    for name in t.report_to:
+        if name == "mlflow":
+            from flowtrain.track.mlflow_store import MlflowTracker
+
+            m = MlflowTracker(
+                out, uri=t.uri, experiment_name=t.experiment_name, run_name=t.run_name, resume_step=resume_step
+            )
+            log.info("MLflow run %s%s; to see it: %s", m.run_id, " (resumed)" if m.resumed else "", m.ui_hint())
+            trackers.append(m)
+        elif name == "tensorboard":
+            from flowtrain.track.optional import TensorBoardTracker
+
+            tb = TensorBoardTracker(out, resume_step=resume_step)
+            log.info("TensorBoard: tensorboard --logdir %s", tb.log_dir)
+            trackers.append(tb)
+        elif name == "wandb":
+            from flowtrain.track.optional import WandbTracker
+
+            trackers.append(
+                WandbTracker(out, experiment_name=t.experiment_name, run_name=t.run_name, resume_step=resume_step)
+            )
+    tracker = MultiTracker(trackers)
+    tracker.log_params(config_to_flat_dict(cfg))
+    if (out / "config.yaml").exists():
+        tracker.log_artifact(out / "config.yaml")
+    return tracker
+
+
+def finish_tracking(
+    tracker: MultiTracker,
+    output_dir: str | Path,
+    weights: Path | None,
+    *,
+    log_weights: bool = True,
+    graphs: bool = True,
+    status: str = "FINISHED",
+) -> None:
+    """End of training (main process; a no-op elsewhere): graphs into `{output_dir}/graphs/`, then the weights
+    (`weights`: the LoRA file or transformer folder, if exported), config and graphs as artifacts; closes the run."""
+    from flowtrain.track.plots import plot_run
+
+    out = Path(output_dir)
+    if not tracker.trackers:
+        return
+    try:
+        if graphs:
+            plot_run(out)
+    except Exception as e:  # graphs are a convenience; never fail a finished training over them
+        log.warning("could not write graphs: %s (run `flowtrain plot %s` to retry)", e, out)
+    if log_weights and weights is not None and weights.exists():
+        tracker.log_artifact(weights)
+    tracker.log_artifact(out / "config.yaml")
+    if (out / "graphs").is_dir():
+        tracker.log_artifact(out / "graphs", "graphs")
+    tracker.close(status)

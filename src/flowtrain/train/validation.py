@@ -1,0 +1,266 @@
+"""Validation sampling during training: fixed prompts, seeds and sizes, every `validation.every_steps` steps.
+
+Images go to `{output_dir}/samples/step{step:06d}_{prompt_index:02d}_{seed}.png` (with `_{h}x{w}` appended when
+several sizes are configured), plus `step{step:06d}_grid.png` (a row per prompt, a column per size), and to the
+trackers. Prompt i uses seed `validation.seed + i`, like `flowtrain sample --seed`, so a validation image can be
+reproduced from a saved LoRA with that command.
+
+Sampling reuses the transformer being trained (no copy): the main process puts it in eval mode, samples under
+no_grad with the pipeline's own sampler, and puts it back. The text encoder is loaded once, at the first
+validation, to embed the prompts (and the "" negative prompt for CFG), then freed; the VAE stays loaded and is
+moved to the device only while sampling. The global RNG state is saved and restored around sampling, so a run with
+validation trains exactly like one without. Other processes wait at a barrier meanwhile.
+
+A failure while sampling (e.g. out of memory) is logged with its traceback and turns validation off for the rest
+of the run: losing preview images must not kill a training run (or leave the other ranks waiting forever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from flowtrain.config import FlowtrainConfig
+from flowtrain.train.setup import torch_dtype
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+
+
+def load_prompts(cfg: FlowtrainConfig) -> list[str]:
+    """validation.prompts, or the non-empty lines of validation.prompts_file."""
+    v = cfg.validation
+    if v.prompts_file is None:
+        return list(v.prompts)
+    path = Path(v.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"validation.prompts_file: {path} does not exist (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"validation.prompts_file: {path} has no prompts (one prompt per line)")
+    return prompts
+
+
+def image_name(step: int, prompt_index: int, seed: int, size: tuple[int, int] | None = None) -> str:
+    """`step000100_02_7.png`; with `size` (several sizes configured) `step000100_02_7_512x768.png`."""
+    suffix = f"_{size[0]}x{size[1]}" if size is not None else ""
+    return f"step{step:06d}_{prompt_index:02d}_{seed}{suffix}.png"
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Tile rows of images (sizes may differ) into one image, each cell as large as the largest image."""
+    cw = max(im.width for row in rows for im in row)
+    ch = max(im.height for row in rows for im in row)
+    out = Image.new("RGB", (cw * max(len(r) for r in rows), ch * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            out.paste(im, (c * cw, r * ch))
+    return out
+
+
+class Validator:
+    """Validation sampling for one run. Build it on every process (config checks run everywhere, so a bad config
+    fails on all ranks before training); only the main process samples."""
+
+    def __init__(self, cfg: FlowtrainConfig, adapter: Any, output_dir: str | Path, *, resolution: int | None = None):
+        self.cfg, self.v, self.adapter = cfg, cfg.validation, adapter
+        self.out = Path(output_dir) / SAMPLES_DIR
+        self.enabled = self.v.enabled
+        self._pipe: Any = None
+        self._embeds: list[torch.Tensor] = []
+        self._negative: torch.Tensor | None = None
+        if not self.enabled:
+            return
+        self.prompts = load_prompts(cfg)
+        sizes = [(int(h), int(w)) for h, w in self.v.sizes]
+        if not sizes:
+            if resolution is None:
+                raise ValueError("validation.sizes is empty and the cache records no training resolution: set sizes")
+            sizes = [(resolution, resolution)]
+        self.sizes = sizes
+        multiple = adapter.pixel_multiple(cfg.model.pretrained, revision=cfg.model.revision)
+        bad = [list(s) for s in sizes if s[0] % multiple or s[1] % multiple]
+        if bad:
+            fixed = [[max(multiple, round(x / multiple) * multiple) for x in s] for s in bad]
+            raise ValueError(
+                f"validation.sizes: {bad} not multiples of {multiple} (this model's VAE factor × 2); "
+                f"round each side to a multiple of {multiple}, e.g. {fixed}"
+            )
+
+    def due(self, step: int, *, start: bool = False) -> bool:
+        """`start`: the call before the first step (validation.at_start, fresh runs only)."""
+        if not self.enabled:
+            return False
+        if start:
+            return self.v.at_start and step == 0
+        return bool(self.v.every_steps) and step > 0 and step % self.v.every_steps == 0
+
+    def maybe_run(
+        self,
+        step: int,
+        accelerator: Any,
+        model: torch.nn.Module,
+        tracker: Any,
+        *,
+        start: bool = False,
+        weights: Callable[[], AbstractContextManager] | None = None,
+    ) -> list[Path]:
+        """Sample if `step` is a validation step; every process must call it (the others wait at a barrier).
+
+        `weights`: a context-manager factory that swaps the weights to sample with into the model and back (EMA:
+        pass the EMA object's swap here when EMA is on); None samples the trained weights as they are.
+        """
+        if not self.due(step, start=start):
+            return []
+        paths: list[Path] = []
+        if accelerator.is_main_process:
+            if _sharded(accelerator):
+                log.warning("validation: sampling with sharded parameters (FSDP / ZeRO-3) is not supported; off")
+                self.enabled = False
+            else:
+                try:
+                    paths = self.run(
+                        step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast, weights
+                    )
+                except Exception:
+                    log.exception("validation failed at step %d; validation is off for the rest of this run", step)
+                    self.enabled = False
+                tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
+        accelerator.wait_for_everyone()
+        return paths
+
+    def run(
+        self,
+        step: int,
+        transformer: torch.nn.Module,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        weights: Callable[[], AbstractContextManager] | None = None,
+    ) -> list[Path]:
+        """Sample every prompt at every size with `transformer`; returns the PNGs written (images, then grid)."""
+        t0 = time.perf_counter()
+        if self._pipe is None:
+            self._load(device)
+        pipe, v = self._pipe, self.v
+        dtype = getattr(transformer, "dtype", torch.float32)
+        was_training = transformer.training
+        pipe.register_modules(transformer=transformer)
+        if pipe.vae.dtype != dtype:  # decode in the latents' dtype, which follows the transformer's
+            pipe.vae.to(dtype=dtype)
+        pipe.vae.to(device)
+        rows: list[list[Image.Image]] = []
+        paths: list[Path] = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        try:
+            transformer.eval()
+            with (
+                torch.random.fork_rng(devices=cuda),
+                torch.no_grad(),
+                autocast(),
+                (weights or contextlib.nullcontext)(),
+            ):
+                negative = None if self._negative is None else self._negative.to(device, dtype)
+                for i, embeds in enumerate(self._embeds):
+                    seed, row = v.seed + i, []
+                    for size in self.sizes:
+                        image = self.adapter.sample(
+                            pipe,
+                            embeds.to(device, dtype),
+                            negative,
+                            height=size[0],
+                            width=size[1],
+                            steps=v.num_inference_steps,
+                            guidance_scale=v.guidance_scale,
+                            generator=torch.Generator("cpu").manual_seed(seed),
+                        )
+                        path = self.out / image_name(step, i, seed, size if len(self.sizes) > 1 else None)
+                        image.save(path)
+                        paths.append(path)
+                        row.append(image)
+                    rows.append(row)
+        finally:
+            transformer.train(was_training)
+            pipe.register_modules(transformer=None)
+            pipe.vae.to("cpu")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        grid_path = self.out / f"step{step:06d}_grid.png"
+        grid(rows).save(grid_path)
+        paths.append(grid_path)
+        log.info(
+            "validation: %d images at step %d in %.1fs → %s", len(paths) - 1, step, time.perf_counter() - t0, self.out
+        )
+        return paths
+
+    def _load(self, device: torch.device) -> None:
+        """Load the pipeline without its transformer, embed the prompts once, and free the text encoder."""
+        m = self.cfg.model
+        with _no_loading_bars():
+            pipe = self.adapter.load_pipeline(
+                m.pretrained,
+                dtype=torch_dtype(m.dtype),
+                with_transformer=False,
+                revision=m.revision,
+                trust_remote_code=m.trust_remote_code,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        pipe.text_encoder.to(device)
+
+        def embed(prompt: str) -> torch.Tensor:  # one at a time: the exact computation `pipe(prompt=...)` does
+            e = self.adapter.encode_prompts(
+                pipe, [prompt], layers=m.text_encoder_layers, max_length=m.max_sequence_length
+            )
+            return e.cpu()
+
+        self._embeds = [embed(p) for p in self.prompts]
+        self._negative = embed("") if self.v.guidance_scale > 1 else None
+        pipe.register_modules(text_encoder=None, tokenizer=None)
+        pipe.vae.to("cpu")
+        self._pipe = pipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        listing = "".join(f"{i:02d}\t{self.v.seed + i}\t{p}\n" for i, p in enumerate(self.prompts))
+        (self.out / "prompts.txt").write_text(listing)  # index, seed, prompt of the image names
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """diffusers / transformers loading bars would break up the training progress bar."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in states:
+            if was:
+                lib.enable_progress_bar()
+
+
+def _sharded(accelerator: Any) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the whole transformer, so one process cannot sample alone."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        return getattr(plugin, "zero_stage", 0) == 3
+    return False

@@ -1,0 +1,90 @@
+"""Block shuffling of the cache (dataset.shuffle_window): a permutation that reads each Parquet row group once an
+epoch, a pure function of (row groups, seed, epoch), and a sampler that resumes mid-epoch exactly."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from flowtrain.data.cache import CacheDataset, ResumableSampler, block_permutation, resolve_shuffle_window
+from flowtrain.testing.synthetic import write_synthetic_cache
+
+GROUPS = [16, 16, 16, 16, 16, 7]  # a last, short row group as Parquet writes it
+
+
+def _group_of(row: int) -> int:
+    start = 0
+    for g, n in enumerate(GROUPS):
+        if row < start + n:
+            return g
+        start += n
+    raise AssertionError(row)
+
+
+def test_block_permutation_reads_each_row_group_in_one_window_only():
+    perm = block_permutation(GROUPS, seed=3, epoch=0, window=2).tolist()
+    assert sorted(perm) == list(range(sum(GROUPS)))  # a permutation of every row
+    # Cut the order into its windows (two row groups each): every group's rows all fall into one window.
+    windows, pos = [], 0
+    order = []
+    for r in perm:
+        if _group_of(r) not in order:
+            order.append(_group_of(r))
+    for i in range(0, len(order), 2):
+        size = sum(GROUPS[g] for g in order[i : i + 2])
+        windows.append({_group_of(r) for r in perm[pos : pos + size]})
+        pos += size
+    assert [w == set(order[i * 2 : i * 2 + 2]) for i, w in enumerate(windows)] == [True] * len(windows)
+    # Rows are shuffled within a window, not left in file order.
+    assert perm[: GROUPS[order[0]]] != sorted(perm[: GROUPS[order[0]]])
+
+
+def test_block_permutation_is_a_pure_function_of_seed_and_epoch():
+    a = block_permutation(GROUPS, seed=1, epoch=2, window=3)
+    assert torch.equal(a, block_permutation(GROUPS, seed=1, epoch=2, window=3))
+    assert not torch.equal(a, block_permutation(GROUPS, seed=1, epoch=3, window=3))
+    assert not torch.equal(a, block_permutation(GROUPS, seed=2, epoch=2, window=3))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_block_shuffled_sampler_resumes_exactly(world):
+    """Starting at (epoch, batch) yields exactly what an uninterrupted sampler yields from that batch on."""
+    n, bs = sum(GROUPS), 4
+    kw = {"seed": 5, "row_groups": GROUPS, "shuffle_window": 2, "world_size": world}
+    for rank in range(world):
+        straight = list(itertools.islice(ResumableSampler(n, bs, rank=rank, **kw), 60 * bs))
+        bpe = ResumableSampler(n, bs, rank=rank, **kw).batches_per_epoch
+        for epoch, batch in [(0, 3), (1, 0), (2, bpe - 1)]:
+            resumed = ResumableSampler(n, bs, rank=rank, start_epoch=epoch, start_batch=batch, **kw)
+            skip = (epoch * bpe + batch) * bs
+            assert list(itertools.islice(resumed, 8 * bs)) == straight[skip : skip + 8 * bs]
+
+
+def test_auto_window_keeps_global_shuffle_for_small_caches():
+    assert resolve_shuffle_window(None, num_row_groups=8, lru_row_groups=8) == 0  # fits the LRU: global
+    assert resolve_shuffle_window(None, num_row_groups=9, lru_row_groups=8) == 8
+    assert resolve_shuffle_window(3, num_row_groups=100, lru_row_groups=8) == 3
+    assert resolve_shuffle_window(0, num_row_groups=100, lru_row_groups=8) == 0
+
+
+def test_dataset_reports_its_row_groups_and_decodes_each_once_per_epoch(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c", 70, rows_per_shard=40)  # shards of 40 + 30 rows, 16-row groups
+    ds = CacheDataset(cache, lru_row_groups=2)
+    assert ds.row_group_sizes() == [16, 16, 8, 16, 14]
+    blocks = ds.shuffle_blocks(None)
+    assert blocks["shuffle_window"] == 2  # 5 groups > LRU of 2
+    sampler = ResumableSampler(len(ds), 5, seed=0, **blocks)
+    reads = []
+    original = ds._row_group
+
+    def counting(shard, rg):
+        if (shard, rg) not in ds._lru:
+            reads.append((shard, rg))
+        return original(shard, rg)
+
+    ds._row_group = counting
+    for i in itertools.islice(sampler, sampler.batches_per_epoch * 5):
+        ds[i]
+    assert len(reads) == len(set(reads)) == 5  # every row group decoded exactly once in the epoch

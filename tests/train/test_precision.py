@@ -1,0 +1,121 @@
+"""Mixed precision and gradient checkpointing: the config's precision rules, fp32 trainable weights on a bf16 base
+under bf16 autocast, fp16 with a GradScaler (CUDA only), and checkpointing that recomputes and gives the same grads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from flowtrain.config import FlowtrainConfig
+
+
+def _validate(**sections) -> FlowtrainConfig:
+    return FlowtrainConfig.model_validate({"model": {"pretrained": "x"}, **sections})
+
+
+def test_precision_rules():
+    assert _validate().train.mixed_precision == "bf16"  # auto follows model.dtype (bfloat16 by default)
+    assert _validate(model={"pretrained": "x", "dtype": "float32"}).train.mixed_precision == "no"
+    assert _validate(model={"pretrained": "x", "dtype": "float16"}).train.mixed_precision == "fp16"
+    assert _validate(train={"mixed_precision": "bf16"}, model={"pretrained": "x", "dtype": "float32"})
+    with pytest.raises(ValidationError) as exc:
+        _validate(train={"mixed_precision": "no"})
+    assert "model.dtype=bfloat16" in str(exc.value) and "train.mixed_precision=bf16" in str(exc.value)
+    with pytest.raises(ValidationError, match="train.mixed_precision=fp16"):
+        _validate(model={"pretrained": "x", "dtype": "float16"}, train={"mixed_precision": "bf16"})
+    # a full fine-tune keeps fp32 master weights whatever model.dtype says, so any autocast is fine
+    assert _validate(train_mode="full", train={"mixed_precision": "no"}).train.mixed_precision == "no"
+
+
+def test_config_error_names_both_keys_when_loaded_from_yaml(tmp_path):
+    from flowtrain.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pretrained: x\n  dtype: bfloat16\ntrain:\n  mixed_precision: 'no'\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "model.dtype" in str(exc.value) and "train.mixed_precision" in str(exc.value)
+
+
+def test_bf16_base_lora_trains_in_fp32_under_autocast(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
+    from flowtrain.testing.training import RecordingLoss, fresh_accelerator_state, train_config
+    from flowtrain.train.loop import train
+
+    RecordingLoss.calls.clear()
+    cfg = train_config(
+        tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", model={"dtype": "bfloat16"},
+        train={"max_steps": 2, "mixed_precision": "auto"}, loss={"name": "flowtrain.testing.training:RecordingLoss"},
+    )  # fmt: skip
+    assert cfg.train.mixed_precision == "bf16"
+    with fresh_accelerator_state():
+        result = train(cfg, progress=False)
+    assert all(c["autocast"] for c in RecordingLoss.calls) and len(RecordingLoss.calls) == 2
+    params = dict(result.transformer.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all("lora_" in n and params[n].dtype == torch.float32 for n in trainable)
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if n not in trainable)
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "trainable.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+
+
+def test_full_finetune_keeps_fp32_master_weights(tiny_pipeline_dir):
+    from flowtrain.models import get_adapter
+    from flowtrain.train.setup import build_transformer
+
+    cfg = _validate(model={"pretrained": str(tiny_pipeline_dir), "dtype": "bfloat16"}, train_mode="full")
+    transformer, lora_cfg = build_transformer(cfg, get_adapter("flux2_klein"))
+    assert lora_cfg is None
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in transformer.parameters())
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 autocast + GradScaler need CUDA (CPU runs fp16 as fp32)"
+)
+def test_fp16_uses_a_grad_scaler(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
+    from flowtrain.testing.training import fresh_accelerator_state, train_config
+    from flowtrain.train.loop import train
+
+    cfg = train_config(
+        tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", model={"dtype": "float16"},
+        train={"max_steps": 2, "mixed_precision": "fp16"},
+    )  # fmt: skip
+    with fresh_accelerator_state():
+        train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "scaler.pt").exists()
+    assert all(t.dtype == torch.float32 for t in load_file(str(ckpt / "trainable.safetensors")).values())
+
+
+def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
+    """On: every block's forward runs again in backward; the gradients equal those without checkpointing."""
+    from flowtrain.models import get_adapter
+    from flowtrain.train.setup import build_transformer
+
+    adapter = get_adapter("flux2_klein")
+    g = torch.Generator().manual_seed(0)
+    x, txt, sigma = torch.randn(2, 64, 16, generator=g), torch.randn(2, 32, 96, generator=g), torch.tensor([0.3, 0.7])
+    grads, calls = [], []
+    for on in (False, True):
+        cfg = _validate(
+            model={"pretrained": str(tiny_pipeline_dir), "dtype": "float32"},
+            train={"gradient_checkpointing": on}, lora={"rank": 4, "targets": "attention+ff"},
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformer, _ = build_transformer(cfg, adapter)
+        assert transformer.is_gradient_checkpointing is on
+        with torch.no_grad():  # non-zero B, so every LoRA matrix gets a gradient
+            for n, p in transformer.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        count = [0]
+        block = transformer.single_transformer_blocks[0]  # a pre-hook: recomputation may stop early
+        block.register_forward_pre_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
+        adapter.predict(transformer, x, sigma, txt, (8, 8)).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad})
+        calls.append(count[0])
+    assert calls == [1, 2]  # recomputed in backward only with checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
