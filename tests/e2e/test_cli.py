@@ -63,7 +63,8 @@ def test_lora_train_resume_sample_via_console_script(workdir, tiny_pipeline_dir)
     run = workdir / "runs" / "lora"
     flowtrain(*["train", "tiny.yaml", "--output_dir", "runs/lora", "--max_train_steps", "10", "--quiet"], cwd=workdir)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
-    flowtrain(*["train", "tiny.yaml", "--output_dir", "runs/lora", "--resume_from_checkpoint", "latest", "--quiet"], cwd=workdir)
+    resume = ["--resume_from_checkpoint", "latest"]
+    flowtrain(*["train", "tiny.yaml", "--output_dir", "runs/lora", *resume, "--quiet"], cwd=workdir)
     # keep_last=2 pruned the older ones; steps 1..20 logged once each
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
     assert [m["step"] for m in _metrics(run)] == list(range(1, 21))
