@@ -54,7 +54,7 @@ def test_block_shuffled_sampler_resumes_exactly(world):
     n, bs = sum(GROUPS), 4
     kw = {"seed": 5, "row_groups": GROUPS, "shuffle_window": 2, "world_size": world}
     for rank in range(world):
-        straight = list(itertools.islice(ResumableSampler(n, bs, rank=rank, **kw), 60 * bs))
+        straight = list(itertools.islice(ResumableSampler(n, bs, rank=rank, **kw), 100 * bs))
         bpe = ResumableSampler(n, bs, rank=rank, **kw).batches_per_epoch
         for epoch, batch in [(0, 3), (1, 0), (2, bpe - 1)]:
             resumed = ResumableSampler(n, bs, rank=rank, start_epoch=epoch, start_batch=batch, **kw)

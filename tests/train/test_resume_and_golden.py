@@ -6,23 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowtrain.config import FlowtrainConfig
-from flowtrain.testing.data import tiny_config_dict
+from flowtrain.testing.training import train_config as _cfg
 from flowtrain.train.loop import train
 
 # First losses of the tiny LoRA run (seed 0, lr 1e-3, batch 2, logit-normal σ, torch 2.13 CPU). They change only
 # when the numerics change: a refactor that is not meant to change numerics must keep them.
 GOLDEN = [1.678878, 1.59212, 1.60709, 1.641465]
-
-
-def _cfg(pipeline, cache, out, **kw) -> FlowtrainConfig:
-    d = tiny_config_dict(pipeline, cache, out)
-    for section, values in kw.items():
-        if isinstance(values, dict):
-            d.setdefault(section, {}).update(values)
-        else:
-            d[section] = values
-    return FlowtrainConfig.model_validate(d)
 
 
 def _final_weights(out) -> dict[str, torch.Tensor]:
