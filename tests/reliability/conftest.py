@@ -7,6 +7,7 @@ The tiny pipeline and cache come from the session fixtures in tests/conftest.py 
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,19 +59,36 @@ def rel_cfg(tiny_pipeline_dir, tiny_cache):
 
 @dataclass
 class Reference:
+    """An uninterrupted run that is started in the background (it overlaps with the runs it is compared with,
+    which saves a process start's worth of wall time); `wait()` before reading its output."""
+
     config: Path
     output_dir: Path
     max_steps: int
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def wait(self) -> Path:
+        if self.proc is not None:
+            rc = self.proc.wait(timeout=900)
+            self.proc = None
+            assert rc == 0, self.log.read_text()[-3000:]
+        return self.output_dir
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, tiny_pipeline_dir, tiny_cache) -> Reference:
+def reference_run(tmp_path_factory, tiny_pipeline_dir, tiny_cache):
     """One uninterrupted `flowtrain train` run of REFERENCE_STEPS steps, checkpointing every step."""
     from flowtrain.testing import killharness as kh
 
     root = tmp_path_factory.mktemp("reference")
     cfg = write_config(root / "cfg.yaml", tiny_pipeline_dir, tiny_cache[1], train={"max_steps": REFERENCE_STEPS})
-    out = root / "run"
-    rc = kh.run_once(kh.train_command(cfg, out, resume=False), kh.child_env(), root / "run.log")
-    assert rc == 0, (root / "run.log").read_text()[-3000:]
-    return Reference(cfg, out, REFERENCE_STEPS)
+    out, log = root / "run", root / "run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(kh.train_command(cfg, out, resume=False), env=kh.child_env(), stdout=fh,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    ref = Reference(cfg, out, REFERENCE_STEPS, proc, log)
+    yield ref
+    if ref.proc is not None:
+        ref.proc.kill()
+        ref.proc.wait()

@@ -29,7 +29,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference_run, tmp_pa
             assert k.write_step == k.latest_after + 1, k
         assert k.latest_after >= k.latest_before  # and no complete checkpoint was lost
 
-    ref = reference_run.output_dir
+    ref = reference_run.wait()
     # Loss sequence: every step logged exactly once, with the same loss / lr / grad norm to the last bit.
     got, want = kh.loss_sequence(out), kh.loss_sequence(ref)
     assert [s for s, *_ in got] == list(range(1, reference_run.max_steps + 1))

@@ -56,8 +56,9 @@ def test_sigterm_writes_checkpoint_exits_75_and_resume_is_exact(reference_run, t
     rc = kh.run_once(kh.train_command(reference_run.config, out, ["checkpoint.every_steps=null"]), kh.child_env(),
                      tmp_path / "resume.log")  # fmt: skip
     assert rc == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert kh.loss_sequence(out) == kh.loss_sequence(reference_run.output_dir)
-    a, b = kh.final_weights(out), kh.final_weights(reference_run.output_dir)
+    ref = reference_run.wait()
+    assert kh.loss_sequence(out) == kh.loss_sequence(ref)
+    a, b = kh.final_weights(out), kh.final_weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
