@@ -14,6 +14,7 @@ from flowtrain.models.flux2_klein import (
     latent_ids,
     pack,
     patchify,
+    resize_to_cover,
     text_ids,
     training_latents,
     unpack,
@@ -66,6 +67,7 @@ def test_packed_latents_equal_pipeline_image_path(pipe, cache_rows):
     moments = torch.stack([ds[i]["latent_moments"] for i in range(len(ds))])
     ours, h, w = training_latents(moments, *stats)
     for i, im in enumerate(images):
+        im = resize_to_cover(im, TINY_RES)  # our one step before the pipeline's processor (see its docstring)
         pixels = pipe.image_processor.preprocess(im, height=TINY_RES, width=TINY_RES, resize_mode="crop")
         ref = pipe._pack_latents(pipe._encode_vae_image(pixels, generator=None))
         assert (ours[i : i + 1] - ref).abs().max().item() <= 1e-5
@@ -150,3 +152,21 @@ def test_step_loss_equals_reference_against_diffusers_components(tiny_pipeline_d
         ref = ((pred.float() - (noise - x0).float()) ** 2).mean()
     assert abs(ours.item() - ref.item()) <= 1e-6
     assert ours.item() > 0.1  # a real loss, not a degenerate zero
+
+
+def test_precompute_scales_images_rather_than_cropping_a_corner(pipe):
+    """A 64×96 image at resolution 32 keeps its whole content (scaled 2×), minus the long side's excess;
+    the pipeline's crop-only processor alone would keep the central 32×32 pixels."""
+    import numpy as np
+
+    from flowtrain.models import get_adapter
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    ours = get_adapter("flux2_klein").preprocess_images(pipe, [big], resolution=TINY_RES)
+    scaled = big.resize((48, 32), Image.Resampling.LANCZOS).crop((8, 0, 40, 32))
+    expected = torch.from_numpy(np.asarray(scaled)).permute(2, 0, 1).float() / 127.5 - 1
+    assert ours.shape == (1, 3, TINY_RES, TINY_RES)
+    assert (ours[0] - expected).abs().max().item() < 1e-5
+    small = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    assert resize_to_cover(small, TINY_RES).size == (38, 32)  # upscaled to cover, never padded with black

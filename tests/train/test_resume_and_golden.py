@@ -11,7 +11,7 @@ from flowtrain.train.loop import train
 
 # First losses of the tiny LoRA run (seed 0, lr 1e-3, batch 2, logit-normal σ, torch 2.13 CPU). They change only
 # when the numerics change: a refactor that is not meant to change numerics must keep them.
-GOLDEN = [1.678878, 1.59212, 1.60709, 1.641465]
+GOLDEN = [1.668452, 1.57211, 1.612449, 1.629254]
 
 
 def _final_weights(out) -> dict[str, torch.Tensor]:

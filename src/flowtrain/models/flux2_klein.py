@@ -168,13 +168,16 @@ class Flux2KleinAdapter:
         return embeds
 
     def preprocess_images(self, pipe: Any, images: list, *, resolution: int) -> torch.Tensor:
-        """PIL RGB images → (B, 3, res, res) in [-1, 1]: the pipeline's processor (resize to cover, centre-crop)."""
+        """PIL RGB images → (B, 3, res, res) in [-1, 1]: resize to cover res×res, then the pipeline's processor
+        (centre-crop to exactly res×res and normalise)."""
         multiple = pipe.vae_scale_factor * 2
         if resolution % multiple:
             raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
         return torch.cat(
             [
-                pipe.image_processor.preprocess(im, height=resolution, width=resolution, resize_mode="crop")
+                pipe.image_processor.preprocess(
+                    resize_to_cover(im, resolution), height=resolution, width=resolution, resize_mode="crop"
+                )
                 for im in images
             ]
         )
@@ -313,6 +316,22 @@ def check_model_path(path: str, key: str, need: str | None = None) -> None:
             f"{key}={path!r} is not a diffusers pipeline folder ({need} is missing); point it at the folder that "
             "holds model_index.json"
         )
+
+
+def resize_to_cover(image: Any, size: int) -> Any:
+    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size`.
+
+    `Flux2ImageProcessor`'s "crop" mode only centre-crops — it never scales — so a 1024 px photo cached at 512 would
+    keep its middle quarter, and a smaller one would be padded with black. Scaling first makes the crop remove only
+    the long side's excess.
+    """
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    if scale == 1.0:
+        return image
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
 
 
 def warn_if_distilled(config: Any) -> None:
