@@ -52,9 +52,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see overhead.py; 0: torch's default)")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fx = common.fixture(args.model)
     # JSONL tracking only: each variant runs in this process, and the measure is the loader's share of the step.
     base = common.train_config(fx, str(common.bench_dir() / "data-wait"), max_steps=args.steps)
@@ -74,6 +79,7 @@ def main() -> None:
             "data_wait_frac": common.median([w for w, _ in res]),
             "step_ms": common.median([s for _, s in res]) * 1e3,
             "runs": len(res),
+            "threads": torch.get_num_threads(),
         }
         for name, res in results.items()
     ]

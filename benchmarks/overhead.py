@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +27,13 @@ import bare  # noqa: E402
 import common  # noqa: E402
 
 _RUN = 0
-DEFAULTS = {"tiny": {"steps": 60, "warmup": 10, "reps": 5}, "bench70m": {"steps": 7, "warmup": 2, "reps": 3}}
+# threads: torch intra-op threads for both sides. The tiny model runs on 1: on this 2-vCPU VM, waking OpenMP's
+# second thread costs up to ~8 ms per parallel region (the idle vCPU sleeps in the hypervisor), which makes a tiny
+# step 10-50× slower and depend on whatever other threads the process has: noise, not framework overhead.
+DEFAULTS = {
+    "tiny": {"steps": 60, "warmup": 10, "reps": 5, "threads": 1},
+    "bench70m": {"steps": 7, "warmup": 2, "reps": 3, "threads": 0},
+}
 
 
 def flowtrain_run(cfg_dict: dict, warmup: int) -> tuple[float, float]:
@@ -50,8 +57,12 @@ def bare_run(cfg_dict: dict, steps: int, warmup: int) -> float:
     return common.median(bare.run(s, steps)[warmup:])
 
 
-def measure(name: str, steps: int, warmup: int, reps: int, overrides: dict) -> dict:
+def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrides: dict) -> dict:
+    import torch
+
     fx = common.fixture(name)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
     cfg = common.train_config(fx, common.bench_dir() / f"overhead-{name}", max_steps=steps)
     for key, value in overrides.items():
         section, _, field = key.partition(".")
@@ -65,6 +76,8 @@ def measure(name: str, steps: int, warmup: int, reps: int, overrides: dict) -> d
 
     res = common.interleave({"bare": lambda: bare_run(cfg, steps, warmup), "flowtrain": ft}, reps)
     b, f = common.median(res["bare"]), common.median(res["flowtrain"])
+    used = torch.get_num_threads()
+    torch.set_num_threads(default_threads)
     print(f"{name}: bare {[round(x * 1e3, 2) for x in res['bare']]} ms, "
           f"flowtrain {[round(x * 1e3, 2) for x in res['flowtrain']]} ms")  # fmt: skip
     return {
@@ -73,6 +86,7 @@ def measure(name: str, steps: int, warmup: int, reps: int, overrides: dict) -> d
         "flowtrain_ms": f * 1e3,
         "ratio": f / b,
         "data_wait": common.median(waits),
+        "threads": used,
         "steps×reps": f"{steps}×{reps}",
     }
 
@@ -83,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="steps per run (default: tiny 60, bench70m 7)")
     p.add_argument("--warmup", type=int, help="steps left out of each run's median (default: tiny 10, bench70m 2)")
     p.add_argument("--reps", type=int, help="interleaved repetitions (default: tiny 5, bench70m 3)")
+    p.add_argument("--threads", type=int, help="torch threads, both sides (default: tiny 1, bench70m torch's)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON",
                    help="config overrides for the flowtrain side, e.g. tracking.report_to='[\"jsonl\"]'")  # fmt: skip
     args = p.parse_args()
@@ -90,14 +105,19 @@ def main() -> None:
     import json
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    names = ["tiny", "bench70m"] if args.model == "all" else [args.model]
-    rows = []
-    for name in names:
-        d = DEFAULTS[name]
-        rows.append(
-            measure(name, args.steps or d["steps"], args.warmup or d["warmup"], args.reps or d["reps"], overrides)
-        )
-    common.report("overhead (flowtrain / bare step time)", rows, {"command": " ".join(sys.argv), "set": overrides})
+    if args.model == "all":  # one process per model: accelerate's state (e.g. mixed precision) is per process
+        rest = sys.argv[1:]
+        if "--model" in rest:
+            i = rest.index("--model")
+            rest = rest[:i] + rest[i + 2 :]
+        for name in DEFAULTS:
+            subprocess.run([sys.executable, __file__, "--model", name, *rest], check=True)
+        return
+    d = DEFAULTS[args.model]
+    threads = d["threads"] if args.threads is None else args.threads
+    steps, warmup, reps = args.steps or d["steps"], args.warmup or d["warmup"], args.reps or d["reps"]
+    row = measure(args.model, steps, warmup, reps, threads, overrides)
+    common.report("overhead (flowtrain / bare step time)", [row], {"command": " ".join(sys.argv), "set": overrides})
 
 
 if __name__ == "__main__":

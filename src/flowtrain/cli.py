@@ -178,6 +178,11 @@ def cmd_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # Set before torch loads OpenMP (nothing above imports torch). With GNU OpenMP's default spin-waiting, torch's
+    # threads slow down 10-50× whenever another process competes for the cores (measured on a shared 2-core VM:
+    # 80 ms → 1.5-6.5 s per demo training step); sleeping waiters stay within ~2× of the quiet speed. A newcomer's
+    # first command should not depend on the machine being idle. The user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from flowtrain.demo.run import run_demo, summary
 
     rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)

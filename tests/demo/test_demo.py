@@ -100,9 +100,17 @@ def test_demo_config_errors_fail_before_any_work(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_demo_meets_its_adherence_target(tmp_path):
-    """The default `make demo` (minutes on 2 cores). Time is reported, not asserted: see benchmarks/demo.py."""
-    from flowtrain.demo.run import run_demo
+    """The default `make demo` (minutes on 2 cores), in its own process as `make demo` runs it: the CLI sets
+    OMP_WAIT_POLICY before torch loads, which an in-process run could not. Time is reported, not asserted (see
+    benchmarks/demo.py)."""
+    import os
+    import subprocess
+    import sys
 
-    rep = run_demo(out=tmp_path / "demo", progress=False)
-    _check_run(tmp_path / "demo", per_digit=rep["samples"]["per_digit"], mlflow=True)
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    subprocess.run([sys.executable, "-m", "flowtrain", "demo", "--out", str(out), "--quiet"], env=env, check=True)
+    rep = json.loads((out / "demo_report.json").read_text())
+    _check_run(out, per_digit=rep["samples"]["per_digit"], mlflow=True)
+    assert rep["omp_wait_policy"] == "PASSIVE"
     assert rep["prompt_adherence"] >= 0.9, rep["per_digit_adherence"]

@@ -62,11 +62,22 @@ def test_block_shuffled_sampler_resumes_exactly(world):
             assert list(itertools.islice(resumed, 8 * bs)) == straight[skip : skip + 8 * bs]
 
 
-def test_auto_window_keeps_global_shuffle_for_small_caches():
-    assert resolve_shuffle_window(None, num_row_groups=8, lru_row_groups=8) == 0  # fits the LRU: global
-    assert resolve_shuffle_window(None, num_row_groups=9, lru_row_groups=8) == 8
-    assert resolve_shuffle_window(3, num_row_groups=100, lru_row_groups=8) == 3
-    assert resolve_shuffle_window(0, num_row_groups=100, lru_row_groups=8) == 0
+def test_auto_window_keeps_global_shuffle_where_it_costs_nothing():
+    assert resolve_shuffle_window(None, [16] * 8, lru_row_groups=8) == 0  # the whole cache fits the LRU
+    assert resolve_shuffle_window(None, [16] * 9, lru_row_groups=8) == 8
+    assert resolve_shuffle_window(None, [1] * 500, lru_row_groups=8) == 0  # Klein rows: a group per row
+    assert resolve_shuffle_window(3, [16] * 100, lru_row_groups=8) == 3
+    assert resolve_shuffle_window(0, [16] * 100, lru_row_groups=8) == 0
+
+
+def test_precompute_gives_large_rows_row_groups_of_their_own():
+    import pyarrow as pa
+
+    from flowtrain.data.precompute import rows_per_group
+
+    klein = pa.table({"t": pa.array([b"x" * (8 * 2**20)] * 3, pa.binary())})  # ~8 MiB a row, like Klein-4B
+    small = pa.table({"t": pa.array([b"x" * 30_000] * 40, pa.binary())})
+    assert rows_per_group(klein) == 1 and rows_per_group(small) == 16
 
 
 def test_dataset_reports_its_row_groups_and_decodes_each_once_per_epoch(tmp_path):

@@ -48,9 +48,11 @@ class AEDataConfig(Section):
     raw_dir: str | None = Field(None, description="Raw shards written by `flowtrain prepare`.")
     resolution: int = Field(256, gt=0, description="Square training size (resize to cover, centre crop).")
     cache_decoded: bool = Field(
-        True, description="Keep decoded images in memory after the first epoch (small data sets: much faster)."
+        False,
+        description="Keep decoded images in memory after first use: much faster for small data sets, but costs "
+        "N·3·R²·4 bytes (1,000 images at 256 px: 0.8 GB).",
     )
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding images (0: in the training process).")
 
 
 class AELossConfig(Section):

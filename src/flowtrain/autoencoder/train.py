@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from flowtrain.autoencoder.config import AEModelConfig, AutoencoderConfig, dump_autoencoder_config
@@ -137,16 +138,20 @@ def _optimise(
     params = [p for _, p in named]
     optimizer = build_optimizer(named, cfg.optimizer, cfg.train.learning_rate)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.train.max_steps)
-    batches = _batches(
+    index_batches = _batches(
         len(dataset), min(cfg.train.batch_size, len(dataset)), torch.Generator().manual_seed(cfg.train.seed)
     )
+    # Index batches are drawn in this process (so the order does not depend on num_workers); workers decode.
+    workers = cfg.data.num_workers
+    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=workers, persistent_workers=workers > 0)
+    batches = iter(loader)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
     bf16 = cfg.train.mixed_precision == "bf16"
     bar = tqdm(total=cfg.train.max_steps, desc="autoencoder", unit="step", disable=not progress, dynamic_ncols=True)
     acc = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
     n_acc, t_last = 0, time.perf_counter()
     for step in range(cfg.train.max_steps):
-        pixels = torch.stack([dataset[i] for i in next(batches)]).to(device)
+        pixels = next(batches).to(device)
         beta = kl_beta(step, cfg.loss.kl_weight, cfg.loss.kl_warmup_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             posterior = vae.encode(pixels).latent_dist

@@ -44,8 +44,8 @@ class DatasetConfig(Section):
         ge=0,
         description="Shuffle by Parquet row groups: groups in random order, rows shuffled within windows of this many "
         "groups, so each group is decoded once an epoch. 0: one global permutation (a random row group per row: "
-        "slow for large rows once the cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 "
-        "row groups, else 8.",
+        "slow once the cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 row groups or "
+        "its row groups hold at most 2 rows (Klein-sized rows), else 8.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 reads in the main process.")
     pin_memory: bool = Field(True, description="Pinned host memory for batches (CUDA only).")

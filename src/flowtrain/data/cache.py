@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -69,6 +70,7 @@ class CacheDataset(Dataset):
         self._lru_size = lru_row_groups
         self._pf: dict[int, pq.ParquetFile] = {}
         self._rg_starts: dict[int, list[int]] = {}
+        self._columns: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
         return self._len
@@ -88,7 +90,7 @@ class CacheDataset(Dataset):
         sizes = self.row_group_sizes()
         return {
             "row_groups": sizes,
-            "shuffle_window": resolve_shuffle_window(shuffle_window, len(sizes), self._lru_size),
+            "shuffle_window": resolve_shuffle_window(shuffle_window, sizes, self._lru_size),
         }
 
     def _group_rows(self, shard: int) -> list[int]:
@@ -123,8 +125,8 @@ class CacheDataset(Dataset):
     def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor]) -> None:
         """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
         for col, t in data.items():
-            if t.is_floating_point() and bool(torch.isfinite(t.sum())):
-                continue  # one reduction (~20× cheaper than isfinite): any NaN/inf makes the sum non-finite
+            if _all_finite(t):
+                continue
             bad = ~torch.isfinite(t.flatten(1)).all(dim=1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
@@ -151,6 +153,9 @@ class CacheDataset(Dataset):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
             self._pf[shard], self._rg_starts[shard] = pf, starts
+            self._columns[shard] = ["latent_moments", "text_embeds"] + (
+                [LOSS_MASK] if LOSS_MASK in pf.schema_arrow.names else []  # schema_arrow is rebuilt on every access
+            )
         return self._pf[shard]
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor]:
@@ -159,8 +164,8 @@ class CacheDataset(Dataset):
             self._lru.move_to_end(key)
             return self._lru[key]
         pf = self._file(shard)
-        has_mask = LOSS_MASK in pf.schema_arrow.names
-        table = pf.read_row_group(rg, columns=["latent_moments", "text_embeds"] + ([LOSS_MASK] if has_mask else []))
+        has_mask = LOSS_MASK in self._columns[shard]
+        table = pf.read_row_group(rg, columns=self._columns[shard])
         data = {
             # Shared with Arrow, not copied: rows are only ever copied out (collate stacks them).
             "latent_moments": column_to_tensor(table.column("latent_moments"), self.latent_dtype, copy=False),
@@ -195,6 +200,22 @@ class CacheDataset(Dataset):
         if LOSS_MASK in data:
             row[LOSS_MASK] = data[LOSS_MASK][i]
         return row
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether a row group's tensor holds no NaN/inf: the fast screen before the per-row check.
+
+    Large tensors: one multi-threaded sum (NaN/inf anywhere makes it non-finite; a finite overflow only sends us to
+    the exact check) — ~15× cheaper than `isfinite` on a Klein row group. Small ones: numpy, single-threaded, since
+    waking torch's intra-op threads costs more than the check itself.
+    """
+    if not t.is_floating_point():
+        return True
+    if t.numel() >= 1 << 20:
+        return bool(torch.isfinite(t.sum()))
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: inf and NaN are the patterns with every exponent bit set
+        return not bool(((t.view(torch.int16).numpy() & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(t.numpy()).all())
 
 
 # Optional per-row loss weights: a float column (per-sample weight) or a float32 fixed-shape tensor column of the
@@ -255,12 +276,15 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
     return torch.cat(parts)
 
 
-def resolve_shuffle_window(configured: int | None, num_row_groups: int, lru_row_groups: int) -> int:
+def resolve_shuffle_window(configured: int | None, row_groups: Sequence[int], lru_row_groups: int) -> int:
     """`dataset.shuffle_window`: None (auto) → 0 (one global permutation) when every row group fits in the
-    reader's LRU, else a window of as many row groups as the LRU holds."""
+    reader's LRU or row groups hold at most 2 rows (Klein-sized rows: a row's read is its group's read), else a
+    window of as many row groups as the LRU holds."""
     if configured is not None:
         return configured
-    return 0 if num_row_groups <= lru_row_groups else lru_row_groups
+    if len(row_groups) <= lru_row_groups or max(row_groups, default=0) <= 2:
+        return 0
+    return lru_row_groups
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

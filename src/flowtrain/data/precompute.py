@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,21 @@ def _decode(rows: dict[str, list]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in rows["image"]]
 
 
+ROW_GROUP_BYTES = 8 * 2**20  # target decoded size of a row group
+MAX_ROWS_PER_GROUP = 16
+
+
+def rows_per_group(table: pa.Table) -> int:
+    """Rows per Parquet row group: up to 16, at most ~8 MiB decoded. The reader decodes a whole row group to get
+    one row, so a Klein-4B row (~8 MiB: a 7.5 MiB bf16 text embedding) gets a row group of its own and random
+    access costs no more than the row itself (benchmarks/loader.py); small rows keep 16 to a group."""
+    row_bytes = table.nbytes / max(table.num_rows, 1)
+    return int(max(1, min(MAX_ROWS_PER_GROUP, ROW_GROUP_BYTES // max(row_bytes, 1))))
+
+
 def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
-    # Small row groups keep random access cheap for large rows (a Klein-4B text embedding is ~7.5 MiB in bf16).
-    pq.write_table(table, tmp, compression="zstd", row_group_size=16)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group(table))
     tmp.replace(path)
 
 
@@ -133,8 +144,11 @@ def precompute(
     bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
     shards: list[dict] = []
     t0 = time.perf_counter()
-    # Decoding/resizing the next batch on a thread overlaps PIL work with the encoders (both release the GIL).
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # Decoding/resizing the next batch on a thread overlaps PIL work with the encoders (both release the GIL) when
+    # they run on an accelerator. On CPU the encoders already use every core, and the thread only preempts their
+    # intra-op threads: inline is ~25% faster there (benchmarks/precompute.py).
+    overlap = torch.device(device).type != "cpu"
+    with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
             table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
             for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
@@ -151,6 +165,24 @@ def precompute(
     manifest = _manifest(out, settings, fingerprint, latent_mean, latent_std, shards, raw_dir)
     log.info("precompute: %d rows in %.1fs → %s", manifest["num_rows"], time.perf_counter() - t0, out)
     return manifest
+
+
+class _Inline:
+    """The `ThreadPoolExecutor` interface, running each task at once in the calling thread."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # raised by .result(), where the thread pool would raise it too
+            future.set_exception(e)
+        return future
 
 
 def _encode_shard(part: pa.Table, path: Path, adapter, pipe, encode_text, settings, batch_size, pool, bar) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flowtrain.config.schema import Section
 from flowtrain.models.klein_scratch import ScratchPipelineConfig
@@ -23,12 +23,19 @@ class DemoDataConfig(Section):
     seed: int = 0
     caption_template: str = Field("a handwritten digit {name}", description="`{name}` → zero..nine, `{digit}` → 0..9.")
 
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"image_size must be a multiple of 8 (8×8 digits upscaled by replication), got {v}")
+        return v
+
 
 class DemoSampleConfig(Section):
-    per_digit: int = Field(10, gt=0, description="Images generated per digit prompt.")
+    per_digit: int = Field(20, gt=0, description="Images generated per digit prompt.")
     steps: int = Field(20, gt=0, description="Euler steps of the flow-matching sampler.")
     guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance with the empty prompt; ≤ 1 off.")
-    batch_size: int = Field(100, gt=0, description="Images per pipeline call.")
+    batch_size: int = Field(200, gt=0, description="Images per pipeline call.")
     seed: int = 1234
     cell_scale: int = Field(4, gt=0, description="Nearest-neighbour upscaling of each image in samples.png.")
 

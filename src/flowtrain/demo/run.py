@@ -17,6 +17,7 @@ samples.png, loss_curve.png, demo_report.json. The stage folders are replaced on
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -166,7 +167,7 @@ def run_demo(
         ae = train_autoencoder(ae_cfg, progress=progress)
 
     with stage("precompute", "assemble the Klein pipeline, encode latents + captions once"):
-        assemble_pipeline(paths["pipeline"], ae.vae_dir, cfg.pipeline)
+        assemble_pipeline(paths["pipeline"], ae.vae_dir, cfg.pipeline, train_cfg.model.text_encoder_layers)
         check_prompts_distinct(paths["pipeline"], prompts, train_cfg.model.max_sequence_length)
         settings = PrecomputeSettings(
             model=str(paths["pipeline"]),
@@ -261,6 +262,7 @@ def run_demo(
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # `flowtrain demo` sets PASSIVE (see docs/demo.md)
         "config": str(config),
         "paths": {
             "samples": str(out / "samples.png"),

@@ -15,6 +15,7 @@ Qwen3ForCausalLM folder via `text_encoder.pretrained` (e.g. a real Qwen3 checkpo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -67,8 +68,7 @@ class ScratchPipelineConfig(Section):
     transformer: TransformerArchConfig = Field(default_factory=TransformerArchConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    text_encoder_layers: list[int] = Field(default_factory=lambda: [9, 18, 27], min_length=1)
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the random init (transformer, tiny text encoder).")
 
 
 def _text_encoder(cfg: TextEncoderConfig):
@@ -83,8 +83,14 @@ def _text_encoder(cfg: TextEncoderConfig):
     return tokenizer, build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers)
 
 
-def assemble_pipeline(out: str | Path, vae_dir: str | Path, cfg: ScratchPipelineConfig) -> Path:
-    """Write a `Flux2KleinPipeline` folder at `out` with the VAE from `vae_dir` and a fresh random transformer."""
+def assemble_pipeline(
+    out: str | Path, vae_dir: str | Path, cfg: ScratchPipelineConfig, text_encoder_layers: Sequence[int] = (9, 18, 27)
+) -> Path:
+    """Write a `Flux2KleinPipeline` folder at `out` with the VAE from `vae_dir` and a fresh random transformer.
+
+    `text_encoder_layers`: the hidden states the prompt embedding stacks (the training config's
+    `model.text_encoder_layers`); their count sets the transformer's text width.
+    """
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -98,8 +104,8 @@ def assemble_pipeline(out: str | Path, vae_dir: str | Path, cfg: ScratchPipeline
     vae = AutoencoderKLFlux2.from_pretrained(vae_path, subfolder=sub, dtype=torch.float32, use_safetensors=True)
     tokenizer, text_encoder = _text_encoder(cfg.text_encoder)
     n_layers = text_encoder.config.num_hidden_layers
-    if max(cfg.text_encoder_layers) > n_layers or min(cfg.text_encoder_layers) < 0:
-        raise ValueError(f"text_encoder_layers {cfg.text_encoder_layers} out of range for {n_layers} hidden layers")
+    if not text_encoder_layers or max(text_encoder_layers) > n_layers or min(text_encoder_layers) < 0:
+        raise ValueError(f"text_encoder_layers {list(text_encoder_layers)} out of range for {n_layers} hidden layers")
     arch = cfg.transformer
     transformer = Flux2Transformer2DModel(
         patch_size=1,
@@ -108,7 +114,7 @@ def assemble_pipeline(out: str | Path, vae_dir: str | Path, cfg: ScratchPipeline
         num_single_layers=arch.num_single_layers,
         attention_head_dim=arch.attention_head_dim,
         num_attention_heads=arch.num_attention_heads,
-        joint_attention_dim=len(cfg.text_encoder_layers) * text_encoder.config.hidden_size,
+        joint_attention_dim=len(text_encoder_layers) * text_encoder.config.hidden_size,
         timestep_guidance_channels=arch.timestep_guidance_channels,
         mlp_ratio=arch.mlp_ratio,
         axes_dims_rope=tuple(arch.axes_dims_rope),

@@ -1,0 +1,140 @@
+"""Speed options that must stay on by default: fused optimizer kernels, pinned memory and prefetching in the
+loader, batches kept in the cache's storage dtype until they reach the device, cached position ids."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from flowtrain.config import FlowtrainConfig
+from flowtrain.config.schema import OptimizerConfig
+from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
+from flowtrain.testing.data import tiny_config_dict
+from flowtrain.testing.synthetic import write_synthetic_cache
+from flowtrain.train.optim import build_optimizer
+from flowtrain.train.perf import BatchPrefetcher, batch_iterator, build_loader, optimizer_kwargs, optimizer_step_fn
+
+
+def _params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+
+
+def test_fused_kernels_by_default_where_torch_has_them():
+    assert optimizer_kwargs(_params()) == {"fused": True}  # torch ships fused Adam/AdamW/SGD for CPU
+    for name in ("adamw", "adam", "sgd"):
+        assert build_optimizer(_params(), OptimizerConfig(name=name), 1e-3).defaults["fused"] is True, name
+    assert optimizer_kwargs(_params(), "foreach") == {"foreach": True}
+    assert optimizer_kwargs(_params(), "for_loop") == {"foreach": False}
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]  # no fused kernels there: foreach
+    assert optimizer_kwargs(meta) == {"foreach": True}
+    with pytest.raises(ValueError, match="implementation"):
+        optimizer_kwargs(_params(), "fast")
+
+
+def test_plain_accelerate_setups_step_the_torch_optimizer_directly():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    params = _params()
+    opt = accelerator.prepare(torch.optim.AdamW(params, lr=0.1, fused=True))
+    step = optimizer_step_fn(opt, accelerator)
+    assert step == opt.optimizer.step  # no AcceleratedOptimizer indirection on the hot path
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = params[0].detach().clone()
+    step()
+    assert not torch.equal(before, params[0])
+
+
+def _dataset_and_sampler(cache, batch=2):
+    ds = CacheDataset(cache)
+    return ds, ResumableSampler(len(ds), batch, seed=0, **ds.shuffle_blocks(None))
+
+
+def test_loader_pins_memory_for_cuda_and_prefetches_with_workers(tiny_cache):
+    ds, sampler = _dataset_and_sampler(tiny_cache[1])
+    kw = {"batch_size": 2, "collate_fn": collate, "pin_memory": True, "prefetch_factor": 3}
+    cuda = build_loader(ds, sampler, num_workers=2, device=torch.device("cuda"), **kw)  # not iterated: no GPU needed
+    assert cuda.pin_memory and cuda.prefetch_factor == 3 and cuda.persistent_workers and cuda.num_workers == 2
+    cpu = build_loader(ds, sampler, num_workers=0, device=torch.device("cpu"), **kw)
+    assert not cpu.pin_memory and cpu.prefetch_factor is None  # pinning buys nothing on CPU
+
+
+def test_train_loop_uses_the_prefetch_thread_by_default(tiny_pipeline_dir, tiny_cache, tmp_path):
+    cfg = FlowtrainConfig.model_validate(tiny_config_dict(tiny_pipeline_dir, tiny_cache[1], tmp_path / "r"))
+    assert cfg.dataset.prefetch and cfg.dataset.num_workers == 0 and cfg.optimizer.implementation == "auto"
+    ds, sampler = _dataset_and_sampler(tiny_cache[1])
+    loader = build_loader(ds, sampler, batch_size=2, collate_fn=collate, num_workers=0, pin_memory=True,
+                          prefetch_factor=2, device=torch.device("cpu"))  # fmt: skip
+    batches = batch_iterator(loader, prefetch=True, depth=2)
+    assert isinstance(batches, BatchPrefetcher)
+    direct = iter(loader)
+    for _ in range(6):  # same batches, same order as reading the loader directly
+        a, b = next(batches), next(direct)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    batches.close()
+    assert not batches._thread.is_alive()
+
+
+def test_prefetcher_reraises_errors_at_the_batch_that_failed():
+    def source():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    it = BatchPrefetcher(source(), depth=4)
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+
+
+def test_prefetcher_close_does_not_hang_on_an_endless_source():
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    it = BatchPrefetcher(endless(), depth=1)
+    assert next(it) == 0
+    it.close()
+    assert not it._thread.is_alive()
+    assert it._thread not in threading.enumerate()
+
+
+def test_rows_stay_bf16_until_the_device_and_workers_collate_into_shared_memory(tmp_path):
+    from flowtrain.models import get_adapter
+    from flowtrain.train.step import make_inputs
+
+    cache = write_synthetic_cache(tmp_path / "c", 12, text_shape=(6, 12), text_dtype="bfloat16")
+    ds, sampler = _dataset_and_sampler(cache, batch=3)
+    assert ds[0]["text_embeds"].dtype == torch.bfloat16  # half the bytes to collate, pin and copy
+    kw = {
+        "batch_size": 3,
+        "collate_fn": collate,
+        "pin_memory": True,
+        "prefetch_factor": 2,
+        "device": torch.device("cpu"),
+    }
+    in_process = iter(build_loader(ds, sampler, num_workers=0, **kw))
+    worker = iter(build_loader(ds, sampler, num_workers=1, **kw))
+    for _ in range(3):
+        a, b = next(in_process), next(worker)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert b["text_embeds"].is_shared()  # stacked straight into shared memory in the worker
+    cfg = FlowtrainConfig.model_validate(tiny_config_dict("unused", cache, tmp_path / "o"))
+    stats = (torch.zeros(16), torch.ones(16))  # 4C for moments of 2C = 8 channels
+    inputs = make_inputs(a, cfg, get_adapter("flux2_klein"), stats, None, torch.Generator().manual_seed(0),
+                         torch.device("cpu"))  # fmt: skip
+    assert inputs.text_embeds.dtype == torch.float32
+    assert torch.equal(inputs.text_embeds, a["text_embeds"].float())
+
+
+def test_position_ids_are_built_once_per_shape():
+    from flowtrain.models.flux2_klein import _position_ids, latent_ids, text_ids
+
+    a = _position_ids(2, 4, 6, 9, torch.device("cpu"))
+    assert a[0] is _position_ids(2, 4, 6, 9, torch.device("cpu"))[0]
+    assert torch.equal(a[0], latent_ids(2, 4, 6)) and torch.equal(a[1], text_ids(2, 9))
