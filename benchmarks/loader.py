@@ -1,17 +1,19 @@
 """Cache loader: samples/s through flowtrain's real DataLoader (CacheDataset + ResumableSampler + collate, workers
-0/1/2) vs the raw read of the same bytes (pyarrow: every row group, `to_numpy`, no torch).
+0/1/2) vs the raw read of the same bytes (pyarrow: every row group in file order, `to_numpy`, no torch).
 
 Caches are synthetic but written by precompute's own writer (same compression and row groups) with real shapes:
-  klein4b  latent moments 128×32×32 float32 + text 512×7680 bfloat16 (Klein-4B at 512 px) — ~8 MiB a row
-  tiny     latent moments 8×16×16 float32 + text 32×96 float32 (the test suite's tiny pipeline)
+  klein4b       latent moments 128×32×32 float32 + text 512×7680 bfloat16 (Klein-4B at 512 px), ~8 MiB a row
+  klein4b-rg16  the same rows in the earlier layout of 16 rows per row group
+  tiny          latent moments 8×16×16 float32 + text 32×96 float32 (the test suite's tiny pipeline)
 Values are Gaussian: zstd gains ~4% on them; real embeddings may compress better, which changes the bytes on disk
 more than the decoding work.
 
-Orders: `sequential` (shuffle off), `block` (dataset.shuffle_window: row groups permuted, rows shuffled within
-windows — flowtrain's default), `global` (one global permutation, the old default).
+Orders: `block` is flowtrain's default (dataset.shuffle_window auto: row groups permuted and rows shuffled within
+windows of 8 groups, or one global permutation where that costs nothing, e.g. one row per group); `global` forces
+one global permutation; `sequential` is shuffle off.
 
-    .venv/bin/python benchmarks/loader.py                    # both shapes, workers 0/1/2, ~10 min on 2 cores
-    .venv/bin/python benchmarks/loader.py --rows klein4b --workers 0 2 --orders global block
+    .venv/bin/python benchmarks/loader.py                    # all row kinds, ~10 min on 2 cores
+    .venv/bin/python benchmarks/loader.py --rows tiny --workers 0 2 --orders global block
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-# lru: the reader's row-group LRU. Klein: 2 of the cache's 6 row groups, so the cache is 3× larger than the LRU,
-# as any real Klein cache is (10k images = 625 row groups vs the default LRU of 8); tiny: the default 8 of 512.
-# max_rows: rows read per measurement (global order with Klein rows decodes a 16-row group per row: keep it short).
+# rows_per_group: None = what precompute writes (one Klein row per row group; 16 tiny rows); klein4b-rg16 is the
+# earlier layout (16 Klein rows per group), kept to show what block shuffling buys there.
+# lru: the reader's row-group LRU; 2 of klein4b-rg16's 6 groups makes that cache 3× larger than the LRU, as a real
+# one is (10k images = 625 groups of 16 vs the default LRU of 8).
+# max_rows: rows read per measurement (global order on klein4b-rg16 decodes a 16-row group per row: keep it short).
 SHAPES = {
     "klein4b": {"latent": (128, 32, 32), "text": (512, 7680), "text_dtype": "bfloat16", "rows": 96, "batch": 1,
-                "lru": 2, "max_rows": {"block": 48, "sequential": 48, "global": 12}},
+                "rows_per_group": None, "lru": 8, "max_rows": {"block": 48, "sequential": 48, "global": 48},
+                "orders": ["block"], "workers": [0, 1, 2]},
+    "klein4b-rg16": {"latent": (128, 32, 32), "text": (512, 7680), "text_dtype": "bfloat16", "rows": 96,
+                     "batch": 1, "rows_per_group": 16, "lru": 2,
+                     "max_rows": {"block": 48, "sequential": 48, "global": 12},
+                     "orders": ["block", "global"], "workers": [0]},
     "tiny": {"latent": (8, 16, 16), "text": (32, 96), "text_dtype": "float32", "rows": 8192, "batch": 8,
-             "lru": 8, "max_rows": {"block": 8192, "sequential": 8192, "global": 4096}},
+             "rows_per_group": None, "lru": 8, "max_rows": {"block": 8192, "sequential": 8192, "global": 4096},
+             "orders": ["block", "global"], "workers": [0, 1, 2]},
 }  # fmt: skip
 
 
@@ -49,6 +59,7 @@ def synthetic_cache(name: str, rows: int) -> Path:
         text_shape=spec["text"],
         text_dtype=spec["text_dtype"],
         rows_per_shard=256 if name == "tiny" else 48,
+        rows_per_group=spec["rows_per_group"],
     )
 
 
@@ -113,8 +124,9 @@ def on_disk(cache: Path) -> tuple[float, float, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="*", choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument("--workers", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--orders", nargs="*", choices=["sequential", "block", "global"], default=["block", "global"])
+    p.add_argument("--workers", nargs="*", type=int, help="DataLoader workers to measure (default: per row kind)")
+    p.add_argument("--orders", nargs="*", choices=["sequential", "block", "global"],
+                   help="orders to measure (default: per row kind; `block` is flowtrain's default, auto)")  # fmt: skip
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (median)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -124,8 +136,8 @@ def main() -> None:
         cache = synthetic_cache(name, spec["rows"])
         per_row, raw_row, codec = on_disk(cache)
         runs = {"raw": lambda c=cache: raw_read(c)}
-        for order in args.orders:
-            for w in args.workers:
+        for order in args.orders or spec["orders"]:
+            for w in spec["workers"] if args.workers is None else args.workers:
                 runs[f"{order}/w{w}"] = lambda c=cache, w=w, o=order, s=spec: loader_read(
                     c, s["batch"], w, o, s["lru"], s["max_rows"][o]
                 )

@@ -27,12 +27,14 @@ import bare  # noqa: E402
 import common  # noqa: E402
 
 _RUN = 0
-# threads: torch intra-op threads for both sides. The tiny model runs on 1: on this 2-vCPU VM, waking OpenMP's
-# second thread costs up to ~8 ms per parallel region (the idle vCPU sleeps in the hypervisor), which makes a tiny
-# step 10-50× slower and depend on whatever other threads the process has: noise, not framework overhead.
+# threads: torch intra-op threads, the same for both sides: 1 by default. On the 2-vCPU VM these numbers were
+# taken on, waking OpenMP's second thread costs up to ~8 ms per parallel region (an idle vCPU sleeps in the
+# hypervisor): a tiny step becomes 10-50× slower and a bench70m step varies 1.2-10 s, depending on load and on
+# whatever other threads the process has (flowtrain's prefetch thread changes it). That is noise, not framework
+# overhead; one thread removes it. `--threads 0` uses torch's default.
 DEFAULTS = {
     "tiny": {"steps": 60, "warmup": 10, "reps": 5, "threads": 1},
-    "bench70m": {"steps": 7, "warmup": 2, "reps": 3, "threads": 0},
+    "bench70m": {"steps": 6, "warmup": 2, "reps": 3, "threads": 1},
 }
 
 
@@ -94,10 +96,10 @@ def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrid
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "bench70m", "all"], default="all")
-    p.add_argument("--steps", type=int, help="steps per run (default: tiny 60, bench70m 7)")
+    p.add_argument("--steps", type=int, help="steps per run (default: tiny 60, bench70m 6)")
     p.add_argument("--warmup", type=int, help="steps left out of each run's median (default: tiny 10, bench70m 2)")
     p.add_argument("--reps", type=int, help="interleaved repetitions (default: tiny 5, bench70m 3)")
-    p.add_argument("--threads", type=int, help="torch threads, both sides (default: tiny 1, bench70m torch's)")
+    p.add_argument("--threads", type=int, help="torch threads, both sides (default 1, see DEFAULTS; 0: torch's)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=JSON",
                    help="config overrides for the flowtrain side, e.g. tracking.report_to='[\"jsonl\"]'")  # fmt: skip
     args = p.parse_args()

@@ -17,11 +17,13 @@ def write_synthetic_cache(
     text_shape: tuple[int, ...] = (32, 96),
     text_dtype: str = "float32",
     rows_per_shard: int = 256,
+    rows_per_group: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a cache of `rows` rows into `out` (skipped when `out/manifest.json` exists); returns `out`.
 
     latent_shape: (2C, h, w) posterior moments, stored float32; text_shape: (L, D), stored as `text_dtype`.
+    rows_per_group: Parquet row-group size; None: what precompute picks for these rows.
     """
     import pyarrow as pa
     import torch
@@ -47,7 +49,12 @@ def write_synthetic_cache(
             }
         )
         name = f"cache-00000-{i:04d}.parquet"
-        _write_atomic(table, out / name)
+        if rows_per_group is None:
+            _write_atomic(table, out / name)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, out / name, compression="zstd", row_group_size=rows_per_group)
         shards.append({"file": name, "rows": n})
     save_file(
         {"text_embeds": torch.zeros(text_shape, dtype=STORAGE_DTYPES[text_dtype])},
