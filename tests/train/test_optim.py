@@ -169,7 +169,7 @@ def test_shipped_optimizer_settings_build(path):
 
 
 def test_changed_lr_on_resume_keeps_the_lr_scale_ratios():
-    from flowtrain.train.loop import _apply_changed_schedule
+    from flowtrain.train.resume import apply_changed_schedule
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     cfg = FlowtrainConfig.model_validate(
@@ -185,5 +185,5 @@ def test_changed_lr_on_resume_keeps_the_lr_scale_ratios():
     for _ in range(4):
         opt.step()
         sched.step()
-    _apply_changed_schedule({"train": {"learning_rate": 1e-3, "max_steps": 10}}, cfg, opt, sched)
+    apply_changed_schedule({"train": {"learning_rate": 1e-3, "max_steps": 10}}, cfg, opt, sched)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2e-3 * 0.6, 6e-3 * 0.6])

@@ -12,7 +12,7 @@ factor at step s < W is s / W). After it, with progress p = (s - W) / (max_steps
 
 With m = 0 the first four equal diffusers' `get_scheduler` of the same name. The factor functions are closures,
 not objects, so a scheduler's state_dict holds only its step (and the plateau state): a resumed run follows the
-schedule of its *current* config (see `train.loop._apply_changed_schedule`).
+schedule of its *current* config (see `train.resume.apply_changed_schedule`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""Resuming a run: what must not change, what may, and where in the data to go on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flowtrain.config import FlowtrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def essentials(cfg: FlowtrainConfig, fingerprint: dict) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming it."""
+    return {
+        "family": cfg.model.family,
+        "pretrained": cfg.model.pretrained,
+        "dit": cfg.model.dit,
+        "train_mode": cfg.train_mode,
+        "lora": [cfg.lora.rank, cfg.lora.effective_alpha, cfg.lora.targets] if cfg.train_mode == "lora" else None,
+        "cache_fingerprint": fingerprint.get("id"),
+    }
+
+
+def check_resume(state: dict, cfg: FlowtrainConfig, fingerprint: dict, path: Path) -> None:
+    old, new = state["essentials"], essentials(cfg, fingerprint)
+    old = {k: (list(v) if isinstance(v, tuple) else v) for k, v in old.items()}
+    new = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items()}
+    diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+    if diff:
+        lines = "\n".join(f"  {k}: checkpoint {a!r} ≠ config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"cannot resume from {path}: the run's essential settings changed:\n{lines}\n"
+            "Start a new output_dir, or restore these settings."
+        )
+    for key in ("learning_rate", "max_steps"):
+        if state["train"].get(key) != getattr(cfg.train, key):
+            log.info("resume: train.%s changed %s → %s", key, state["train"].get(key), getattr(cfg.train, key))
+    if state["data"].get("seed", cfg.train.seed) != cfg.train.seed:
+        log.info(
+            "resume: train.seed changed %s → %s; the data order keeps the checkpoint's shuffle seed",
+            state["data"]["seed"],
+            cfg.train.seed,
+        )
+
+
+def apply_changed_schedule(state: dict, cfg: FlowtrainConfig, optimizer: Any, lr_scheduler: Any) -> None:
+    """A changed learning rate or max_steps takes effect from the resumed step on.
+
+    The scheduler's state_dict restores the old `base_lrs` (and the optimizer the old lr), so a new
+    train.learning_rate must be written into both; the schedule's shape comes from the new config already.
+    """
+    old = state.get("train", {})
+    if old.get("learning_rate") == cfg.train.learning_rate and old.get("max_steps") == cfg.train.max_steps:
+        return  # untouched: the restored state is already exact
+    # optimizer.lr_scale groups keep their multiplier (`lr_scale`, see train.optim) relative to the new lr.
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    lr_scheduler.base_lrs = [cfg.train.learning_rate * f for f in scales]
+    lrs = [
+        base * fn(lr_scheduler.last_epoch)
+        for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
+    ]
+    for group, base, lr in zip(optimizer.param_groups, lr_scheduler.base_lrs, lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
+    lr_scheduler._last_lr = lrs
+
+
+def resume_position(state: dict, global_batch: int, num_rows: int) -> tuple[int, int, int]:
+    """(epoch, batch, shuffle seed) to continue from. With another global batch size (batch_size × processes) the
+    position is carried over in samples, rounded down: a few samples may repeat, none is skipped."""
+    data = state["data"]
+    epoch, batch, seed = data["epoch"], data["batch"], data["seed"]
+    old_global = state.get("global_batch", global_batch)
+    if old_global != global_batch:
+        sample = batch * old_global
+        batch = sample // global_batch
+        if batch >= num_rows // global_batch:
+            epoch, batch = epoch + 1, 0
+        log.info("resume: global batch %d → %d; going on at epoch %d, batch %d", old_global, global_batch, epoch, batch)
+    return epoch, batch, seed
