@@ -2,7 +2,8 @@
 
 Same transformer, batch, LoRA, optimizer and precomputed data. Both run in this process, interleaved
 (bare, flowtrain, flowtrain, bare, ...); each run's steady-state step time is the median over its steps after
-`--warmup`; the reported ratio is median(flowtrain) / median(bare) over the repetitions.
+`--warmup`. `ratio` is median(flowtrain) / median(bare) over the repetitions; `paired_ratio` is the median over
+repetitions of flowtrain / bare within each (adjacent runs, so it resists drift in the machine's load).
 
 flowtrain's step time is read from its own metrics (`s_per_step` in logs/metrics.jsonl, logged every step), so it
 covers everything the loop does per step: data loading, σ/noise, forward/backward, clipping, the optimizer, the
@@ -87,6 +88,8 @@ def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrid
         "bare_ms": b * 1e3,
         "flowtrain_ms": f * 1e3,
         "ratio": f / b,
+        # Adjacent runs of a repetition share the machine's load: the median of their ratios resists drift.
+        "paired_ratio": common.median([x / y for x, y in zip(res["flowtrain"], res["bare"], strict=True)]),
         "data_wait": common.median(waits),
         "threads": used,
         "steps×reps": f"{steps}×{reps}",

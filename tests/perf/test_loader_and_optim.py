@@ -14,7 +14,14 @@ from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import BatchPrefetcher, batch_iterator, build_loader, optimizer_kwargs, optimizer_step_fn
+from flowtrain.train.perf import (
+    BatchPrefetcher,
+    batch_iterator,
+    build_loader,
+    optimizer_kwargs,
+    optimizer_step_fn,
+    use_prefetch_thread,
+)
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -62,9 +69,13 @@ def test_loader_pins_memory_for_cuda_and_prefetches_with_workers(tiny_cache):
     assert not cpu.pin_memory and cpu.prefetch_factor is None  # pinning buys nothing on CPU
 
 
-def test_train_loop_uses_the_prefetch_thread_by_default(tiny_pipeline_dir, tiny_cache, tmp_path):
+def test_prefetch_thread_reads_ahead_in_order(tiny_pipeline_dir, tiny_cache, tmp_path):
     cfg = FlowtrainConfig.model_validate(tiny_config_dict(tiny_pipeline_dir, tiny_cache[1], tmp_path / "r"))
-    assert cfg.dataset.prefetch and cfg.dataset.num_workers == 0 and cfg.optimizer.implementation == "auto"
+    assert cfg.dataset.prefetch is None and cfg.optimizer.implementation == "auto"  # the defaults: auto
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_prefetch_thread(None, 0, cuda) and not use_prefetch_thread(None, 0, cpu)  # auto: accelerators only
+    assert use_prefetch_thread(True, 0, cpu) and not use_prefetch_thread(False, 0, cuda)
+    assert not use_prefetch_thread(True, 2, cuda)  # worker processes prefetch on their own
     ds, sampler = _dataset_and_sampler(tiny_cache[1])
     loader = build_loader(ds, sampler, batch_size=2, collate_fn=collate, num_workers=0, pin_memory=True,
                           prefetch_factor=2, device=torch.device("cpu"))  # fmt: skip

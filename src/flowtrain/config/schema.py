@@ -50,10 +50,11 @@ class DatasetConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 reads in the main process.")
     pin_memory: bool = Field(True, description="Pinned host memory for batches (CUDA only).")
     prefetch_factor: int = Field(2, ge=1, description="Batches each worker reads ahead (with num_workers > 0).")
-    prefetch: bool = Field(
-        True,
-        description="With num_workers 0: a background thread reads prefetch_factor batches ahead while the step "
-        "runs (workers prefetch on their own).",
+    prefetch: bool | None = Field(
+        None,
+        description="With num_workers 0: a background thread reads prefetch_factor batches ahead while the step runs "
+        "(workers prefetch on their own). null: on when training on an accelerator, off on CPU (where the thread "
+        "competes with torch's intra-op threads for the cores).",
     )
     class_cache_dir: str | None = Field(
         None,

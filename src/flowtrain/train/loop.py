@@ -29,7 +29,7 @@ from flowtrain.train.control import NonFiniteGuard, SaveClock, StopSignals, agre
 from flowtrain.train.ema import ema_for_run
 from flowtrain.train.errors import CheckpointWriteError
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
-from flowtrain.train.perf import batch_iterator, build_loader, close_batches, optimizer_step_fn
+from flowtrain.train.perf import batch_iterator, build_loader, close_batches, optimizer_step_fn, use_prefetch_thread
 from flowtrain.train.resume import apply_changed_schedule, check_resume, essentials, resume_position
 from flowtrain.train.setup import build_transformer, determinism, load_trainable_state, trainable_state
 from flowtrain.train.step import make_inputs, step_loss, step_seed
@@ -158,7 +158,8 @@ def _train(cfg: FlowtrainConfig, resume: str | None, progress: bool, stop: StopS
         from flowtrain.data.prior import with_class_rows
 
         loader = with_class_rows(loader, cfg.dataset.class_cache_dir, sampler, dataset.manifest)
-    batches = batch_iterator(loader, prefetch=d.prefetch and d.num_workers == 0, depth=d.prefetch_factor)
+    prefetch = use_prefetch_thread(d.prefetch, d.num_workers, device)
+    batches = batch_iterator(loader, prefetch=prefetch, depth=d.prefetch_factor)
     latent_stats = (
         torch.tensor(dataset.manifest["latent_bn_mean"]),
         torch.tensor(dataset.manifest["latent_bn_std"]),
