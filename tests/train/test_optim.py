@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,16 +141,29 @@ def test_bad_kwargs_name_the_optimizer():
 
 
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (optional extra flowtrain[lowbit])")
-@pytest.mark.parametrize("name", ["ao_adamw8bit", "ao_adamw4bit"])
-def test_torchao_optimizers(name):
-    params = _params()
-    before = [p.detach().clone() for p in params]
-    _run(build_optimizer(params, OptimizerConfig(name=name), 1e-2), params, 2)
-    assert not all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+@pytest.mark.parametrize(("name", "cls"), [("ao_adamw8bit", "AdamW8bit"), ("ao_adamw4bit", "AdamW4bit")])
+def test_torchao_optimizers(name, cls):
+    """The config builds torchao's class with the configured hyper-parameters (the same updates as that class built
+    by hand), its moments are stored low-bit, and its updates point where fp32 AdamW's do without equalling them."""
+    import torchao.optim
+
+    adam = dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+    params, by_hand, fp32, start = _params(), _params(), _params(), _params()
+    opt = build_optimizer(params, OptimizerConfig(name=name, **adam), 1e-2)
+    assert type(opt) is getattr(torchao.optim, cls)
+    got = _run(opt, params, 2)
+    want = _run(getattr(torchao.optim, cls)(by_hand, lr=1e-2, **adam), by_hand, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    exact = _run(torch.optim.AdamW(fp32, lr=1e-2, **adam), fp32, 2)
+    update, exact_update = (torch.cat([(a - b).flatten() for a, b in zip(x, start, strict=True)]) for x in (got, exact))
+    assert torch.nn.functional.cosine_similarity(update, exact_update, dim=0) > 0.98
+    assert not torch.equal(update, exact_update)
+    moment = opt.state[params[0]]["exp_avg"]  # torchao quantises tensors of >= 4096 elements (80×64 here)
+    assert type(moment) is not torch.Tensor and type(moment).__module__.startswith("torchao")
 
 
-@pytest.mark.skipif(HAS_TORCHAO, reason="torchao is installed")
-def test_missing_torchao_is_a_clear_error():
+def test_missing_torchao_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # what `import` sees when the package is absent
     with pytest.raises(ImportError, match=r"flowtrain\[lowbit\]"):
         build_optimizer(_params(), OptimizerConfig(name="ao_adamw8bit"), 1e-3)
 
