@@ -72,7 +72,7 @@ def test_full_finetune_keeps_fp32_master_weights(tiny_pipeline_dir):
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="fp16 autocast + GradScaler need CUDA (CPU runs fp16 as fp32)"
+    not torch.cuda.is_available(), reason="fp16 autocast + GradScaler need CUDA (refused on CPU, see below)"
 )
 def test_fp16_uses_a_grad_scaler(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
     from flowtrain.testing.training import fresh_accelerator_state, train_config
@@ -119,3 +119,45 @@ def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
     assert calls == [1, 2]  # recomputed in backward only with checkpointing
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp16_on_cpu_is_refused_with_what_to_use_instead(tiny_pipeline_dir, tiny_cache, tmp_path):
+    """accelerate runs fp16 as fp32 on CPU, where fp16 frozen weights would fail in the first matmul."""
+    from flowtrain.testing.training import fresh_accelerator_state, train_config
+    from flowtrain.train.loop import train
+
+    cfg = train_config(
+        tiny_pipeline_dir,
+        tiny_cache[1],
+        tmp_path / "run",
+        model={"dtype": "float16"},
+        train={"mixed_precision": "auto"},
+    )
+    assert cfg.train.mixed_precision == "fp16"
+    with fresh_accelerator_state(), pytest.raises(ValueError, match="needs a GPU.*model.dtype=bfloat16"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """The fp16 scale and its growth tracker are part of the resume state (a fresh scaler would restart at 65536
+    and skip steps it had already learned to avoid). CPU GradScaler, the same class accelerate uses on CUDA."""
+    from flowtrain.train.checkpoint import load_checkpoint, write_checkpoint
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for grad in ([1.0, float("inf"), 1.0, 1.0], [1.0] * 4, [2.0] * 4):  # an overflow halves the scale; then growth
+        scaler.scale((p * torch.tensor(grad)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    state = scaler.state_dict()
+    assert state["scale"] == 512.0 and state["_growth_tracker"] == 2
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    ckpt = write_checkpoint(tmp_path, 3, trainable={"p": p}, optimizer=opt, lr_scheduler=sched, state={"step": 3},
+                            scaler=scaler)  # fmt: skip
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(load_checkpoint(ckpt)["scaler"])
+    assert restored.state_dict() == state

@@ -91,6 +91,13 @@ def _train(cfg: FlowtrainConfig, resume: str | None, progress: bool, stop: StopS
         raise ValueError("dataset.cache_dir is not set: pass --precomputed_data_dir or set it in the config")
     check_backends(cfg.tracking.report_to)  # a missing wandb / tensorboard fails now, not after loading the model
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate turns fp16 into plain fp32 on CPU (no autocast, no GradScaler): fp16 frozen weights then meet
+        # fp32 activations and the first matmul fails with a dtype error. Say so before loading anything.
+        raise ValueError(
+            "train.mixed_precision=fp16 (or model.dtype=float16 with mixed_precision auto) needs a GPU; this run is "
+            "on CPU. Use model.dtype=bfloat16 (bf16 autocast) or float32 on CPU."
+        )
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output_dir)
     if is_main:
