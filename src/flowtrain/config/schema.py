@@ -75,8 +75,8 @@ class TrainConfig(Section):
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
-        description="Autocast compute dtype (trainable weights stay fp32; fp16 adds a GradScaler and needs a GPU). `auto`: bf16 / fp16 "
-        "when model.dtype is bfloat16 / float16, else no.",
+        description="Autocast compute dtype (trainable weights stay fp32; fp16 adds a GradScaler and needs a GPU). "
+        "`auto`: bf16 / fp16 when model.dtype is bfloat16 / float16, else no.",
     )
     seed: int = Field(0, description="Seeds LoRA init, data order and every per-step draw (σ, noise, dropout).")
     gradient_checkpointing: bool = Field(
