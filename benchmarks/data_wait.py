@@ -5,7 +5,7 @@ log, measured on the host without device syncs; see `flowtrain.track.stats.Train
 model with the loader settings below, interleaved, and prints the median over steps after the warm-up:
 
   no prefetch      num_workers 0, dataset.prefetch false: the batch is read on the training thread
-  thread prefetch  num_workers 0, dataset.prefetch true (default): a background thread reads 2 batches ahead
+  thread prefetch  num_workers 0, dataset.prefetch true (auto: on with a GPU): a thread reads 2 batches ahead
   1 / 2 workers    DataLoader worker processes, prefetch_factor 2
 
     .venv/bin/python benchmarks/data_wait.py            # ~2 min on 2 cores

@@ -3,7 +3,9 @@
 Same transformer, batch, LoRA, optimizer and precomputed data. Both run in this process, interleaved
 (bare, flowtrain, flowtrain, bare, ...); each run's steady-state step time is the median over its steps after
 `--warmup`. `ratio` is median(flowtrain) / median(bare) over the repetitions; `paired_ratio` is the median over
-repetitions of flowtrain / bare within each (adjacent runs, so it resists drift in the machine's load).
+repetitions of flowtrain / bare within each (adjacent runs, so it resists drift in the machine's load); `min_ratio`
+is the fastest flowtrain step over the fastest bare step (other processes on the machine only ever add time, so the
+fastest step is the closest to the work itself).
 
 flowtrain's step time is read from its own metrics (`s_per_step` in logs/metrics.jsonl, logged every step), so it
 covers everything the loop does per step: data loading, σ/noise, forward/backward, clipping, the optimizer, the
@@ -39,8 +41,8 @@ DEFAULTS = {
 }
 
 
-def flowtrain_run(cfg_dict: dict, warmup: int) -> tuple[float, float]:
-    """One `train()` run; (median s/step after warm-up, median data-wait fraction)."""
+def flowtrain_run(cfg_dict: dict, warmup: int) -> tuple[float, float, float]:
+    """One `train()` run; (median s/step after warm-up, fastest step, median data-wait fraction)."""
     from flowtrain.config import FlowtrainConfig
     from flowtrain.track import read_metrics
     from flowtrain.train.loop import train
@@ -52,12 +54,14 @@ def flowtrain_run(cfg_dict: dict, warmup: int) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
     train(FlowtrainConfig.model_validate({**cfg_dict, "output_dir": str(out)}), progress=False)
     rows = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["step"] > warmup]
-    return common.median([r["s_per_step"] for r in rows]), common.median([r.get("data_wait_frac", 0.0) for r in rows])
+    times = [r["s_per_step"] for r in rows]
+    return common.median(times), min(times), common.median([r.get("data_wait_frac", 0.0) for r in rows])
 
 
-def bare_run(cfg_dict: dict, steps: int, warmup: int) -> float:
-    s = bare.setup(cfg_dict)
-    return common.median(bare.run(s, steps)[warmup:])
+def bare_run(cfg_dict: dict, steps: int, warmup: int, fastest: list[float]) -> float:
+    times = bare.run(bare.setup(cfg_dict), steps)[warmup:]
+    fastest.append(min(times))
+    return common.median(times)
 
 
 def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrides: dict) -> dict:
@@ -71,13 +75,15 @@ def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrid
         section, _, field = key.partition(".")
         cfg.setdefault(section, {})[field] = value
     waits: list[float] = []
+    fastest: dict[str, list[float]] = {"bare": [], "flowtrain": []}
 
     def ft() -> float:
-        t, w = flowtrain_run(cfg, warmup)
+        t, t_min, w = flowtrain_run(cfg, warmup)
+        fastest["flowtrain"].append(t_min)
         waits.append(w)
         return t
 
-    res = common.interleave({"bare": lambda: bare_run(cfg, steps, warmup), "flowtrain": ft}, reps)
+    res = common.interleave({"bare": lambda: bare_run(cfg, steps, warmup, fastest["bare"]), "flowtrain": ft}, reps)
     b, f = common.median(res["bare"]), common.median(res["flowtrain"])
     used = torch.get_num_threads()
     torch.set_num_threads(default_threads)
@@ -90,6 +96,7 @@ def measure(name: str, steps: int, warmup: int, reps: int, threads: int, overrid
         "ratio": f / b,
         # Adjacent runs of a repetition share the machine's load: the median of their ratios resists drift.
         "paired_ratio": common.median([x / y for x, y in zip(res["flowtrain"], res["bare"], strict=True)]),
+        "min_ratio": min(fastest["flowtrain"]) / min(fastest["bare"]),
         "data_wait": common.median(waits),
         "threads": used,
         "steps×reps": f"{steps}×{reps}",

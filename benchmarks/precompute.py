@@ -100,6 +100,8 @@ class Bare:
         import torch
         from PIL import Image
 
+        from flowtrain.models.flux2_klein import resize_to_cover  # the same Lanczos scale-to-cover, a pure function
+
         pipe, s = self.pipe, self.s
         t = time.perf_counter()
         pipe.encode_prompt([""], device="cpu", max_sequence_length=s.max_sequence_length,
@@ -108,7 +110,9 @@ class Bare:
             table = pq.read_table(shard, columns=["caption", "image"])
             for i in range(0, table.num_rows, 8):
                 rows = table.slice(i, 8).to_pydict()
-                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in rows["image"]]
+                images = [
+                    resize_to_cover(Image.open(io.BytesIO(b)).convert("RGB"), s.resolution) for b in rows["image"]
+                ]
                 pixels = torch.cat([pipe.image_processor.preprocess(im, height=s.resolution, width=s.resolution,
                                                                     resize_mode="crop") for im in images])  # fmt: skip
                 with torch.no_grad():
