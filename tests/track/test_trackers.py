@@ -163,6 +163,8 @@ def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path: Path) -> No
 
 def test_tensorboard_tracker(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from flowtrain.track.optional import TensorBoardTracker
 
     png = tmp_path / "a.png"
@@ -170,9 +172,14 @@ def test_tensorboard_tracker(tmp_path: Path) -> None:
     t = TensorBoardTracker(tmp_path)
     t.log_params({"train.learning_rate": 1e-3})
     t.log_metrics(1, {"loss": 1.0, "grad_norm": None})
+    t.log_metrics(2, {"loss": 0.5})
     t.log_images(1, {"samples/a.png": png})
     t.close()
-    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5)]
+    assert "grad_norm" not in events.Tags()["scalars"]  # None (not measured this step) is not logged as a value
+    (image,) = [events.Images(tag)[0] for tag in events.Tags()["images"]]
+    assert image.step == 1 and (image.width, image.height) == (8, 8)
 
 
 def test_wandb_tracker_offline(tmp_path: Path, monkeypatch) -> None:
@@ -182,9 +189,13 @@ def test_wandb_tracker_offline(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     t = WandbTracker(tmp_path, experiment_name="flowtrain-test")
     t.log_params({"lora.rank": 4})
-    t.log_metrics(1, {"loss": 1.0})
+    t.log_metrics(1, {"loss": 1.0, "grad_norm": None})
     t.close()
-    assert json.loads((tmp_path / "logs" / "wandb_run.json").read_text())["run_id"]
+    run_id = json.loads((tmp_path / "logs" / "wandb_run.json").read_text())["run_id"]
+    (record,) = (tmp_path / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    # The offline record is wandb-core's binary log (no public reader): the keys must be in it, None left out.
+    data = record.read_bytes()
+    assert b"lora.rank" in data and b"loss" in data and b"grad_norm" not in data
 
 
 # --- plots -----------------------------------------------------------------------------------------------------
