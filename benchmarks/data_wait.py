@@ -4,8 +4,8 @@ flowtrain logs it every logged step as `data_wait_frac` (time inside `next(batch
 log, measured on the host without device syncs; see `flowtrain.track.stats.TrainMeter`). This runs the tiny
 model with the loader settings below, interleaved, and prints the median over steps after the warm-up:
 
-  no prefetch      num_workers 0, dataset.prefetch false: the batch is read on the training thread
-  thread prefetch  num_workers 0, dataset.prefetch true (auto: on with a GPU): a thread reads 2 batches ahead
+  no prefetch      num_workers 0, dataset.prefetch false (what auto picks on CPU): read on the training thread
+  thread prefetch  num_workers 0, dataset.prefetch true (what auto picks on a GPU): a thread reads 2 ahead
   1 / 2 workers    DataLoader worker processes, prefetch_factor 2
 
     .venv/bin/python benchmarks/data_wait.py            # ~2 min on 2 cores

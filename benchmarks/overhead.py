@@ -33,8 +33,8 @@ _RUN = 0
 # threads: torch intra-op threads, the same for both sides: 1 by default. On the 2-vCPU VM these numbers were
 # taken on, waking OpenMP's second thread costs up to ~8 ms per parallel region (an idle vCPU sleeps in the
 # hypervisor): a tiny step becomes 10-50× slower and a bench70m step varies 1.2-10 s, depending on load and on
-# whatever other threads the process has (flowtrain's prefetch thread changes it). That is noise, not framework
-# overhead; one thread removes it. `--threads 0` uses torch's default.
+# whatever other threads the process has (a prefetch thread changed it; it is off on CPU by default). That is
+# noise, not framework overhead; one thread removes it. `--threads 0` uses torch's default.
 DEFAULTS = {
     "tiny": {"steps": 60, "warmup": 10, "reps": 5, "threads": 1},
     "bench70m": {"steps": 6, "warmup": 2, "reps": 3, "threads": 1},
@@ -117,6 +117,8 @@ def main() -> None:
     import json
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if overrides.get("train.log_every", 1) != 1:  # s_per_step is a window mean then, not comparable step by step
+        p.error("train.log_every must stay 1: flowtrain's step times are read from its per-step metrics")
     if args.model == "all":  # one process per model: accelerate's state (e.g. mixed precision) is per process
         rest = sys.argv[1:]
         if "--model" in rest:

@@ -89,6 +89,31 @@ def test_prefetch_thread_reads_ahead_in_order(tiny_pipeline_dir, tiny_cache, tmp
     assert not batches._thread.is_alive()
 
 
+def test_training_with_the_prefetch_thread_is_exact(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
+    """`dataset.prefetch: true` (what auto picks on a GPU) trains on the same batches as reading inline: the same
+    losses, bitwise; the thread is used and stopped at the end."""
+    from flowtrain.testing.training import fresh_accelerator_state, train_config
+    from flowtrain.train import perf
+    from flowtrain.train.loop import train
+
+    made: list[BatchPrefetcher] = []
+
+    class Recorded(BatchPrefetcher):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(perf, "BatchPrefetcher", Recorded)  # the real class, recorded so the test can see it
+    losses = {}
+    for prefetch in (False, True):
+        cfg = train_config(tiny_pipeline_dir, tiny_cache[1], tmp_path / str(prefetch), train={"max_steps": 6},
+                           dataset={"prefetch": prefetch})  # fmt: skip
+        with fresh_accelerator_state():
+            losses[prefetch] = train(cfg, progress=False).losses
+    assert len(made) == 1 and not made[0]._thread.is_alive()
+    assert losses[True] == losses[False] and len(losses[True]) == 6
+
+
 def test_prefetcher_reraises_errors_at_the_batch_that_failed():
     def source():
         yield 1

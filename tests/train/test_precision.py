@@ -123,21 +123,28 @@ def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fp16_on_cpu_is_refused_with_what_to_use_instead(tiny_pipeline_dir, tiny_cache, tmp_path):
-    """accelerate runs fp16 as fp32 on CPU, where fp16 frozen weights would fail in the first matmul."""
+    """accelerate runs fp16 as fp32 on CPU, where a float16 base would fail in its first matmul. The refusal comes
+    before anything is written, and before accelerate fixes the process's precision: bf16 still works after it."""
     from flowtrain.testing.training import fresh_accelerator_state, train_config
     from flowtrain.train.loop import train
 
-    cfg = train_config(
+    fp16 = train_config(
         tiny_pipeline_dir,
         tiny_cache[1],
-        tmp_path / "run",
+        tmp_path / "fp16",
         model={"dtype": "float16"},
         train={"mixed_precision": "auto"},
     )
-    assert cfg.train.mixed_precision == "fp16"
-    with fresh_accelerator_state(), pytest.raises(ValueError, match="needs a GPU.*model.dtype=bfloat16"):
-        train(cfg, progress=False)
-    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    assert fp16.train.mixed_precision == "fp16"
+    bf16 = train_config(
+        tiny_pipeline_dir, tiny_cache[1], tmp_path / "bf16", model={"dtype": "bfloat16"},
+        train={"mixed_precision": "auto", "max_steps": 1},
+    )  # fmt: skip
+    with fresh_accelerator_state():
+        with pytest.raises(ValueError, match="needs a GPU.*model.dtype=bfloat16"):
+            train(fp16, progress=False)
+        assert not (tmp_path / "fp16").exists()
+        assert len(train(bf16, progress=False).losses) == 1  # the same process, no accelerate reset in between
 
 
 def test_grad_scaler_state_survives_a_checkpoint(tmp_path):

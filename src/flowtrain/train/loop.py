@@ -79,25 +79,28 @@ def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = T
     CLI exits with EXIT_INTERRUPTED); a second one aborts at once. Raises `NonFiniteLossError` /
     `CheckpointWriteError` (see `flowtrain.train.errors`) when the run cannot go on; the last checkpoint is intact.
     """
-    with StopSignals() as stop, determinism(cfg.train.deterministic):
-        return _train(cfg, resume, progress, stop)
+    with StopSignals() as stop, determinism(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
+        return _train(cfg, resume, progress, stop, cleanup)
 
 
-def _train(cfg: FlowtrainConfig, resume: str | None, progress: bool, stop: StopSignals) -> TrainResult:
-    from accelerate import Accelerator
+def _train(
+    cfg: FlowtrainConfig, resume: str | None, progress: bool, stop: StopSignals, cleanup: contextlib.ExitStack
+) -> TrainResult:
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     if cfg.dataset.cache_dir is None:
         raise ValueError("dataset.cache_dir is not set: pass --precomputed_data_dir or set it in the config")
     check_backends(cfg.tracking.report_to)  # a missing wandb / tensorboard fails now, not after loading the model
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate turns fp16 into plain fp32 on CPU (no autocast, no GradScaler): fp16 frozen weights then meet
-        # fp32 activations and the first matmul fails with a dtype error. Say so before loading anything.
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        # accelerate runs fp16 as plain fp32 on CPU (no autocast, no GradScaler), so a float16 base would meet fp32
+        # activations and fail in its first matmul. Checked before `Accelerator(...)`, which fixes the process's
+        # mixed precision for good: a retry with bf16 in the same process must still work.
         raise ValueError(
-            "train.mixed_precision=fp16 (or model.dtype=float16 with mixed_precision auto) needs a GPU; this run is "
-            "on CPU. Use model.dtype=bfloat16 (bf16 autocast) or float32 on CPU."
+            "train.mixed_precision=fp16 (also what `auto` picks for model.dtype=float16) needs a GPU; this run is on "
+            "CPU. Use model.dtype=bfloat16 with train.mixed_precision bf16 or auto, or model.dtype=float32."
         )
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output_dir)
     if is_main:
@@ -167,6 +170,7 @@ def _train(cfg: FlowtrainConfig, resume: str | None, progress: bool, stop: StopS
         loader = with_class_rows(loader, cfg.dataset.class_cache_dir, sampler, dataset.manifest)
     prefetch = use_prefetch_thread(d.prefetch, d.num_workers, device)
     batches = batch_iterator(loader, prefetch=prefetch, depth=d.prefetch_factor)
+    cleanup.callback(close_batches, batches)  # also when a step raises (e.g. out of memory); closing twice is fine
     latent_stats = (
         torch.tensor(dataset.manifest["latent_bn_mean"]),
         torch.tensor(dataset.manifest["latent_bn_std"]),

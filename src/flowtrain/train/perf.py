@@ -122,9 +122,10 @@ def build_loader(
 class BatchPrefetcher:
     """Iterates `source` on a daemon thread, `depth` batches ahead, in order.
 
-    Used when the DataLoader has no workers: the next batch is read while the current step computes. Errors in
-    the source are re-raised in the consumer at the batch where they happened. `close()` stops the thread; it
-    waits at most for the batch being read.
+    Used when the DataLoader has no workers: the next batch is read while the current step computes (up to
+    `depth` batches queued plus the one being read). Errors in the source are re-raised in the consumer at the
+    batch where they happened. `close()` stops the thread: it waits for the batch being read, at most `timeout`
+    seconds, and warns if the source is still stuck then.
     """
 
     _END = object()
@@ -166,6 +167,8 @@ class BatchPrefetcher:
             with contextlib.suppress(queue.Empty):  # free a slot: a blocked put returns and the thread sees the stop
                 self._queue.get_nowait()
             self._thread.join(timeout=0.05)
+        if self._thread.is_alive():
+            log.warning("batch prefetch thread still reading after %.0f s; it ends with the process", timeout)
 
 
 def use_prefetch_thread(prefetch: bool | None, num_workers: int, device: torch.device) -> bool:
