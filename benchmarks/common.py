@@ -59,8 +59,9 @@ BENCH70M = {
 
 def tiny_fixture(n_images: int = 32) -> Fixture:
     """The test suite's tiny pipeline and a float32 cache at 32 px (64 image tokens, 32 text tokens)."""
-    from flowtrain.testing.data import TINY_SEQ, make_tiny_cache
     from flowtrain.testing.tiny import save_tiny_pipeline
+
+    from flowtrain.testing.data import TINY_SEQ, make_tiny_cache
 
     root = bench_dir() / f"tiny-{n_images}"
     pipe = save_tiny_pipeline(root / "pipeline")
@@ -75,7 +76,6 @@ def build_bench70m_pipeline(path: Path) -> Path:
         return path
     import torch
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-
     from flowtrain.testing.tiny import TinySpec, build_components
 
     s = BENCH70M

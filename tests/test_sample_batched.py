@@ -7,12 +7,14 @@ import numpy as np
 
 def test_batched_generation_matches_one_at_a_time(tiny_pipeline_dir):
     from flowtrain.sample import generate, load_sampling_pipeline
+    from flowtrain.testing.data import tiny_model
 
-    pipe = load_sampling_pipeline(str(tiny_pipeline_dir), device="cpu")
-    kw = dict(seed=5, steps=2, guidance_scale=2.0, height=32, width=32, max_sequence_length=16, output_type="np")
+    model = tiny_model(tiny_pipeline_dir, max_sequence_length=16)
+    pipe = load_sampling_pipeline(model, device="cpu")
+    kw = dict(seed=5, steps=2, guidance_scale=2.0, height=32, width=32, output_type="np")
     prompts = ["a photo number 1", "a dog", "a red square"]
-    one = generate(pipe, prompts, images_per_prompt=2, **kw)
-    batched = generate(pipe, prompts, images_per_prompt=2, batch_size=4, **kw)  # chunks of 4 and 2
+    one = generate(pipe, prompts, model, images_per_prompt=2, **kw)
+    batched = generate(pipe, prompts, model, images_per_prompt=2, batch_size=4, **kw)  # chunks of 4 and 2
     assert len(one) == len(batched) == 6
     for a, b in zip(one, batched, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4)

@@ -11,7 +11,23 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
 def test_there_are_shipped_configs():
     names = {str(p.relative_to(p.parents[1])) for p in CONFIGS}
-    assert {"klein4b/base.yaml", "klein4b/lora.yaml", "tiny/lora.yaml"} <= names
+    assert {"klein4b/base.yaml", "klein4b/lora.yaml", "klein4b/tiny.yaml"} <= names
+
+
+def test_every_family_ships_a_real_and_a_tiny_config():
+    """A config with the real model's settings and one for the family's tiny pipeline (a folder path), per family."""
+    import yaml
+
+    from flowtrain.models import family_names
+
+    shipped: dict[str, set[str]] = {}
+    for path in CONFIGS:
+        if (yaml.safe_load(path.read_text()) or {}).get("kind") in (None, "train"):
+            cfg = load_config(path)
+            kind = "tiny" if path.name == "tiny.yaml" else "real"
+            shipped.setdefault(cfg.model.family, set()).add(kind)
+    for family in family_names():
+        assert shipped.get(family, set()) >= {"tiny", "real"}, (family, shipped.get(family))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))

@@ -22,13 +22,6 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 9,18,27, got {text!r}") from None
-
-
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
     from flowtrain.data.prepare import prepare
@@ -46,35 +39,45 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from flowtrain.data.precompute import PrecomputeSettings, precompute
+    from flowtrain.data.precompute import precompute
 
-    cfg = None
-    if args.config:
-        from flowtrain.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-    model = args.model or (cfg.model.pretrained if cfg else None)
-    out = args.out or (cfg.dataset.cache_dir if cfg else None)
-    if not model or not out:
-        raise ValueError(
-            "precompute needs --model (or --config with model.pretrained) and --out "
-            "(or --config with dataset.cache_dir)"
-        )
-    settings = PrecomputeSettings(
-        model=model,
-        family=cfg.model.family if cfg else "flux2_klein",
-        revision=cfg.model.revision if cfg else None,
-        text_encoder_layers=tuple(args.text_encoder_layers or (cfg.model.text_encoder_layers if cfg else (9, 18, 27))),
-        max_sequence_length=args.max_sequence_length or (cfg.model.max_sequence_length if cfg else 512),
-        resolution=args.resolution,
-        dtype=args.dtype or (cfg.model.dtype if cfg else "bfloat16"),
-        trust_remote_code=cfg.model.trust_remote_code if cfg else False,
-    )
+    cfg = _model_config(args, args.model, need="precompute")
+    out = args.out or cfg.dataset.cache_dir
+    if not out:
+        raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
     manifest = precompute(
-        args.raw_dir, out, settings, batch_size=args.batch_size, device=args.device, progress=not args.quiet
+        args.raw_dir,
+        out,
+        cfg.model,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
     )
-    print(f"precompute: {manifest['num_rows']} rows → {out} (fingerprint {manifest['fingerprint']['id']})")
+    print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
     return 0
+
+
+def _model_config(args: argparse.Namespace, model: str | None, *, need: str, base=None):
+    """The config whose `model:` section a verb that only needs the model (precompute, sample) runs with: from
+    --config (or `base`, e.g. a run's config.yaml) with --model, --dtype and dotted overrides on top. Without a
+    config the family is detected from the pipeline's model_index.json."""
+    from flowtrain.config import FlowtrainConfig, load_config, resolve_mapping, validate_config
+    from flowtrain.models import detect_family
+
+    overrides = list(getattr(args, "overrides", []))
+    if model is not None:
+        overrides.append(f"model.pretrained={model}")
+    if getattr(args, "dtype", None) is not None:
+        overrides.append(f"model.dtype={args.dtype}")
+    if getattr(args, "config", None):
+        return load_config(args.config, overrides)
+    if base is None:
+        if model is None:
+            raise ValueError(f"{need} needs --model (a pipeline folder or hub id) or --config with model.pretrained")
+        family, _ = detect_family(model, download=True)  # a hub id: fetch model_index.json (the model comes next)
+        base = {"model": {"pretrained": model, **({"family": family} if family else {})}}
+    return validate_config(resolve_mapping(base, overrides, source=f"flowtrain {need}"), FlowtrainConfig)
 
 
 def _train_config(args: argparse.Namespace):
@@ -83,7 +86,7 @@ def _train_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    if args.max_train_steps:
+    if args.max_train_steps is not None:
         overrides.append(f"train.max_steps={args.max_train_steps}")
     if args.precomputed_data_dir:
         overrides.append(f"dataset.cache_dir={args.precomputed_data_dir}")
@@ -120,8 +123,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
+    from flowtrain.dtypes import torch_dtype
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
 
     prompts = list(args.prompt or [])
@@ -129,25 +131,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
-    seq_len, layers = args.max_sequence_length, args.text_encoder_layers
+    # A run dir: sample with the model options it was trained with (family, text settings), unless overridden.
     run_cfg = _run_config_near(args.lora or args.transformer)
-    if run_cfg is not None:  # a run dir: use the text settings it was trained with unless told otherwise
-        seq_len = seq_len or run_cfg.model.max_sequence_length
-        layers = layers or run_cfg.model.text_encoder_layers
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    base = None if run_cfg is None else {"model": run_cfg.model.model_dump(mode="json")}
+    model = _model_config(args, args.model, need="sample", base=base).model
     pipe = load_sampling_pipeline(
-        args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=args.device
+        model, lora=args.lora, transformer=args.transformer, dtype=torch_dtype(args.sample_dtype), device=args.device
     )
     images = generate(
         pipe,
         prompts,
+        model,
         seed=args.seed,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,
-        max_sequence_length=seq_len or 512,
-        text_encoder_layers=tuple(layers or (9, 18, 27)),
         images_per_prompt=args.num_images,
     )
     paths = save_images(images, args.out, prompts, args.num_images)
@@ -164,12 +163,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_autoencoder(args: argparse.Namespace) -> int:
-    from flowtrain.autoencoder import load_autoencoder_config
-    from flowtrain.autoencoder.train import train_autoencoder
+    from flowtrain.config import resolve_config
+    from flowtrain.models import autoencoder_family
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_autoencoder_config(args.config, overrides)
-    result = train_autoencoder(cfg, progress=not args.quiet)
+    family = autoencoder_family(resolve_config(args.config, overrides).data.get("family"))
+    result = family.train_autoencoder(args.config, overrides, progress=not args.quiet)
     rec = result.stats.get("reconstruction_l1")
     loss = result.final.get("loss", float("nan"))
     rec_text = f", reconstruction L1 {rec:.4f}" if rec is not None else ""
@@ -231,19 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "precompute",
         help="raw shards → VAE latents + text embeddings cache",
-        description="Run the VAE and text encoder once over the raw shards. Settings come from the "
-        "flags, or from --config (model.* and dataset.cache_dir) where a flag is not given.",
+        description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
+        "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
+        "options are dotted overrides, e.g. model.text_encoder_layers=[9,18,27] model.max_sequence_length=256 "
+        "(docs/models.md lists each family's).",
     )
     s.add_argument("raw_dir", help="output folder of `flowtrain prepare`")
     s.add_argument("--out", help="cache folder (default: dataset.cache_dir of --config)")
     s.add_argument("--model", help="pipeline hub id or local folder (default: model.pretrained of --config)")
     s.add_argument("--config", help="training config to take model settings from")
-    s.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. model.dtype=float32")
+    s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
     s.add_argument("--resolution", type=int, default=512, help="square training resolution (default 512)")
     s.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder + storage dtype")
-    s.add_argument("--text-encoder-layers", type=_csv_ints, help="hidden-state indices, default 9,18,27")
-    s.add_argument("--max-sequence-length", type=int, help="text tokens (default 512)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")
     s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_precompute)
@@ -282,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "sample",
         help="generate images from a base model + LoRA / transformer",
-        description="Generate PNGs (one per prompt and image) and grid.png with the diffusers "
-        "pipeline. Text settings are read from the run's config.yaml next to --lora/--transformer "
-        "when present.",
+        description="Generate PNGs (one per prompt and image) and grid.png with the model family's diffusers "
+        "pipeline. The model options (family, text settings) are read from the run's config.yaml next to "
+        "--lora/--transformer when present; dotted overrides such as model.max_sequence_length=256 change them.",
     )
     s.add_argument("--model", required=True, help="base pipeline hub id or folder")
     g = s.add_mutually_exclusive_group()
@@ -299,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=512)
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    s.add_argument("--max-sequence-length", type=int, help="text tokens (default: run config or 512)")
-    s.add_argument("--text-encoder-layers", type=_csv_ints, help="default: run config or 9,18,27")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
+    s.add_argument(
+        "--dtype", dest="sample_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="sampling dtype (default float32)",
+    )  # fmt: skip
     s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
 
@@ -316,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "autoencoder",
-        help="train an AutoencoderKLFlux2 on prepared images and fit its latent stats",
+        help="train a model family's VAE on prepared images and fit its latent stats",
         description="Train a VAE (reconstruction + β-KL with warm-up) on the raw shards of `flowtrain prepare`, "
-        "fit the BatchNorm latent statistics Klein normalises with, and save OUTPUT_DIR/vae (diffusers format).",
+        "fit the latent statistics its model family normalises with, and save OUTPUT_DIR/vae (diffusers format). "
+        "The config's `family:` names the family (default: the one family that trains autoencoders).",
     )
     s.add_argument("config", help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "demo",
         help="train on real digits on a CPU in minutes and measure prompt adherence",
-        description="scikit-learn digits → prepare → autoencoder → precompute → train a Klein transformer from "
+        description="scikit-learn digits → prepare → autoencoder → precompute → train a transformer from "
         "scratch → sample each digit with CFG → score with a classifier. Writes samples.png, loss_curve.png and "
         "demo_report.json into --out. See docs/demo.md.",
     )

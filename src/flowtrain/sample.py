@@ -1,5 +1,5 @@
-"""`flowtrain sample`: images from a base model plus a trained LoRA or full transformer, via the diffusers
-pipeline itself (so what users get here is what they get anywhere diffusers loads the LoRA)."""
+"""`flowtrain sample`: images from a base model plus a trained LoRA or full transformer, via the model family's
+diffusers pipeline itself (so what users get here is what they get anywhere diffusers loads the LoRA)."""
 
 from __future__ import annotations
 
@@ -12,46 +12,36 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from flowtrain.config.model import ModelOptions
+from flowtrain.models import get_family
+
 log = logging.getLogger(__name__)
 
 
 def load_sampling_pipeline(
-    model: str,
+    model: ModelOptions,
     *,
     lora: str | None = None,
     transformer: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
 ) -> Any:
-    """The base pipeline, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded."""
-    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if transformer is not None:
-        t = Path(transformer)
-        sub = "transformer" if (t / "transformer" / "config.json").exists() else None
-        kwargs["transformer"] = Flux2Transformer2DModel.from_pretrained(
-            t, subfolder=sub, dtype=dtype, use_safetensors=True
-        )
-    pipe = Flux2KleinPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
-    if lora is not None:
-        pipe.load_lora_weights(lora, use_safetensors=True)
-    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The family's pipeline for `model`, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded."""
+    family = get_family(model.family)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return family.sampling_pipeline(model, dtype=dtype, device=device, transformer=transformer, lora=lora)
 
 
 def generate(
     pipe: Any,
     prompts: list[str],
+    model: ModelOptions,
     *,
     seed: int = 0,
     steps: int = 28,
     guidance_scale: float = 4.0,
     height: int = 512,
     width: int = 512,
-    max_sequence_length: int = 512,
-    text_encoder_layers: tuple[int, ...] = (9, 18, 27),
     images_per_prompt: int = 1,
     output_type: str = "pil",
     batch_size: int = 1,
@@ -65,24 +55,23 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    family = get_family(model.family)
     jobs = [(p, seed + i * images_per_prompt + k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
     images = []
     bar = tqdm(total=len(jobs), desc="sample", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        out = pipe(
-            prompt=chunk[0][0] if len(chunk) == 1 else [p for p, _ in chunk],
+        images += family.generate(
+            pipe,
+            [p for p, _ in chunk],
+            model,
+            generators=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk],
             height=height,
             width=width,
-            num_inference_steps=steps,
+            steps=steps,
             guidance_scale=guidance_scale,
-            generator=gens[0] if len(chunk) == 1 else gens,
-            max_sequence_length=max_sequence_length,
-            text_encoder_out_layers=tuple(text_encoder_layers),
             output_type=output_type,
         )
-        images.extend(out.images)
         bar.update(len(chunk))
     bar.close()
     return images

@@ -37,7 +37,7 @@ def line_for(exc: pytest.ExceptionInfo[ConfigError], key: str) -> str:
     return matches[0]
 
 
-MINIMAL = "model:\n  pretrained: org/model\n"
+MINIMAL = "model:\n  family: flux2_klein\n  pretrained: org/model\n"
 
 
 # --- extends -----------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def test_extends_recursive_deep_merge_child_wins(tmp_path: Path) -> None:
     write(
         tmp_path / "grand.yaml",
         """
-        model: {pretrained: org/base, dtype: float32, text_encoder_layers: [1, 2, 3]}
+        model: {family: flux2_klein, pretrained: org/base, dtype: float32, text_encoder_layers: [1, 2, 3]}
         train: {max_steps: 10, batch_size: 4, seed: 7}
         """,
     )
@@ -274,7 +274,7 @@ def test_every_problem_is_listed_one_per_line(tmp_path: Path) -> None:
 
 
 def test_list_item_error_is_blamed_on_the_file_that_set_the_list(tmp_path: Path) -> None:
-    base = write(tmp_path / "base.yaml", "model: {pretrained: x, text_encoder_layers: [1, two]}\n")
+    base = write(tmp_path / "base.yaml", "model: {family: flux2_klein, pretrained: x, text_encoder_layers: [1, two]}\n")
     child = write(tmp_path / "child.yaml", "extends: base.yaml\n")
     with pytest.raises(ConfigError) as exc:
         load_config(child)
@@ -299,17 +299,19 @@ def test_missing_base_names_the_extending_file(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
-    path = write(tmp_path / "bad.yaml", "model:\n  pretrained: x\ntrain:\n  seed: 1\n   max_steps: 2\n")
+    path = write(
+        tmp_path / "bad.yaml", "model:\n  family: flux2_klein\n  pretrained: x\ntrain:\n  seed: 1\n   max_steps: 2\n"
+    )
     with pytest.raises(ConfigError, match="invalid YAML") as exc:
         load_config(path)
-    assert f"{path}, line 5" in str(exc.value)
+    assert f"{path}, line 6" in str(exc.value)
 
 
 def test_duplicate_key_is_an_error_with_line(tmp_path: Path) -> None:
     path = write(tmp_path / "dup.yaml", MINIMAL + "train:\n  seed: 1\n  seed: 2\n")
     with pytest.raises(ConfigError, match="duplicate key 'seed'") as exc:
         load_config(path)
-    assert "line 5" in str(exc.value)
+    assert "line 6" in str(exc.value)
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n"])
@@ -333,7 +335,7 @@ def test_scientific_notation_parses_as_float(tmp_path: Path, text: str, expected
 
 
 def test_quoted_scientific_notation_stays_a_string(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.yaml", 'model: {pretrained: "1e5"}\n')
+    path = write(tmp_path / "c.yaml", 'model: {family: flux2_klein, pretrained: "1e5"}\n')
     assert load_config(path).model.pretrained == "1e5"
 
 
@@ -343,7 +345,7 @@ def test_quoted_scientific_notation_stays_a_string(tmp_path: Path) -> None:
 def _custom_config() -> FlowtrainConfig:
     return FlowtrainConfig.model_validate(
         {
-            "model": {"pretrained": "1e5", "text_encoder_layers": [1, 2], "revision": None},
+            "model": {"family": "flux2_klein", "pretrained": "1e5", "text_encoder_layers": [1, 2], "revision": None},
             "train": {"learning_rate": 1e-8, "max_grad_norm": None, "max_steps": 7},
             "train_mode": "full",
             "lora": {"targets": ["to_q", "to_v"], "rank": 4},

@@ -51,7 +51,7 @@ def workdir(tmp_path_factory, tiny_pipeline_dir) -> Path:
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     flowtrain("precompute", "raw", "--config", "tiny.yaml", "--resolution", str(TINY_RES), "--quiet", cwd=work)
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
-    assert manifest["num_rows"] == 6 and manifest["fingerprint"]["text_encoder_layers"] == [9, 18, 27]
+    assert manifest["num_rows"] == 6 and manifest["fingerprint"]["settings"]["text_encoder_layers"] == [9, 18, 27]
     return work
 
 

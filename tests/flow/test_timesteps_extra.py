@@ -1,5 +1,5 @@
-"""σ sampling: the densities' moments for a fixed seed, diffusers equivalence, FLUX.2's resolution shift, and the
-caption dropout draw of the training step."""
+"""σ sampling: the densities' moments for a fixed seed, diffusers equivalence, and the caption dropout draw of the
+training step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.flow import flux2_empirical_mu, resolution_shift, sample_sigmas, shift_sigmas
+from flowtrain.flow import sample_sigmas
 
 N = 200_000
 
@@ -76,23 +76,6 @@ def test_same_densities_as_diffusers(scheme):
     assert torch.allclose(ours, ref.float(), atol=1e-6)
 
 
-def test_empirical_mu_matches_diffusers_and_the_scheduler_shift():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-    for tokens in (64, 1024, 4096, 4300, 4301, 16384):
-        for steps in (4, 28, 50):
-            assert flux2_empirical_mu(tokens, steps) == compute_empirical_mu(tokens, steps)
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
-    sigma = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
-    for tokens in (256, 1024, 4096):
-        mu = compute_empirical_mu(tokens, 50)
-        expected = sched.time_shift(mu, 1.0, sigma)
-        assert torch.allclose(shift_sigmas(sigma, resolution_shift(tokens, 50)), expected, atol=1e-12)
-    assert resolution_shift(1024) == pytest.approx(5.4847, abs=1e-3)
-    assert resolution_shift(4096) == pytest.approx(7.5636, abs=1e-3)
-
-
 def _batch(b: int = 4, latent: int = 16, seq: int = 8, width: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
@@ -103,35 +86,27 @@ def _batch(b: int = 4, latent: int = 16, seq: int = 8, width: int = 12) -> dict[
 
 
 def _cfg(**sections) -> FlowtrainConfig:
-    return FlowtrainConfig.model_validate({"model": {"pretrained": "x", "dtype": "float32"}, **sections})
+    model = {"family": "flux2_klein", "pretrained": "x", "dtype": "float32"}
+    return FlowtrainConfig.model_validate({"model": model, **sections})
 
 
 def _inputs(cfg: FlowtrainConfig, batch: dict, seed: int = 3, empty: torch.Tensor | None = None):
-    from flowtrain.models.flux2_klein import Flux2KleinAdapter
+    from flowtrain.models import get_family
     from flowtrain.train.step import make_inputs
 
-    stats = (torch.zeros(16), torch.ones(16))
-    return make_inputs(batch, cfg, Flux2KleinAdapter(), stats, empty, torch.Generator().manual_seed(seed), "cpu")
-
-
-def test_resolution_shift_in_the_training_step():
-    """shift_mode resolution shifts the same draws as shift_mode fixed with s = exp(μ(tokens, reference_steps))."""
-    batch = _batch(latent=16)  # 16×16 latent → 8×8 = 64 tokens
-    plain = _inputs(_cfg(timesteps={"scheme": "uniform"}), batch).sigma
-    res = _inputs(_cfg(timesteps={"scheme": "uniform", "shift_mode": "resolution", "reference_steps": 28}), batch)
-    s = math.exp(flux2_empirical_mu(64, 28))
-    assert torch.allclose(res.sigma, shift_sigmas(plain, s))
-    assert not torch.allclose(res.sigma, plain)
+    norm = {"bn_mean": torch.zeros(16), "bn_std": torch.ones(16)}
+    cond = None if empty is None else {"text_embeds": empty.unsqueeze(0)}
+    return make_inputs(batch, cfg, get_family("flux2_klein"), norm, cond, torch.Generator().manual_seed(seed), "cpu")
 
 
 def test_caption_dropout_uses_the_empty_embedding():
     batch, empty = _batch(b=4000, latent=2, seq=3, width=2), torch.zeros(3, 2)
     text = batch["text_embeds"]
     none = _inputs(_cfg(train={"caption_dropout": 0.0}), batch, empty=empty)
-    assert torch.equal(none.text_embeds, text)
+    assert torch.equal(none.cond["text_embeds"], text)
     all_ = _inputs(_cfg(train={"caption_dropout": 1.0}), batch, empty=empty)
-    assert torch.equal(all_.text_embeds, empty.expand_as(text))
-    half = _inputs(_cfg(train={"caption_dropout": 0.3}), batch, empty=empty).text_embeds
+    assert torch.equal(all_.cond["text_embeds"], empty.expand_as(text))
+    half = _inputs(_cfg(train={"caption_dropout": 0.3}), batch, empty=empty).cond["text_embeds"]
     dropped = (half == 0).all(dim=(1, 2))
     kept = (half == text).all(dim=(1, 2))
     assert bool((dropped | kept).all())  # whole rows are replaced, never parts

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.models import get_adapter
-from flowtrain.train.setup import build_transformer
+from flowtrain.models import get_family
+from flowtrain.testing.data import tiny_model
+from flowtrain.train.trainable import build_transformer
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,17 @@ def test_model_dit_replaces_the_pipeline_transformer(tiny_pipeline_dir, finetune
             "train_mode": "full",
         }
     )
-    transformer, lora = build_transformer(cfg, get_adapter("flux2_klein"))
+    transformer, lora = build_transformer(cfg, get_family("flux2_klein"))
     assert lora is None
     got = transformer.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    cfg = FlowtrainConfig.model_validate({"model": {"pretrained": str(tmp_path / "nope"), "dtype": "float32"}})
+    model = {"family": "flux2_klein", "pretrained": str(tmp_path / "nope"), "dtype": "float32"}
+    cfg = FlowtrainConfig.model_validate({"model": model})
     with pytest.raises(FileNotFoundError, match="model.pretrained"):
-        build_transformer(cfg, get_adapter("flux2_klein"))
+        build_transformer(cfg, get_family("flux2_klein"))
 
 
 def test_distilled_checkpoint_warns(tiny_pipeline_dir, tmp_path, caplog):
@@ -57,10 +59,10 @@ def test_distilled_checkpoint_warns(tiny_pipeline_dir, tmp_path, caplog):
     index = json.loads((distilled / "model_index.json").read_text())
     index["is_distilled"] = True
     (distilled / "model_index.json").write_text(json.dumps(index))
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     with caplog.at_level(logging.WARNING):
-        adapter.load_pipeline(str(tiny_pipeline_dir), dtype=torch.float32)
+        family.load_encoders(tiny_model(tiny_pipeline_dir), dtype=torch.float32, device="cpu")
     assert "distilled" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        adapter.load_pipeline(str(distilled), dtype=torch.float32)
+        family.load_encoders(tiny_model(distilled), dtype=torch.float32, device="cpu")
     assert "is_distilled=true" in caplog.text and "-base" in caplog.text

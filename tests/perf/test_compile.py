@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.data.cache import CacheDataset, collate
+from flowtrain.data.cache import CacheDataset
 from flowtrain.losses import build_loss
-from flowtrain.models import get_adapter
+from flowtrain.models import get_family
 from flowtrain.testing.data import tiny_config_dict
-from flowtrain.train.setup import build_transformer
 from flowtrain.train.step import make_inputs, step_loss
+from flowtrain.train.trainable import build_transformer
 
 
 def _cfg(pipeline, cache, out, **train) -> FlowtrainConfig:
@@ -23,16 +23,16 @@ def _losses(model, cfg, steps: int, counters: list | None = None) -> list[float]
     """`steps` LoRA steps on the first batch; appends dynamo's compile counters after each step to `counters`."""
     import torch._dynamo.utils as dynamo_utils
 
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     ds = CacheDataset(cfg.dataset.cache_dir)
-    batch = collate([ds[0], ds[1]])
-    stats = torch.tensor(ds.manifest["latent_bn_mean"]), torch.tensor(ds.manifest["latent_bn_std"])
+    batch = ds.collate([ds[0], ds[1]])
+    stats = ds.latent_norm
     loss_fn = build_loss("flow_matching")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     out = []
     for step in range(steps):
-        inputs = make_inputs(batch, cfg, adapter, stats, None, torch.Generator().manual_seed(step), torch.device("cpu"))
-        loss, _ = step_loss(model, adapter, inputs, loss_fn)
+        inputs = make_inputs(batch, cfg, family, stats, None, torch.Generator().manual_seed(step), torch.device("cpu"))
+        loss, _ = step_loss(model, family, inputs, loss_fn)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -43,12 +43,12 @@ def _losses(model, cfg, steps: int, counters: list | None = None) -> list[float]
 
 
 def _check(tiny_pipeline_dir, tiny_cache, tmp_path, backend: str, atol: float) -> None:
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     torch.manual_seed(0)
-    eager, _ = build_transformer(_cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path), adapter)
+    eager, _ = build_transformer(_cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path), family)
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path, compile=True, compile_backend=backend)
     torch.manual_seed(0)  # the same LoRA init
-    compiled, _ = build_transformer(cfg, adapter)
+    compiled, _ = build_transformer(cfg, family)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: checkpoints and exports unchanged
     torch._dynamo.reset()
     counters: list = []

@@ -10,18 +10,12 @@ import torch
 
 from flowtrain.config import FlowtrainConfig
 from flowtrain.config.schema import OptimizerConfig
-from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
+from flowtrain.data.cache import CacheDataset, ResumableSampler
+from flowtrain.data.loader import BatchPrefetcher, batch_iterator, build_loader, use_prefetch_thread
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import (
-    BatchPrefetcher,
-    batch_iterator,
-    build_loader,
-    optimizer_kwargs,
-    optimizer_step_fn,
-    use_prefetch_thread,
-)
+from flowtrain.train.perf import optimizer_kwargs, optimizer_step_fn
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -62,7 +56,7 @@ def _dataset_and_sampler(cache, batch=2):
 
 def test_loader_pins_memory_for_cuda_and_prefetches_with_workers(tiny_cache):
     ds, sampler = _dataset_and_sampler(tiny_cache[1])
-    kw = {"batch_size": 2, "collate_fn": collate, "pin_memory": True, "prefetch_factor": 3}
+    kw = {"batch_size": 2, "collate_fn": ds.collate, "pin_memory": True, "prefetch_factor": 3}
     cuda = build_loader(ds, sampler, num_workers=2, device=torch.device("cuda"), **kw)  # not iterated: no GPU needed
     assert cuda.pin_memory and cuda.prefetch_factor == 3 and cuda.persistent_workers and cuda.num_workers == 2
     cpu = build_loader(ds, sampler, num_workers=0, device=torch.device("cpu"), **kw)
@@ -77,7 +71,7 @@ def test_prefetch_thread_reads_ahead_in_order(tiny_pipeline_dir, tiny_cache, tmp
     assert use_prefetch_thread(True, 0, cpu) and not use_prefetch_thread(False, 0, cuda)
     assert not use_prefetch_thread(True, 2, cuda)  # worker processes prefetch on their own
     ds, sampler = _dataset_and_sampler(tiny_cache[1])
-    loader = build_loader(ds, sampler, batch_size=2, collate_fn=collate, num_workers=0, pin_memory=True,
+    loader = build_loader(ds, sampler, batch_size=2, collate_fn=ds.collate, num_workers=0, pin_memory=True,
                           prefetch_factor=2, device=torch.device("cpu"))  # fmt: skip
     batches = batch_iterator(loader, prefetch=True, depth=2)
     assert isinstance(batches, BatchPrefetcher)
@@ -92,8 +86,8 @@ def test_prefetch_thread_reads_ahead_in_order(tiny_pipeline_dir, tiny_cache, tmp
 def test_training_with_the_prefetch_thread_is_exact(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
     """`dataset.prefetch: true` (what auto picks on a GPU) trains on the same batches as reading inline: the same
     losses, bitwise; the thread is used and stopped at the end."""
+    from flowtrain.data import loader as loader_module
     from flowtrain.testing.training import fresh_accelerator_state, train_config
-    from flowtrain.train import perf
     from flowtrain.train.loop import train
 
     made: list[BatchPrefetcher] = []
@@ -103,7 +97,7 @@ def test_training_with_the_prefetch_thread_is_exact(tiny_pipeline_dir, tiny_cach
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(perf, "BatchPrefetcher", Recorded)  # the real class, recorded so the test can see it
+    monkeypatch.setattr(loader_module, "BatchPrefetcher", Recorded)  # the real class, recorded so the test can see it
     losses = {}
     for prefetch in (False, True):
         cfg = train_config(tiny_pipeline_dir, tiny_cache[1], tmp_path / str(prefetch), train={"max_steps": 6},
@@ -141,7 +135,7 @@ def test_prefetcher_close_does_not_hang_on_an_endless_source():
 
 
 def test_rows_stay_bf16_until_the_device_and_workers_collate_into_shared_memory(tmp_path):
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
     from flowtrain.train.step import make_inputs
 
     cache = write_synthetic_cache(tmp_path / "c", 12, text_shape=(6, 12), text_dtype="bfloat16")
@@ -149,7 +143,7 @@ def test_rows_stay_bf16_until_the_device_and_workers_collate_into_shared_memory(
     assert ds[0]["text_embeds"].dtype == torch.bfloat16  # half the bytes to collate, pin and copy
     kw = {
         "batch_size": 3,
-        "collate_fn": collate,
+        "collate_fn": ds.collate,
         "pin_memory": True,
         "prefetch_factor": 2,
         "device": torch.device("cpu"),
@@ -161,16 +155,16 @@ def test_rows_stay_bf16_until_the_device_and_workers_collate_into_shared_memory(
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert b["text_embeds"].is_shared()  # stacked straight into shared memory in the worker
     cfg = FlowtrainConfig.model_validate(tiny_config_dict("unused", cache, tmp_path / "o"))
-    stats = (torch.zeros(16), torch.ones(16))  # 4C for moments of 2C = 8 channels
-    inputs = make_inputs(a, cfg, get_adapter("flux2_klein"), stats, None, torch.Generator().manual_seed(0),
+    stats = {"bn_mean": torch.zeros(16), "bn_std": torch.ones(16)}  # 4C for moments of 2C = 8 channels
+    inputs = make_inputs(a, cfg, get_family("flux2_klein"), stats, None, torch.Generator().manual_seed(0),
                          torch.device("cpu"))  # fmt: skip
-    assert inputs.text_embeds.dtype == torch.float32
-    assert torch.equal(inputs.text_embeds, a["text_embeds"].float())
+    assert inputs.cond["text_embeds"].dtype == torch.float32
+    assert torch.equal(inputs.cond["text_embeds"], a["text_embeds"].float())
 
 
 def test_position_ids_are_built_once_per_shape():
-    from flowtrain.models.flux2_klein import _position_ids, latent_ids, text_ids
+    from flowtrain.models.flux2_klein.latents import latent_ids, position_ids, text_ids
 
-    a = _position_ids(2, 4, 6, 9, torch.device("cpu"))
-    assert a[0] is _position_ids(2, 4, 6, 9, torch.device("cpu"))[0]
+    a = position_ids(2, 4, 6, 9, torch.device("cpu"))
+    assert a[0] is position_ids(2, 4, 6, 9, torch.device("cpu"))[0]
     assert torch.equal(a[0], latent_ids(2, 4, 6)) and torch.equal(a[1], text_ids(2, 9))

@@ -122,7 +122,7 @@ def test_missing_or_truncated_shard_is_refused_at_open(tiny_cache, tmp_path):
 def test_empty_cache_and_missing_cache(tiny_cache, rel_cfg, tmp_path):
     cache = _copy_cache(tiny_cache[1], tmp_path / "cache")
     manifest = json.loads((cache / "manifest.json").read_text())
-    manifest.update(num_rows=0, shards=[], latent_shape=None, text_shape=None)
+    manifest.update(num_rows=0, shards=[])
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="the cache holds no rows"):
         train(rel_cfg(tmp_path / "r", dataset={"cache_dir": str(cache)}), progress=False)
@@ -143,7 +143,7 @@ def test_cache_made_for_other_settings_or_model(tiny_cache, rel_cfg, tmp_path):
     cache = _copy_cache(tiny_cache[1], tmp_path / "cache")
     _rewrite_shard(cache, lambda c: c.__setitem__("text_embeds", torch.nn.functional.pad(c["text_embeds"], (0, 32))))
     manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["text_shape"] = [32, 128]
+    next(c for c in manifest["columns"] if c["name"] == "text_embeds")["shape"] = [32, 128]
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="wrong model for this cache"):
         train(rel_cfg(tmp_path / "r", dataset={"cache_dir": str(cache)}), progress=False)

@@ -11,7 +11,7 @@ import pytest
 from flowtrain.cli import main
 from flowtrain.testing import killharness as kh
 
-GOOD = "model:\n  pretrained: some/model\ntrain:\n  max_steps: 10\n"
+GOOD = "model:\n  family: flux2_klein\n  pretrained: some/model\ntrain:\n  max_steps: 10\n"
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import pytest
 
 from flowtrain.data import precompute as pre
 from flowtrain.data.cache import CacheDataset
-from flowtrain.data.precompute import PrecomputeSettings, precompute
+from flowtrain.data.precompute import precompute
 from flowtrain.data.prepare import prepare
-from flowtrain.models.flux2_klein import Flux2KleinAdapter
-from flowtrain.testing.data import TINY_RES, TINY_SEQ
+from flowtrain.models.flux2_klein.family import Flux2Klein
+from flowtrain.testing.data import TINY_RES, tiny_model
 
 ROWS_PER_SHARD = 3  # 8 rows → shards of 3, 3, 2; batch 2 → 2, 2, 1 encoder calls
 
@@ -24,12 +24,9 @@ class Interrupted(Exception):
     pass
 
 
-def _settings(pipeline: Path) -> PrecomputeSettings:
-    return PrecomputeSettings(model=str(pipeline), max_sequence_length=TINY_SEQ, resolution=TINY_RES, dtype="float32")
-
-
-def _run(raw: Path, out: Path, pipeline: Path) -> dict:
-    return precompute(raw, out, _settings(pipeline), batch_size=2, rows_per_shard=ROWS_PER_SHARD, progress=False)
+def _run(raw: Path, out: Path, pipeline: Path):
+    return precompute(raw, out, tiny_model(pipeline), resolution=TINY_RES, batch_size=2, rows_per_shard=ROWS_PER_SHARD,
+                      progress=False)  # fmt: skip
 
 
 def _content(cache: Path) -> tuple[dict, dict[str, dict]]:
@@ -48,7 +45,7 @@ def uninterrupted(tmp_path_factory, tiny_pipeline_dir, tiny_cache) -> Path:
 
 
 def _interrupt_encoder_after(monkeypatch, calls: int) -> None:
-    real = Flux2KleinAdapter.encode_pixels
+    real = Flux2Klein.encode_pixels
     count = {"n": 0}
 
     def encode_pixels(self, pipe, pixels):
@@ -57,12 +54,12 @@ def _interrupt_encoder_after(monkeypatch, calls: int) -> None:
             raise Interrupted(f"interrupted before encoder call {count['n']}")
         return real(self, pipe, pixels)
 
-    monkeypatch.setattr(Flux2KleinAdapter, "encode_pixels", encode_pixels)
+    monkeypatch.setattr(Flux2Klein, "encode_pixels", encode_pixels)
 
 
 def _interrupt_while_writing_shard(monkeypatch, shard_no: int) -> None:
     """Die after the temporary file of the `shard_no`-th shard is written, before it is renamed."""
-    real = pre._write_atomic
+    real = pre.write_shard
     count = {"n": 0}
 
     def write(table, path):
@@ -72,7 +69,7 @@ def _interrupt_while_writing_shard(monkeypatch, shard_no: int) -> None:
             raise Interrupted("killed mid-write")
         return real(table, path)
 
-    monkeypatch.setattr(pre, "_write_atomic", write)
+    monkeypatch.setattr(pre, "write_shard", write)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +97,7 @@ def test_interrupted_precompute_resumes_to_the_same_cache(
     got_manifest, got_shards = _content(out)
     assert got_manifest | {"source": None} == want_manifest | {"source": None}
     assert got_shards == want_shards  # every column, every value
-    keys = [k for s in manifest["shards"] for k in pq.read_table(out / s["file"], columns=["key"])["key"].to_pylist()]
+    keys = [k for s in manifest.shards for k in pq.read_table(out / s["file"], columns=["key"])["key"].to_pylist()]
     raw_keys = [k for s in json.loads((tiny_cache[0] / "manifest.json").read_text())["shards"]
                 for k in pq.read_table(tiny_cache[0] / s["file"], columns=["key"])["key"].to_pylist()]  # fmt: skip
     assert keys == raw_keys and len(set(keys)) == len(keys)  # no duplicate, no missing key
@@ -121,6 +118,6 @@ def test_rerun_after_reprepare_recomputes_changed_shards(uninterrupted, tiny_pip
     manifest = _run(raw, out, tiny_pipeline_dir)
     fresh = tmp_path / "fresh"
     _run(raw, fresh, tiny_pipeline_dir)
-    assert manifest["num_rows"] == 7
+    assert manifest.num_rows == 7
     assert _content(out)[1] == _content(fresh)[1]
-    assert sorted(p.name for p in out.glob("cache-*")) == sorted(s["file"] for s in manifest["shards"])
+    assert sorted(p.name for p in out.glob("cache-*")) == sorted(s["file"] for s in manifest.shards)

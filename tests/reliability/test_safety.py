@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowtrain.config.schema import ModelConfig
-from flowtrain.models.flux2_klein import Flux2KleinAdapter
+from flowtrain.models import get_family
+from flowtrain.testing.data import tiny_model
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.loop import train
 
@@ -60,11 +60,12 @@ def test_transformer_weights_only_from_safetensors(tiny_pipeline_dir, rel_cfg, t
     ckpt_file = tmp_path / "dit.ckpt"
     ckpt_file.write_bytes(b"whatever")
     with pytest.raises(ValueError, match="only .safetensors weight files"):
-        Flux2KleinAdapter().load_transformer(str(tiny_pipeline_dir), dit=str(ckpt_file), dtype=torch.float32)
+        model = tiny_model(tiny_pipeline_dir, dit=str(ckpt_file))
+        get_family("flux2_klein").load_transformer(model, dtype=torch.float32, weights=model.dit)
 
 
 def test_no_remote_code_by_default(tiny_pipeline_dir, monkeypatch):
-    assert ModelConfig(pretrained="x").trust_remote_code is False
+    assert get_family("flux2_klein").options(pretrained="x").trust_remote_code is False
     from diffusers import Flux2KleinPipeline
 
     seen = {}
@@ -75,5 +76,5 @@ def test_no_remote_code_by_default(tiny_pipeline_dir, monkeypatch):
 
     monkeypatch.setattr(Flux2KleinPipeline, "from_pretrained", fake)
     with pytest.raises(FileNotFoundError):
-        Flux2KleinAdapter().load_pipeline(str(tiny_pipeline_dir), dtype=torch.float32)
+        get_family("flux2_klein").load_encoders(tiny_model(tiny_pipeline_dir), dtype=torch.float32, device="cpu")
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True

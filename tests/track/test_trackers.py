@@ -47,7 +47,7 @@ def test_jsonl_keeps_nan_readable(tmp_path: Path) -> None:
 
 
 def test_old_import_path_still_works() -> None:
-    from flowtrain.train.metrics import JsonlMetrics
+    from flowtrain.track.jsonl import JsonlMetrics
 
     assert JsonlMetrics is JsonlTracker
 
@@ -121,12 +121,12 @@ def test_smoother_is_bias_corrected() -> None:
 # --- config ----------------------------------------------------------------------------------------------------
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "c.yaml"
-    p.write_text("model: {pretrained: x}\n" + text)
+    p.write_text("model: {family: flux2_klein, pretrained: x}\n" + text)
     return p
 
 
 def test_config_defaults_and_checks(tmp_path: Path) -> None:
-    cfg = FlowtrainConfig.model_validate({"model": {"pretrained": "x"}})
+    cfg = FlowtrainConfig.model_validate({"model": {"family": "flux2_klein", "pretrained": "x"}})
     assert cfg.tracking.report_to == ["mlflow", "jsonl"] and cfg.tracking.uri is None
     assert cfg.validation.every_steps is None and not cfg.validation.enabled
     assert load_config(_write(tmp_path, "tracking: {report_to: tensorboard}\n")).tracking.report_to == ["tensorboard"]

@@ -13,14 +13,14 @@ LR, MAX_NORM = 0.5, 1e-4
 def test_accumulated_clipped_step_matches_a_manual_one(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
     from accelerate.utils import set_seed
 
-    from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
+    from flowtrain.data.cache import CacheDataset, ResumableSampler
     from flowtrain.losses.flow_matching import FlowMatchingLoss
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
     from flowtrain.testing.training import train_config
     from flowtrain.track import read_metrics
     from flowtrain.train.loop import train
-    from flowtrain.train.setup import build_transformer
     from flowtrain.train.step import make_inputs, step_loss, step_seed
+    from flowtrain.train.trainable import build_transformer
 
     cfg = train_config(
         tiny_pipeline_dir, tiny_cache[1], tmp_path / "run",
@@ -35,20 +35,20 @@ def test_accumulated_clipped_step_matches_a_manual_one(tiny_pipeline_dir, tiny_c
     row = read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")[-1]
 
     # The same step by hand: same init (seeded like the loop), the first two rows, the loop's per-micro generators.
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     dataset = CacheDataset(cfg.dataset.cache_dir)
     set_seed(cfg.train.seed)
-    model, _ = build_transformer(cfg, adapter)
+    model, _ = build_transformer(cfg, family)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     init = {n: p.detach().clone() for n, p in params.items()}
-    stats = (torch.tensor(dataset.manifest["latent_bn_mean"]), torch.tensor(dataset.manifest["latent_bn_std"]))
+    stats = dataset.latent_norm
     rows = iter(ResumableSampler(len(dataset), 1, seed=0, shuffle=False))
     losses = []
     for micro in range(2):
-        batch = collate([dataset[next(rows)]])
+        batch = dataset.collate([dataset[next(rows)]])
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, 0, micro, 0))
-        inputs = make_inputs(batch, cfg, adapter, stats, None, gen, torch.device("cpu"))
-        loss, _ = step_loss(model, adapter, inputs, FlowMatchingLoss())
+        inputs = make_inputs(batch, cfg, family, stats, None, gen, torch.device("cpu"))
+        loss, _ = step_loss(model, family, inputs, FlowMatchingLoss())
         (loss / 2).backward()
         losses.append(loss.item())
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()])).item()

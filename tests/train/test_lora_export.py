@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.testing.data import TINY_RES, TINY_SEQ, tiny_config_dict
+from flowtrain.testing.data import TINY_RES, TINY_SEQ, tiny_config_dict, tiny_model
 from flowtrain.train.loop import train
 
 PROMPTS = ["a photo number 1", "a photo number 5"]
@@ -48,15 +48,16 @@ def test_lora_file_reproduces_trained_model(lora_run, tiny_pipeline_dir):
     assert (cfg.r, cfg.lora_alpha) == (4, 16)
     g = torch.Generator().manual_seed(0)
     x, txt = torch.randn(1, 64, 16, generator=g), torch.randn(1, TINY_SEQ, 96, generator=g)
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
 
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     sigma = torch.tensor([0.4])
     lora_run.transformer.eval()
     with torch.no_grad():
-        trained = adapter.predict(lora_run.transformer, x, sigma, txt, (8, 8))
-        loaded = adapter.predict(pipe.transformer, x, sigma, txt, (8, 8))
-        base = adapter.predict(Flux2KleinPipeline.from_pretrained(tiny_pipeline_dir).transformer, x, sigma, txt, (8, 8))
+        trained = family.predict(lora_run.transformer, x, sigma, {"text_embeds": txt}, (8, 8))
+        loaded = family.predict(pipe.transformer, x, sigma, {"text_embeds": txt}, (8, 8))
+        base_model = Flux2KleinPipeline.from_pretrained(tiny_pipeline_dir).transformer
+        base = family.predict(base_model, x, sigma, {"text_embeds": txt}, (8, 8))
     assert (trained - loaded).abs().max().item() <= 1e-6
     assert (trained - base).abs().max().item() > 1e-3  # the LoRA learned something
 
@@ -64,18 +65,19 @@ def test_lora_file_reproduces_trained_model(lora_run, tiny_pipeline_dir):
 def test_sample_with_lora_equals_plain_diffusers_and_differs_from_base(lora_run, tiny_pipeline_dir, tmp_path):
     from flowtrain.sample import generate, load_sampling_pipeline
 
-    pipe = load_sampling_pipeline(str(tiny_pipeline_dir), lora=str(lora_run.output_dir), device="cpu")
+    model = tiny_model(tiny_pipeline_dir, max_sequence_length=TINY_SEQ)
+    pipe = load_sampling_pipeline(model, lora=str(lora_run.output_dir), device="cpu")
     ours = np.stack(
         [
             generate(
                 pipe,
                 [p],
+                model,
                 seed=7 + i,
                 steps=4,
                 guidance_scale=3.0,
                 height=TINY_RES,
                 width=TINY_RES,
-                max_sequence_length=TINY_SEQ,
                 output_type="np",
             )[0]
             for i, p in enumerate(PROMPTS)
@@ -124,16 +126,17 @@ def test_sample_cli_writes_pngs_and_grid(lora_run, tiny_pipeline_dir, tmp_path):
     a = np.asarray(Image.open(out / "000_00.png"))
     from flowtrain.sample import generate, load_sampling_pipeline
 
-    pipe = load_sampling_pipeline(str(tiny_pipeline_dir), lora=str(lora_run.output_dir), device="cpu")
+    model = tiny_model(tiny_pipeline_dir, max_sequence_length=TINY_SEQ)
+    pipe = load_sampling_pipeline(model, lora=str(lora_run.output_dir), device="cpu")
     b = np.asarray(
         generate(
             pipe,
             [PROMPTS[0]],
+            model,
             seed=0,
             steps=3,
             height=TINY_RES,
             width=TINY_RES,
-            max_sequence_length=TINY_SEQ,
             images_per_prompt=2,
         )[0]
     )

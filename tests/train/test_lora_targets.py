@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.models.flux2_klein import LORA_PRESETS
-from flowtrain.train.setup import apply_lora, check_lora_targets
+from flowtrain.models.flux2_klein.family import LORA_PRESETS
+from flowtrain.train.trainable import apply_lora, check_lora_targets
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_bad_targets_fail_before_peft_is_touched(tiny_pipeline_dir, transformer,
 
 
 def test_apply_logs_modules_and_trainable_parameters(tiny_pipeline_dir, transformer, caplog):
-    with caplog.at_level(logging.INFO, logger="flowtrain.train.setup"):
+    with caplog.at_level(logging.INFO, logger="flowtrain.train.trainable"):
         apply_lora(transformer, _cfg(tiny_pipeline_dir, "attention+ff", rank=2), LORA_PRESETS)
     trainable = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable)
@@ -87,24 +87,25 @@ def test_lora_on_all_linears_reloads_in_diffusers(tiny_pipeline_dir, transformer
     """`all` adapts the embedders, modulation and output layers too; diffusers' load_lora_weights must take it."""
     from diffusers import Flux2KleinPipeline
 
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
 
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     lora_cfg = apply_lora(transformer, _cfg(tiny_pipeline_dir, "all", rank=2), LORA_PRESETS)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in transformer.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    adapter.save_lora(tmp_path, transformer, lora_cfg)
+    family.save_lora(tmp_path, transformer, lora_cfg)
     pipe = Flux2KleinPipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path)
     x, txt = torch.randn(1, 64, 16, generator=g), torch.randn(1, 32, 96, generator=g)
     sigma = torch.tensor([0.5])
     transformer.eval()
     with torch.no_grad():
-        ours = adapter.predict(transformer, x, sigma, txt, (8, 8))
-        loaded = adapter.predict(pipe.transformer, x, sigma, txt, (8, 8))
-        base = adapter.predict(Flux2KleinPipeline.from_pretrained(tiny_pipeline_dir).transformer, x, sigma, txt, (8, 8))
+        cond = {"text_embeds": txt}
+        ours = family.predict(transformer, x, sigma, cond, (8, 8))
+        loaded = family.predict(pipe.transformer, x, sigma, cond, (8, 8))
+        base = family.predict(Flux2KleinPipeline.from_pretrained(tiny_pipeline_dir).transformer, x, sigma, cond, (8, 8))
     assert (ours - loaded).abs().max().item() <= 1e-5
     assert (ours - base).abs().max().item() > 1e-3  # the LoRA does something

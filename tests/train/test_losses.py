@@ -24,7 +24,9 @@ def _ctx(b: int = 4, n: int = 6, c: int = 3, seed: int = 0, **kw) -> LossContext
 
 
 def _cfg(**loss) -> FlowtrainConfig:
-    return FlowtrainConfig.model_validate({"model": {"pretrained": "x", "dtype": "float32"}, "loss": loss})
+    return FlowtrainConfig.model_validate(
+        {"model": {"family": "flux2_klein", "pretrained": "x", "dtype": "float32"}, "loss": loss}
+    )
 
 
 @pytest.mark.parametrize("base", ["mse", "l1", "huber", "logcosh"])
@@ -99,12 +101,12 @@ def test_prior_preservation_adds_the_weighted_class_loss():
     assert torch.equal(logs["loss/per_sample"], per)
     cfg = FlowtrainConfig.model_validate(
         {
-            "model": {"pretrained": "x", "dtype": "float32"},
+            "model": {"family": "flux2_klein", "pretrained": "x", "dtype": "float32"},
             "dataset": {"class_cache_dir": "class-cache"},
             "loss": {"name": "prior_preservation", "prior_loss_weight": 0.25},
         }
     )
-    built = loss_from_config(cfg, device="cpu")
+    built = loss_from_config(cfg)
     assert isinstance(built, PriorPreservationLoss) and built.prior_loss_weight == 0.25
     with pytest.raises(ValueError, match="class_cache_dir"):
         PriorPreservationLoss()(_ctx())
@@ -114,9 +116,10 @@ def test_distillation_runs_the_frozen_teacher_at_the_same_inputs(tiny_pipeline_d
     from diffusers import Flux2Transformer2DModel
 
     from flowtrain.losses.distill import DistillationLoss
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
+    from flowtrain.train.trainable import load_teacher
 
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     cfg = FlowtrainConfig.model_validate(
         {
             "model": {"pretrained": str(tiny_pipeline_dir), "dtype": "float32"},
@@ -124,7 +127,7 @@ def test_distillation_runs_the_frozen_teacher_at_the_same_inputs(tiny_pipeline_d
                      "distill_weight": 2.0, "base": "l1"},
         }
     )  # fmt: skip
-    loss_fn = loss_from_config(cfg, adapter=adapter, device="cpu")
+    loss_fn = loss_from_config(cfg, family=family, teacher=load_teacher(cfg, family, "cpu"))
     assert isinstance(loss_fn, DistillationLoss)
     assert not loss_fn.teacher.training and not any(p.requires_grad for p in loss_fn.teacher.parameters())
 
@@ -134,9 +137,11 @@ def test_distillation_runs_the_frozen_teacher_at_the_same_inputs(tiny_pipeline_d
     x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise
     reference = Flux2Transformer2DModel.from_pretrained(tiny_pipeline_dir, subfolder="transformer")
     with torch.no_grad():
-        teacher_pred = adapter.predict(reference, x_t, sigma, text, (8, 8))
+        teacher_pred = family.predict(reference, x_t, sigma, {"text_embeds": text}, (8, 8))
     pred = (teacher_pred + 0.1 * torch.randn(teacher_pred.shape, generator=g)).requires_grad_(True)
-    ctx = LossContext(pred=pred, x0=x0, noise=noise, sigma=sigma, x_t=x_t, extra={"text_embeds": text, "grid": (8, 8)})
+    ctx = LossContext(
+        pred=pred, x0=x0, noise=noise, sigma=sigma, x_t=x_t, extra={"cond": {"text_embeds": text}, "shape": (8, 8)}
+    )
     loss, logs = loss_fn(ctx)
     flow = (pred - (noise - x0)).abs().flatten(1).mean(1)
     distill = (pred - teacher_pred).abs().flatten(1).mean(1)
@@ -148,11 +153,14 @@ def test_distillation_runs_the_frozen_teacher_at_the_same_inputs(tiny_pipeline_d
 
 
 def test_distillation_teacher_errors_name_the_key(tmp_path):
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
+    from flowtrain.train.trainable import load_teacher
 
     cfg = _cfg(name="distillation", teacher=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="loss.teacher"):
-        loss_from_config(cfg, adapter=get_adapter("flux2_klein"), device="cpu")
+        load_teacher(cfg, get_family("flux2_klein"), "cpu")
+    with pytest.raises(ValueError, match="loaded teacher"):
+        loss_from_config(cfg, family=get_family("flux2_klein"))
 
 
 def test_loss_config_combinations_are_validated():
@@ -166,7 +174,10 @@ def test_loss_config_combinations_are_validated():
         _cfg(teacher="some/path")
     with pytest.raises(ValidationError, match="prior_preservation"):
         FlowtrainConfig.model_validate(
-            {"model": {"pretrained": "x", "dtype": "float32"}, "dataset": {"class_cache_dir": "c"}}
+            {
+                "model": {"family": "flux2_klein", "pretrained": "x", "dtype": "float32"},
+                "dataset": {"class_cache_dir": "c"},
+            }
         )
 
 
@@ -216,9 +227,9 @@ def test_cache_loss_mask_column_reaches_the_loss_context(tiny_cache, tmp_path, k
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from flowtrain.data.cache import CacheDataset, collate
+    from flowtrain.data.cache import CacheDataset
     from flowtrain.data.tensors import tensor_column
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
     from flowtrain.train.step import make_inputs
 
     cache = tmp_path / "cache"
@@ -234,10 +245,10 @@ def test_cache_loss_mask_column_reaches_the_loss_context(tiny_cache, tmp_path, k
             column = tensor_column(grid, "float32")
         pq.write_table(table.append_column("loss_mask", column), cache / shard["file"], row_group_size=16)
     ds = CacheDataset(cache)
-    batch = collate([ds[0], ds[1]])
-    cfg = FlowtrainConfig.model_validate({"model": {"pretrained": "x", "dtype": "float32"}})
-    stats = (torch.tensor(ds.manifest["latent_bn_mean"]), torch.tensor(ds.manifest["latent_bn_std"]))
-    inputs = make_inputs(batch, cfg, get_adapter("flux2_klein"), stats, None, torch.Generator().manual_seed(0), "cpu")
+    batch = ds.collate([ds[0], ds[1]])
+    cfg = FlowtrainConfig.model_validate({"model": {"family": "flux2_klein", "pretrained": "x", "dtype": "float32"}})
+    stats = ds.latent_norm
+    inputs = make_inputs(batch, cfg, get_family("flux2_klein"), stats, None, torch.Generator().manual_seed(0), "cpu")
     if kind == "per_sample":
         assert inputs.mask.tolist() == [0.0, 1.0]
     else:

@@ -119,7 +119,9 @@ def test_lr_scale_makes_parameter_groups():
     assert lrs[id(model[0].bias)] == pytest.approx(5e-4)
     assert lrs[id(model[1].weight)] == pytest.approx(4e-3)
     assert lrs[id(model[1].bias)] == pytest.approx(4e-3)  # first matching regex wins
-    sched = build_lr_scheduler(opt, FlowtrainConfig.model_validate({"model": {"pretrained": "x"}}).lr_scheduler, 10)
+    sched = build_lr_scheduler(
+        opt, FlowtrainConfig.model_validate({"model": {"family": "flux2_klein", "pretrained": "x"}}).lr_scheduler, 10
+    )
     assert sorted(sched.get_last_lr()) == pytest.approx([5e-4, 1e-3, 4e-3])
     with pytest.raises(ValueError, match="match no trainable parameter"):
         build_optimizer(model.named_parameters(), OptimizerConfig(lr_scale={"lora_B": 2.0}), 1e-3)
@@ -188,7 +190,7 @@ def test_changed_lr_on_resume_keeps_the_lr_scale_ratios():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     cfg = FlowtrainConfig.model_validate(
         {
-            "model": {"pretrained": "x"},
+            "model": {"family": "flux2_klein", "pretrained": "x"},
             "train": {"learning_rate": 2e-3, "max_steps": 10},
             "optimizer": {"lr_scale": {r"^1\.": 3.0}},
             "lr_scheduler": {"name": "linear", "warmup_steps": 0},
@@ -199,5 +201,9 @@ def test_changed_lr_on_resume_keeps_the_lr_scale_ratios():
     for _ in range(4):
         opt.step()
         sched.step()
-    apply_changed_schedule({"train": {"learning_rate": 1e-3, "max_steps": 10}}, cfg, opt, sched)
+    from flowtrain.train.state import DataPosition, TrainState
+
+    old = TrainState(step=4, data=DataPosition(0, 4, 0), essentials={}, learning_rate=1e-3, max_steps=10,
+                     world_size=1, global_batch=1)  # fmt: skip
+    apply_changed_schedule(old, cfg, opt, sched)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2e-3 * 0.6, 6e-3 * 0.6])

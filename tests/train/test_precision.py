@@ -12,19 +12,28 @@ from flowtrain.config import FlowtrainConfig
 
 
 def _validate(**sections) -> FlowtrainConfig:
-    return FlowtrainConfig.model_validate({"model": {"pretrained": "x"}, **sections})
+    return FlowtrainConfig.model_validate({"model": {"family": "flux2_klein", "pretrained": "x"}, **sections})
 
 
 def test_precision_rules():
     assert _validate().train.mixed_precision == "bf16"  # auto follows model.dtype (bfloat16 by default)
-    assert _validate(model={"pretrained": "x", "dtype": "float32"}).train.mixed_precision == "no"
-    assert _validate(model={"pretrained": "x", "dtype": "float16"}).train.mixed_precision == "fp16"
-    assert _validate(train={"mixed_precision": "bf16"}, model={"pretrained": "x", "dtype": "float32"})
+    assert (
+        _validate(model={"family": "flux2_klein", "pretrained": "x", "dtype": "float32"}).train.mixed_precision == "no"
+    )
+    assert (
+        _validate(model={"family": "flux2_klein", "pretrained": "x", "dtype": "float16"}).train.mixed_precision
+        == "fp16"
+    )
+    assert _validate(
+        train={"mixed_precision": "bf16"}, model={"family": "flux2_klein", "pretrained": "x", "dtype": "float32"}
+    )
     with pytest.raises(ValidationError) as exc:
         _validate(train={"mixed_precision": "no"})
     assert "model.dtype=bfloat16" in str(exc.value) and "train.mixed_precision=bf16" in str(exc.value)
     with pytest.raises(ValidationError, match="train.mixed_precision=fp16"):
-        _validate(model={"pretrained": "x", "dtype": "float16"}, train={"mixed_precision": "bf16"})
+        _validate(
+            model={"family": "flux2_klein", "pretrained": "x", "dtype": "float16"}, train={"mixed_precision": "bf16"}
+        )
     # a full fine-tune keeps fp32 master weights whatever model.dtype says, so any autocast is fine
     assert _validate(train_mode="full", train={"mixed_precision": "no"}).train.mixed_precision == "no"
 
@@ -33,7 +42,9 @@ def test_config_error_names_both_keys_when_loaded_from_yaml(tmp_path):
     from flowtrain.config import ConfigError, load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  pretrained: x\n  dtype: bfloat16\ntrain:\n  mixed_precision: 'no'\n")
+    path.write_text(
+        "model:\n  family: flux2_klein\n  pretrained: x\n  dtype: bfloat16\ntrain:\n  mixed_precision: 'no'\n"
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert "model.dtype" in str(exc.value) and "train.mixed_precision" in str(exc.value)
@@ -62,11 +73,11 @@ def test_bf16_base_lora_trains_in_fp32_under_autocast(tiny_pipeline_dir, tiny_ca
 
 
 def test_full_finetune_keeps_fp32_master_weights(tiny_pipeline_dir):
-    from flowtrain.models import get_adapter
-    from flowtrain.train.setup import build_transformer
+    from flowtrain.models import get_family
+    from flowtrain.train.trainable import build_transformer
 
     cfg = _validate(model={"pretrained": str(tiny_pipeline_dir), "dtype": "bfloat16"}, train_mode="full")
-    transformer, lora_cfg = build_transformer(cfg, get_adapter("flux2_klein"))
+    transformer, lora_cfg = build_transformer(cfg, get_family("flux2_klein"))
     assert lora_cfg is None
     assert all(p.requires_grad and p.dtype == torch.float32 for p in transformer.parameters())
 
@@ -91,10 +102,10 @@ def test_fp16_uses_a_grad_scaler(tiny_pipeline_dir, tiny_cache, tmp_path, monkey
 
 def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
     """On: every block's forward runs again in backward; the gradients equal those without checkpointing."""
-    from flowtrain.models import get_adapter
-    from flowtrain.train.setup import build_transformer
+    from flowtrain.models import get_family
+    from flowtrain.train.trainable import build_transformer
 
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     g = torch.Generator().manual_seed(0)
     x, txt, sigma = torch.randn(2, 64, 16, generator=g), torch.randn(2, 32, 96, generator=g), torch.tensor([0.3, 0.7])
     grads, calls = [], []
@@ -104,7 +115,7 @@ def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
             train={"gradient_checkpointing": on}, lora={"rank": 4, "targets": "attention+ff"},
         )  # fmt: skip
         torch.manual_seed(0)
-        transformer, _ = build_transformer(cfg, adapter)
+        transformer, _ = build_transformer(cfg, family)
         assert transformer.is_gradient_checkpointing is on
         with torch.no_grad():  # non-zero B, so every LoRA matrix gets a gradient
             for n, p in transformer.named_parameters():
@@ -113,7 +124,7 @@ def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
         count = [0]
         block = transformer.single_transformer_blocks[0]  # a pre-hook: recomputation may stop early
         block.register_forward_pre_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
-        adapter.predict(transformer, x, sigma, txt, (8, 8)).pow(2).mean().backward()
+        family.predict(transformer, x, sigma, {"text_embeds": txt}, (8, 8)).pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad})
         calls.append(count[0])
     assert calls == [1, 2]  # recomputed in backward only with checkpointing

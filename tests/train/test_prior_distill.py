@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
-from flowtrain.data.prior import with_class_rows
+from flowtrain.data.cache import CacheDataset, ResumableSampler
+from flowtrain.data.prior import WithClassRows, check_class_cache, class_sampler
 from flowtrain.data.tensors import column_to_tensor, tensor_column
 
 # First logged loss of the tiny LoRA run (seed 0, lr 1e-3, batch 2), as in tests/train/test_resume_and_golden.py.
@@ -40,7 +40,16 @@ def _loader(dataset, start_epoch=0, start_batch=0, batch=2):
     from torch.utils.data import DataLoader
 
     sampler = ResumableSampler(len(dataset), batch, seed=3, start_epoch=start_epoch, start_batch=start_batch)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate), sampler
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=dataset.collate), sampler
+
+
+def with_class_rows(loader, class_cache: str, sampler) -> WithClassRows:
+    """The instance loader with the class cache's rows, as the run builds it."""
+    from torch.utils.data import DataLoader
+
+    cls = CacheDataset(class_cache)
+    rows = class_sampler(sampler, len(cls))
+    return WithClassRows(loader, DataLoader(cls, batch_size=rows.batch_size, sampler=rows, collate_fn=cls.collate))
 
 
 def _take(loader, n):
@@ -54,7 +63,7 @@ def _take(loader, n):
 def test_class_rows_are_paired_resumably(tiny_cache, class_cache):
     inst, cls = CacheDataset(tiny_cache[1]), CacheDataset(class_cache)
     loader, sampler = _loader(inst)
-    merged = _take(with_class_rows(loader, str(class_cache), sampler, inst.manifest), 7)  # > one epoch (4 batches)
+    merged = _take(with_class_rows(loader, str(class_cache), sampler), 7)  # > one epoch (4 batches)
     class_rows = iter(ResumableSampler(len(cls), 2, seed=4))  # shuffle seed + 1
     for b in merged:
         assert b["is_prior"].tolist() == [False, False, True, True]
@@ -64,7 +73,7 @@ def test_class_rows_are_paired_resumably(tiny_cache, class_cache):
         assert b["index"].shape == (2,)
     # a loader resumed at epoch 1, batch 1 (the 6th batch) pairs exactly what the uninterrupted one did
     loader, sampler = _loader(inst, start_epoch=1, start_batch=1)
-    resumed = _take(with_class_rows(loader, str(class_cache), sampler, inst.manifest), 2)
+    resumed = _take(with_class_rows(loader, str(class_cache), sampler), 2)
     for a, b in zip(resumed, merged[5:], strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -74,11 +83,10 @@ def test_a_class_cache_of_another_model_is_refused(tiny_cache, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_cache[1], other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["fingerprint"]["text_encoder_layers"] = [1, 2, 3]
+    manifest["fingerprint"]["settings"]["text_encoder_layers"] = [1, 2, 3]
     (other / "manifest.json").write_text(json.dumps(manifest))
-    loader, sampler = _loader(inst)
     with pytest.raises(ValueError, match="dataset.class_cache_dir.*text_encoder_layers"):
-        with_class_rows(loader, str(other), sampler, inst.manifest)
+        check_class_cache(inst.manifest, CacheDataset(other).manifest, other)
 
 
 def test_prior_preservation_training(tiny_pipeline_dir, tiny_cache, class_cache, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.models import get_adapter
+from flowtrain.models import get_family
 from flowtrain.testing.data import TINY_SEQ, tiny_config_dict
 from flowtrain.train.loop import train
 from flowtrain.train.validation import Validator, image_name
@@ -65,12 +65,12 @@ def test_images_at_exactly_the_configured_steps(validated) -> None:
 
 def test_untrained_images_equal_the_reference_pipeline_and_trained_ones_differ(validated) -> None:
     from flowtrain.sample import generate, load_sampling_pipeline
+    from flowtrain.testing.data import tiny_model
 
-    pipe = load_sampling_pipeline(str(validated.pipeline), device="cpu")
+    model = tiny_model(validated.pipeline, max_sequence_length=TINY_SEQ)
+    pipe = load_sampling_pipeline(model, device="cpu")
     for h, w in SIZES:
-        base = generate(
-            pipe, PROMPTS, seed=SEED, steps=2, guidance_scale=2.0, height=h, width=w, max_sequence_length=TINY_SEQ
-        )
+        base = generate(pipe, PROMPTS, model, seed=SEED, steps=2, guidance_scale=2.0, height=h, width=w)
         for i, ref in enumerate(base):
             ref_px = np.asarray(ref.convert("RGB"), dtype=np.int16)
             start = _pixels(validated.samples / image_name(0, i, SEED + i, (h, w)))
@@ -89,7 +89,7 @@ def test_training_is_left_as_it_was(validated) -> None:
 def test_sampling_does_not_touch_the_global_rng(validated) -> None:
     cfg = validated.cfg.model_copy(deep=True)
     cfg.validation.sizes, cfg.validation.guidance_scale = [(32, 32)], 1.0
-    v = Validator(cfg, get_adapter("flux2_klein"), validated.out / "again")
+    v = Validator(cfg, get_family("flux2_klein"), validated.out / "again")
     before = torch.get_rng_state()
     paths = v.run(7, validated.result.transformer, torch.device("cpu"))
     assert torch.equal(before, torch.get_rng_state())
@@ -98,15 +98,15 @@ def test_sampling_does_not_touch_the_global_rng(validated) -> None:
 
 def test_config_problems_fail_before_training(validated, tmp_path) -> None:
     cfg = validated.cfg.model_copy(deep=True)
-    adapter = get_adapter("flux2_klein")
+    family = get_family("flux2_klein")
     cfg.validation.sizes = [(30, 32)]
     with pytest.raises(ValueError, match=r"multiples of 4.*\[\[32, 32\]\]"):
-        Validator(cfg, adapter, tmp_path)
+        Validator(cfg, family, tmp_path)
     cfg.validation.sizes = []
-    assert Validator(cfg, adapter, tmp_path, resolution=32).sizes == [(32, 32)]  # default: the cache's resolution
+    assert Validator(cfg, family, tmp_path, resolution=32).sizes == [(32, 32)]  # default: the cache's resolution
     cfg.validation = cfg.validation.model_copy(update={"prompts": [], "prompts_file": str(tmp_path / "missing.txt")})
     with pytest.raises(FileNotFoundError, match="prompts_file"):
-        Validator(cfg, adapter, tmp_path, resolution=32)
+        Validator(cfg, family, tmp_path, resolution=32)
     (tmp_path / "p.txt").write_text("first\n\n  second  \n")
     cfg.validation = cfg.validation.model_copy(update={"prompts_file": str(tmp_path / "p.txt")})
-    assert Validator(cfg, adapter, tmp_path, resolution=32).prompts == ["first", "second"]
+    assert Validator(cfg, family, tmp_path, resolution=32).prompts == ["first", "second"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> FlowtrainCon
 
 def validate_config(resolved: ResolvedConfig, schema: type[M]) -> M:
     """Validate a resolved mapping against any pydantic `schema` (the training config, or another verb's own,
-    e.g. `flowtrain.autoencoder.AutoencoderConfig`), with the same file-and-key error messages."""
+    e.g. an autoencoder config), with the same file-and-key error messages."""
     try:
         return schema.model_validate(resolved.data)
     except ValidationError as exc:
@@ -96,6 +98,17 @@ def resolve_config(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedC
     for text in overrides:
         _apply_override(data, provenance, text)
     return ResolvedConfig(top, data, provenance)
+
+
+def resolve_mapping(
+    data: dict[str, Any], overrides: Sequence[str] = (), source: str = "command line"
+) -> ResolvedConfig:
+    """Like `resolve_config`, for a mapping built in code (e.g. from a verb's flags) instead of a file."""
+    data = json.loads(json.dumps(data))  # a private deep copy
+    provenance = _leaf_provenance(data, source)
+    for text in overrides:
+        _apply_override(data, provenance, text)
+    return ResolvedConfig(Path(f"<{source}>"), data, provenance)
 
 
 def _resolve_file(path: Path, chain: tuple[Path, ...], extended_from: Path | None) -> tuple[dict, Provenance]:
@@ -212,7 +225,7 @@ def _format_validation_error(
         source = str(resolved.path) if absent else _source_of(path, resolved)
         grouped.setdefault((source, key), []).append({**err, "path": path, "absent": absent})
     lines = [f"invalid config {resolved.path}: {len(grouped)} problem(s)"]
-    lines += [f"  - {source}: {key}: {_describe(errs, root)}" for (source, key), errs in grouped.items()]
+    lines += [f"  - {source}: {key}: {_describe(errs, root, resolved.data)}" for (source, key), errs in grouped.items()]
     return "\n".join(lines)
 
 
@@ -220,7 +233,10 @@ def _data_path(err: dict, data: dict) -> tuple[tuple[Any, ...], bool]:
     """Map a pydantic `loc` onto keys present in the data, dropping union-member tags such as `list[str]`."""
     path: list[Any] = []
     node: Any = data
+    tags = _union_tags()
     for part in err["loc"]:
+        if tuple(path) == ("model",) and part in tags and not _contains(node, part):
+            continue  # the family tag pydantic puts in the location of a `model:` error
         if _contains(node, part):
             node = node[part]
         elif err["type"] == "missing" and isinstance(node, dict):
@@ -229,6 +245,12 @@ def _data_path(err: dict, data: dict) -> tuple[tuple[Any, ...], bool]:
             continue
         path.append(part)
     return tuple(path), False
+
+
+def _union_tags() -> set[str]:
+    from flowtrain.models import family_names
+
+    return set(family_names())
 
 
 def _contains(node: Any, part: Any) -> bool:
@@ -246,14 +268,17 @@ def _source_of(path: tuple[Any, ...], resolved: ResolvedConfig) -> str:
     return str(resolved.path)
 
 
-def _describe(errs: list[dict], root: type[BaseModel]) -> str:
+def _describe(errs: list[dict], root: type[BaseModel], data: dict | None = None) -> str:
     """Human wording for the errors of one key."""
     first = errs[0]
     path = first["path"]
     dotted = ".".join(str(p) for p in path)
     if first["type"] == "extra_forbidden":
-        return "unknown key; " + _suggest(path, root)
-    field = _field_at(path, root)
+        return "unknown key; " + _suggest(path, root, data)
+    if first["type"] == "union_tag_invalid":  # the `model:` section names no registered family
+        ctx = first.get("ctx", {})
+        return f"unknown model family {ctx.get('tag')!r} (model.family); known families: {ctx.get('expected_tags')}"
+    field = _field_at(path, root, data)
     if first["absent"]:
         return _describe_missing(dotted, field)
     message = " or ".join(dict.fromkeys(e["msg"] for e in errs))
@@ -266,6 +291,11 @@ def _describe(errs: list[dict], root: type[BaseModel]) -> str:
 
 def _describe_missing(dotted: str, field: FieldInfo | None) -> str:
     section = field.annotation if field else None
+    members = _union_members(section) if typing.get_origin(section) in (typing.Union, types.UnionType) else []
+    if members:  # a union of sections (`model:`): the keys every member requires
+        required = [f"`{dotted}.{n}`" for n, f in members[0].model_fields.items()
+                    if all(n in m.model_fields and m.model_fields[n].is_required() for m in members)]  # fmt: skip
+        return f"required section is missing; set {', '.join(required) or f'`{dotted}`'}"
     if isinstance(section, type) and issubclass(section, BaseModel):
         required = [f"`{dotted}.{name}`" for name, f in section.model_fields.items() if f.is_required()]
         return f"required section is missing; set {', '.join(required) or f'`{dotted}`'}"
@@ -273,9 +303,9 @@ def _describe_missing(dotted: str, field: FieldInfo | None) -> str:
     return f"required value is missing{hint}; set it in the file or override with `{dotted}=...`"
 
 
-def _suggest(path: tuple[Any, ...], root: type[BaseModel]) -> str:
+def _suggest(path: tuple[Any, ...], root: type[BaseModel], data: dict | None = None) -> str:
     """`did you mean` the closest valid key at that level, or else list the valid keys."""
-    model = _model_at(path[:-1], root)
+    model = _model_at(path[:-1], root, data)
     if model is None:
         return "this section takes no extra keys"
     valid = list(model.model_fields)
@@ -287,20 +317,52 @@ def _suggest(path: tuple[Any, ...], root: type[BaseModel]) -> str:
     return f"valid keys at {where}: {', '.join(valid)}"
 
 
-def _model_at(parts: Sequence[Any], root: type[BaseModel] = FlowtrainConfig) -> type[BaseModel] | None:
-    """The schema section at `parts` (empty: the root), or None when `parts` leaves the schema's sections."""
+def _model_at(
+    parts: Sequence[Any], root: type[BaseModel] = FlowtrainConfig, data: dict | None = None
+) -> type[BaseModel] | None:
+    """The schema section at `parts` (empty: the root), or None when `parts` leaves the schema's sections. A section
+    that is a union of models (`model:`, one class per family) resolves to the member for the data's family."""
     model: type[BaseModel] = root
+    node: Any = data
     for part in parts:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = field.annotation if field else None
+        node = node.get(part) if isinstance(node, dict) else None
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = _union_member(annotation, node)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
     return model
 
 
-def _field_at(path: Sequence[Any], root: type[BaseModel] = FlowtrainConfig) -> FieldInfo | None:
-    model = _model_at(path[:-1], root) if path else None
+def _union_members(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [typing.get_args(m)[0] if typing.get_origin(m) is typing.Annotated else m for m in args]
+
+
+def _union_member(annotation: Any, node: Any) -> Any:
+    """The member of a union of models whose `family` default is the data's family (detected when not set)."""
+    members = _union_members(annotation)
+    family = node.get("family") if isinstance(node, dict) else None
+    if family is None and isinstance(node, dict):
+        from flowtrain.config.schema import resolve_family
+
+        try:
+            family = resolve_family(node).get("family")
+        except ValueError:
+            family = None
+    for m in members:
+        f = getattr(m, "model_fields", {}).get("family")
+        if f is not None and f.default == family:
+            return m
+    return None
+
+
+def _field_at(
+    path: Sequence[Any], root: type[BaseModel] = FlowtrainConfig, data: dict | None = None
+) -> FieldInfo | None:
+    model = _model_at(path[:-1], root, data) if path else None
     return model.model_fields.get(path[-1]) if model else None
 
 
@@ -316,12 +378,17 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def dump_yaml(data: Any) -> str:
+    """YAML text that `load_config` reads back to the same values (tuples as lists, float-like strings quoted)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def dump_config(cfg: FlowtrainConfig) -> str:
     """YAML for `cfg`: top-level scalars first, then sections, each in schema order; loads back to an equal config."""
     data = cfg.model_dump(mode="python")
     ordered = {k: v for k, v in data.items() if not isinstance(v, dict)}
     ordered.update({k: v for k, v in data.items() if isinstance(v, dict)})
-    return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return dump_yaml(ordered)
 
 
 def save_config(cfg: FlowtrainConfig, path: str | Path) -> None:

@@ -54,16 +54,38 @@ def type_text(annotation: Any) -> str:
 
 
 def option_rows(model: type[BaseModel] = FlowtrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, description) of every leaf option, sections expanded in schema order."""
+    """(dotted key, type, default, description) of every leaf option, sections expanded in schema order. The
+    `model:` section lists the keys every family has; each family's own keys are in its docs/models/ page
+    (`family_option_rows`)."""
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        if _is_section(field.annotation):
+        if model is FlowtrainConfig and name == "model":
+            rows += _generic_model_rows()
+        elif _is_section(field.annotation):
             rows += option_rows(field.annotation, f"{key}.")
         else:
             desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
             rows.append((key, type_text(field.annotation), default_text(field), desc))
     return rows
+
+
+def _generic_model_rows() -> list[tuple[str, str, str, str]]:
+    from flowtrain.config.model import ModelOptions
+    from flowtrain.models import family_names
+
+    rows = option_rows(ModelOptions, "model.")
+    families = " \\| ".join(f"`{n}`" for n in family_names())
+    return [(k, families, "detected", d) if k == "model.family" else (k, t, v, d) for k, t, v, d in rows]
+
+
+def family_option_rows(family: str) -> list[tuple[str, str, str, str]]:
+    """The `model:` keys a family adds to the generic ones (`model.family` itself excluded)."""
+    from flowtrain.config.model import ModelOptions
+    from flowtrain.models import family_options
+
+    generic = set(ModelOptions.model_fields)
+    return [r for r in option_rows(family_options()[family], "model.") if r[0].split(".", 1)[1] not in generic]
 
 
 def markdown() -> str:
@@ -74,7 +96,10 @@ def markdown() -> str:
         sections.setdefault(row[0].split(".")[0] if "." in row[0] else "", []).append(row)
     out = [BEGIN, ""]
     for section, items in sections.items():
-        doc = FlowtrainConfig.model_fields[section].annotation.__doc__ if section else None
+        annotation = FlowtrainConfig.model_fields[section].annotation if section else None
+        doc = annotation.__doc__ if _is_section(annotation) else None
+        if section == "model":
+            doc = "The keys every model family has; each family adds its own (docs/models.md)."
         out.append(f"### `{section}`" if section else "### top level")
         if doc and not doc.startswith(("Usage docs", "!!!")):
             out += ["", " ".join(doc.split())]

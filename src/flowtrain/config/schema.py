@@ -6,31 +6,12 @@ a typo is an error that names the key (see `config.load` for how errors are repo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(Section):
-    family: str = Field("flux2_klein", description="Model adapter name (see `flowtrain.models`).")
-    pretrained: str = Field(..., description="Hub id or local folder of the diffusers pipeline.")
-    dit: str | None = Field(
-        None, description="Optional separate transformer weights: a diffusers folder or a .safetensors file."
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.pretrained.")
-    text_encoder_layers: list[int] = Field(
-        default_factory=lambda: [9, 18, 27],
-        description="Text-encoder hidden-state indices stacked into the prompt embedding (Klein: 9, 18, 27).",
-    )
-    max_sequence_length: int = Field(512, gt=0, description="Text tokens per prompt (padded); must match the cache.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="dtype of the frozen base weights (LoRA) or of the loaded weights (full)."
-    )
-    trust_remote_code: bool = Field(False, description="Allow custom code from the model repository.")
+from flowtrain.config.section import Section
+from flowtrain.models import detect_family, family_names, family_options
 
 
 class DatasetConfig(Section):
@@ -45,7 +26,7 @@ class DatasetConfig(Section):
         description="Shuffle by Parquet row groups: groups in random order, rows shuffled within windows of this many "
         "groups, so each group is decoded once an epoch. 0: one global permutation (a random row group per row: "
         "slow once the cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 row groups or "
-        "its row groups hold at most 2 rows (Klein-sized rows), else 8.",
+        "its row groups hold at most 2 rows (rows of several MiB), else 8.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 reads in the main process.")
     pin_memory: bool = Field(True, description="Pinned host memory for batches (CUDA only).")
@@ -55,6 +36,12 @@ class DatasetConfig(Section):
         description="With num_workers 0: a background thread reads prefetch_factor batches ahead while the step runs "
         "(workers prefetch on their own). null: on when training on an accelerator, off on CPU (where the thread "
         "competes with torch's intra-op threads for the cores).",
+    )
+    allow_other_weights: bool = Field(
+        False,
+        description="Train on a cache whose text encoders / VAE differ from model.pretrained's (compared by config "
+        "and weights digests, not by path): only warn. For weights that are knowingly different but compatible, "
+        "e.g. the same model saved in another dtype. A moved model folder needs nothing.",
     )
     class_cache_dir: str | None = Field(
         None,
@@ -129,8 +116,8 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
     targets: str | list[str] = Field(
         "attention",
-        description="A preset of the model adapter (Klein: attention, attention+ff, all), or a list of Linear module "
-        "names / regexes (each also matches as a name suffix).",
+        description="A preset of the model family (every family has attention, attention+ff, all; see "
+        "docs/models.md), or a list of Linear module names / regexes (each also matches as a name suffix).",
     )
     init: Literal["gaussian", "default"] = Field(
         "gaussian", description="LoRA A init (B starts at zero either way): gaussian, or peft's default (Kaiming)."
@@ -155,11 +142,8 @@ class TimestepConfig(Section):
     shift: float = Field(1.0, gt=0, description="shift_mode fixed: σ' = sσ/(1+(s-1)σ); 1 disables, > 1 favours noise.")
     shift_mode: Literal["fixed", "resolution"] = Field(
         "fixed",
-        description="`resolution`: s = exp(μ) with FLUX.2's empirical μ(image tokens, reference_steps), the shift "
-        "the Klein sampler uses at that resolution (overrides `shift`).",
-    )
-    reference_steps: int = Field(
-        50, gt=0, description="shift_mode resolution: the inference step count μ is taken at (Klein base default 50)."
+        description="`resolution`: the shift the model family's sampler uses at the batch's image-token count "
+        "(docs/models.md; overrides `shift`).",
     )
 
 
@@ -349,8 +333,8 @@ class ValidationConfig(Section):
     seed: int = Field(0, description="Generator seed of every validation image (the same each time, to compare).")
     sizes: list[tuple[int, int]] = Field(
         default_factory=list,
-        description="[height, width] pairs, each a multiple of the model's pixel multiple (16 for Klein); "
-        "empty: the cache's training resolution.",
+        description="[height, width] pairs, each a multiple of the model's pixel multiple (the VAE factor × the "
+        "latent patch, e.g. 16); empty: the cache's training resolution.",
     )
 
     @field_validator("sizes")
@@ -377,6 +361,45 @@ class ValidationConfig(Section):
         return bool(self.every_steps or self.at_start)
 
 
+def _family_tag(value: Any) -> str | None:
+    return value.get("family") if isinstance(value, dict) else getattr(value, "family", None)
+
+
+# `model:` validates against the options class of the family it names: each family adds its own keys.
+ModelConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in family_options().items())],  # noqa: UP007
+    Discriminator(_family_tag),
+]
+
+
+def resolve_family(model: dict[str, Any]) -> dict[str, Any]:
+    """`model:` with `family` filled in from `model.pretrained`'s model_index.json when not set; an error that
+    names both when the configured family contradicts the pipeline's."""
+    pretrained = model.get("pretrained")
+    if not isinstance(pretrained, str):  # nothing to detect from: any family's options report the missing key
+        return model if "family" in model else {**model, "family": family_names()[0]}
+    detected, class_name = detect_family(pretrained, model.get("revision"))
+    family = model.get("family")
+    if family is None:
+        if detected is None:
+            what = (
+                f"its pipeline class {class_name!r} is not one flowtrain trains"
+                if class_name
+                else "no model_index.json there or in the local Hugging Face cache"
+            )
+            raise ValueError(
+                f"model.family is not set and cannot be detected from model.pretrained={pretrained!r} ({what}); "
+                f"set model.family to one of {', '.join(family_names())}"
+            )
+        return {**model, "family": detected}
+    if class_name is not None and detected != family:
+        raise ValueError(
+            f"model.family={family!r} but model.pretrained={pretrained!r} is a {class_name} "
+            f"({f'model.family {detected!r}' if detected else 'no family flowtrain trains'}); fix one of the two"
+        )
+    return model
+
+
 class FlowtrainConfig(Section):
     """The whole run: one YAML file (after `extends` and overrides) validates into this."""
 
@@ -396,6 +419,11 @@ class FlowtrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     output_dir: str = Field("runs/default", description="Run folder: checkpoints, logs, exported weights, samples.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _family(cls, v: Any) -> Any:
+        return resolve_family(v) if isinstance(v, dict) else v
 
     @field_validator("output_dir")
     @classmethod

@@ -1,6 +1,7 @@
-"""Reading the latent cache in training: a map-style Dataset plus a resumable, rank-sharded sampler.
+"""Reading the latent cache in training: a map-style Dataset over the columns the model family declared, a
+collate that pads variable-length columns per batch, and a resumable, rank-sharded sampler.
 
-Validation happens at the read boundary, never per step: every shard's existence, row count and tensor shapes are
+Validation happens at the read boundary, never per step: every shard's existence, row count and column shapes are
 checked when the dataset is opened, and each row group is checked for NaN/inf once per process, the first time
 it is read. Errors are `CacheError`s that name the file, row and key and say what to do.
 """
@@ -8,72 +9,71 @@ it is read. Errors are `CacheError`s that name the file, row and key and say wha
 from __future__ import annotations
 
 import bisect
-import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from flowtrain.data.precompute import CACHE_KIND
-from flowtrain.data.tensors import column_to_tensor
+from flowtrain.data.manifest import CacheError, CacheManifest
+from flowtrain.data.tensors import column_to_tensor, ragged_to_tensors
+from flowtrain.models.common import pad_rows
 
-
-class CacheError(ValueError):
-    """A cache that cannot be trained on; the message names the file (and row / key) and the fix."""
-
-
-def read_manifest(cache_dir: str | Path) -> dict:
-    """The cache manifest; a clear error when the folder is not a finished cache."""
-    path = Path(cache_dir) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: run `flowtrain precompute RAW_DIR --out {cache_dir}` first "
-            "(a cache without manifest.json is incomplete)"
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("kind") != CACHE_KIND:
-        raise ValueError(f"{path}: kind {manifest.get('kind')!r} is not a flowtrain latent cache")
-    return manifest
+# Optional per-row loss weights, written by the user, not by a family: a float column (per-sample weight) or a
+# float32 fixed-shape tensor column of the token grid (h, w) or (N,) (per-token weights). `train.step` hands it to
+# the loss as LossContext.mask.
+LOSS_MASK = "loss_mask"
+RERUN = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
 
 
 class CacheDataset(Dataset):
-    """Rows of a latent cache: {"latent_moments": (2C, h, w) f32, "text_embeds": (L, D) in the cache's storage dtype
-    (`manifest["text_storage_dtype"]`), "index": int}.
+    """Rows of a latent cache: {column: tensor in its storage dtype (`manifest.columns`), "index": int}; a
+    variable-length column's row has its own length (`Collate` pads a batch).
 
-    Shards are read one row group at a time with a small LRU, so memory stays bounded for Klein-sized rows.
+    Shards are read one row group at a time with a small LRU, so memory stays bounded for rows of several MiB.
     """
 
     def __init__(self, cache_dir: str | Path, lru_row_groups: int = 8):
         self.dir = Path(cache_dir)
-        self.manifest = read_manifest(self.dir)
-        self.text_dtype = self.manifest["text_storage_dtype"]
-        self.latent_dtype = self.manifest.get("latent_storage_dtype", "float32")
-        self._files = [s["file"] for s in self.manifest["shards"]]
+        self.manifest = CacheManifest.read(self.dir)
+        self.columns = list(self.manifest.columns)
+        self._files = [s["file"] for s in self.manifest.shards]
         self._starts: list[int] = []
         n = 0
-        for s in self.manifest["shards"]:
+        for s in self.manifest.shards:
             self._starts.append(n)
             n += s["rows"]
         self._len = n
         if n == 0:
             raise CacheError(
-                f"{self.dir / 'manifest.json'}: the cache holds no rows: check that `flowtrain prepare` wrote "
+                f"{self.manifest.where}: the cache holds no rows: check that `flowtrain prepare` wrote "
                 "images (see its prepare_report.json) and rerun `flowtrain precompute`"
             )
         self._check_shards()
         self._finite_checked: set[tuple[int, int]] = set()
-        self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor | tuple]] = OrderedDict()
         self._lru_size = lru_row_groups
         self._pf: dict[int, pq.ParquetFile] = {}
         self._rg_starts: dict[int, list[int]] = {}
-        self._columns: dict[int, list[str]] = {}
+        self._has_mask: dict[int, bool] = {}
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def collate(self) -> Collate:
+        """The collate function for this cache's columns."""
+        return Collate(tuple(c.name for c in self.columns if c.variable))
+
+    @property
+    def latent_norm(self) -> dict[str, torch.Tensor]:
+        """The family's latent statistics from the manifest, as float32 tensors (`ModelFamily.training_latents`)."""
+        return {k: torch.tensor(v) for k, v in self.manifest.latent_norm.items()}
 
     @property
     def lru_row_groups(self) -> int:
@@ -99,51 +99,53 @@ class CacheDataset(Dataset):
         return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
     def _check_shards(self) -> None:
-        """Every listed shard exists, is readable Parquet, and has the manifest's row count and tensor shapes."""
-        rerun = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
-        shapes = {"latent_moments": self.manifest.get("latent_shape"), "text_embeds": self.manifest.get("text_shape")}
-        for s in self.manifest["shards"]:
+        """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes."""
+        for s in self.manifest.shards:
             path = self.dir / s["file"]
             if not path.exists():
-                raise CacheError(f"{path}: listed in manifest.json but missing; {rerun}")
+                raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
             try:
                 pf = pq.ParquetFile(path)
                 rows, schema = pf.metadata.num_rows, pf.schema_arrow
             except Exception as e:
-                raise CacheError(f"{path}: not a readable Parquet file ({e}); delete it and {rerun}") from e
+                raise CacheError(f"{path}: not a readable Parquet file ({e}); delete it and {RERUN}") from e
             if rows != s["rows"]:
-                raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {rerun}")
-            for col, expected in shapes.items():
-                ty = schema.field(col).type if col in schema.names else None
-                got = list(ty.shape) if hasattr(ty, "shape") else None
-                if got != list(expected or []):
+                raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
+            for col in self.columns:
+                got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
+                if got != list(col.shape):
                     raise CacheError(
-                        f"{path}: column {col!r} holds tensors of shape {got}, manifest.json says {expected} (a shard "
-                        f"from another model or resolution?); delete it and {rerun}"
+                        f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
+                        f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
                     )
 
-    def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor]) -> None:
+    def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor | tuple]) -> None:
         """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
         for col, t in data.items():
-            if _all_finite(t):
+            values, offsets = t if isinstance(t, tuple) else (t, None)
+            if _all_finite(values):
                 continue
-            bad = ~torch.isfinite(t.flatten(1)).all(dim=1)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                key = self._file(shard).read_row_group(rg, columns=["key"]).column("key")[i].as_py()
-                row = self._rg_starts[shard][rg] + i
-                path = self.dir / self._files[shard]
-                raise CacheError(
-                    f"{path}: row {row} (key {key!r}) has NaN/inf values in {col!r}. Remove or fix the source image "
-                    f"{key!r} and rerun `flowtrain prepare` + `flowtrain precompute`, or delete {path.name} and "
-                    "rerun precompute if the encoders were at fault"
-                )
+            bad = ~torch.isfinite(values.flatten(1) if values.ndim > 1 else values[:, None]).all(dim=1)
+            if not bool(bad.any()):
+                continue
+            i = int(bad.nonzero()[0, 0])
+            if offsets is not None:  # a value index → its row
+                i = int(torch.searchsorted(offsets, torch.tensor(i), right=True)) - 1
+            key = self._file(shard).read_row_group(rg, columns=["key"]).column("key")[i].as_py()
+            row = self._rg_starts[shard][rg] + i
+            path = self.dir / self._files[shard]
+            raise CacheError(
+                f"{path}: row {row} (key {key!r}) has NaN/inf values in {col!r}. Remove or fix the source image "
+                f"{key!r} and rerun `flowtrain prepare` + `flowtrain precompute`, or delete {path.name} and "
+                "rerun precompute if the encoders were at fault"
+            )
 
-    def empty_prompt_embeds(self) -> torch.Tensor:
-        """(L, D) float32 embedding of the empty prompt (caption dropout / CFG's unconditional branch)."""
+    def empty_batch(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's conditioning columns as a collated batch of 1 (caption dropout, CFG's negative)."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.dir / self.manifest["empty_prompt"]))["text_embeds"].float()
+        row = load_file(str(self.dir / self.manifest.empty_prompt))
+        return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
         if shard not in self._pf:  # opened lazily: DataLoader workers each open their own handles
@@ -153,25 +155,25 @@ class CacheDataset(Dataset):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
             self._pf[shard], self._rg_starts[shard] = pf, starts
-            self._columns[shard] = ["latent_moments", "text_embeds"] + (
-                [LOSS_MASK] if LOSS_MASK in pf.schema_arrow.names else []  # schema_arrow is rebuilt on every access
-            )
+            self._has_mask[shard] = LOSS_MASK in pf.schema_arrow.names  # schema_arrow is rebuilt on every access
         return self._pf[shard]
 
-    def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor]:
+    def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
         pf = self._file(shard)
-        has_mask = LOSS_MASK in self._columns[shard]
-        table = pf.read_row_group(rg, columns=self._columns[shard])
-        data = {
-            # Shared with Arrow, not copied: rows are only ever copied out (collate stacks them).
-            "latent_moments": column_to_tensor(table.column("latent_moments"), self.latent_dtype, copy=False),
-            "text_embeds": column_to_tensor(table.column("text_embeds"), self.text_dtype, copy=False),
+        names = [c.name for c in self.columns] + ([LOSS_MASK] if self._has_mask[shard] else [])
+        table = pf.read_row_group(rg, columns=names)
+        # Shared with Arrow, not copied: rows are only ever copied out (collate stacks / pads them).
+        data: dict[str, torch.Tensor | tuple] = {
+            c.name: ragged_to_tensors(table.column(c.name), c.dtype, c.shape)
+            if c.variable
+            else column_to_tensor(table.column(c.name), c.dtype, copy=False)
+            for c in self.columns
         }
-        if has_mask:
+        if self._has_mask[shard]:
             data[LOSS_MASK] = _mask_tensor(table.column(LOSS_MASK))
         if key not in self._finite_checked:  # once per row group and process, not on every read
             self._check_finite(shard, rg, data)
@@ -190,24 +192,35 @@ class CacheDataset(Dataset):
         rg = bisect.bisect_right(self._rg_starts[shard], local) - 1
         data = self._row_group(shard, rg)
         i = local - self._rg_starts[shard][rg]
-        row = {
-            "latent_moments": data["latent_moments"][i].float(),
-            # The storage dtype (bf16 for Klein): half the bytes to collate, pin and copy to the device than float32;
-            # `train.step.make_inputs` casts on the device.
-            "text_embeds": data["text_embeds"][i],
-            "index": index,
-        }
-        if LOSS_MASK in data:
-            row[LOSS_MASK] = data[LOSS_MASK][i]
+        # Storage dtypes (e.g. bf16 text embeddings): half the bytes to collate, pin and copy to the device than
+        # float32; `train.step.make_inputs` casts on the device.
+        row: dict = {}
+        for name, t in data.items():
+            if isinstance(t, tuple):
+                values, offsets = t
+                row[name] = values[offsets[i] : offsets[i + 1]]
+            else:
+                row[name] = t[i]
+        row["index"] = index
         return row
+
+
+def _stored_shape(ty: pa.DataType) -> list[int | None] | None:
+    """The per-row tensor shape a column's Arrow type stores: a fixed-shape tensor's shape, or [None, width] for a
+    variable-length list of fixed-size lists."""
+    if hasattr(ty, "shape"):
+        return list(ty.shape)
+    if pa.types.is_list(ty) and pa.types.is_fixed_size_list(ty.value_type):
+        return [None, ty.value_type.list_size]
+    return None
 
 
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether a row group's tensor holds no NaN/inf: the fast screen before the per-row check.
 
     Large tensors: one multi-threaded sum (NaN/inf anywhere makes it non-finite; a finite overflow only sends us to
-    the exact check) — ~15× cheaper than `isfinite` on a Klein row group. Small ones: numpy, single-threaded, since
-    waking torch's intra-op threads costs more than the check itself.
+    the exact check) — ~15× cheaper than `isfinite` on a row group of 8 MiB rows. Small ones: numpy,
+    single-threaded, since waking torch's intra-op threads costs more than the check itself.
     """
     if not t.is_floating_point():
         return True
@@ -218,30 +231,30 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite(t.numpy()).all())
 
 
-# Optional per-row loss weights: a float column (per-sample weight) or a float32 fixed-shape tensor column of the
-# token grid (h, w) or (N,) (per-token weights). `train.step` hands it to the loss as LossContext.mask.
-LOSS_MASK = "loss_mask"
-
-
 def _mask_tensor(column) -> torch.Tensor:
     """A loss_mask column → (B, 1) for a plain float column (per-sample weights), else (B, *shape) float32."""
-    import pyarrow as pa
-
     if isinstance(column.type, pa.FixedShapeTensorType):
         return column_to_tensor(column, "float32").float()
     return torch.from_numpy(column.to_numpy().astype("float32")).unsqueeze(1)
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack rows into (B, ...) tensors; `index` becomes a (B,) int64 tensor."""
-    batch = {
-        "latent_moments": _stack([r["latent_moments"] for r in rows]),
-        "text_embeds": _stack([r["text_embeds"] for r in rows]),
-        "index": torch.tensor([r["index"] for r in rows], dtype=torch.int64),
-    }
-    if LOSS_MASK in rows[0]:
-        batch[LOSS_MASK] = _stack([r[LOSS_MASK] for r in rows])
-    return batch
+@dataclass(frozen=True)
+class Collate:
+    """Rows → a batch of (B, ...) tensors; `index` becomes (B,) int64. A variable-length column `c` is zero-padded to
+    the batch's longest row and gets a (B, L_max) bool `c_mask` (True on real rows). Picklable, for workers."""
+
+    variable: tuple[str, ...] = ()
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for name in rows[0]:
+            if name == "index":
+                batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.int64)
+            elif name in self.variable:
+                batch[name], batch[f"{name}_mask"] = pad_rows([r[name] for r in rows])
+            else:
+                batch[name] = _stack([r[name] for r in rows])
+        return batch
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -261,7 +274,7 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
     """A row order that reads each Parquet row group once: the row groups in a random order, and the rows of each
     `window` consecutive groups of that order shuffled together. A pure function of (row groups, seed, epoch).
 
-    A global permutation touches a random row group for every row: with Klein-sized rows (~8 MiB, 16 to a row
+    A global permutation touches a random row group for every row: with rows of ~8 MiB (16 to a row
     group) and a cache larger than the reader's LRU, every row would decode a whole row group.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -278,7 +291,7 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
 
 def resolve_shuffle_window(configured: int | None, row_groups: Sequence[int], lru_row_groups: int) -> int:
     """`dataset.shuffle_window`: None (auto) → 0 (one global permutation) when every row group fits in the
-    reader's LRU or row groups hold at most 2 rows (Klein-sized rows: a row's read is its group's read), else a
+    reader's LRU or row groups hold at most 2 rows (rows of several MiB: a row's read is its group's read), else a
     window of as many row groups as the LRU holds."""
     if configured is not None:
         return configured

@@ -1,7 +1,9 @@
-"""`flowtrain precompute`: raw shards → latent cache (VAE moments + text embeddings), once.
+"""`flowtrain precompute`: raw shards → latent cache (VAE moments + text conditioning), once.
 
-Output (see docs/cache-format.md): `cache-{raw:05d}-{chunk:04d}.parquet` shards, `empty_prompt.safetensors`
-(for caption dropout) and `manifest.json` with the fingerprint that `train` checks.
+Generic over model families: the family (`model.family`) encodes, and declares the columns it writes. Output
+(see docs/cache-format.md): `cache-{raw:05d}-{chunk:04d}.parquet` shards, `empty_prompt.safetensors` (the ""
+prompt's conditioning, for caption dropout and CFG) and `manifest.json` (`data.manifest.CacheManifest`) with the
+fingerprint that `train` checks.
 
 Interrupted runs continue: each cache shard is written to a temporary name and renamed when complete, so a rerun
 skips the shards that exist and recomputes only the rest; the result equals an uninterrupted run. An existing
@@ -11,13 +13,11 @@ since), and the manifest is removed at the start and written last, so it never v
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +27,24 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flowtrain.data.tensors import STORAGE_DTYPES, tensor_column
+from flowtrain.config.model import ModelOptions
+from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
+from flowtrain.data.tensors import ragged_column, tensor_column
+from flowtrain.dtypes import torch_dtype
+from flowtrain.models import Column, ModelFamily, get_family
 
 log = logging.getLogger(__name__)
-CACHE_KIND = "flowtrain.cache"
-CACHE_VERSION = 1
+RAW_KIND = "flowtrain.raw"
 
 
-@dataclass(frozen=True)
-class PrecomputeSettings:
-    """Everything that determines the cache content (the fingerprint is derived from it)."""
-
-    model: str
-    family: str = "flux2_klein"
-    revision: str | None = None
-    text_encoder_layers: tuple[int, ...] = (9, 18, 27)
-    max_sequence_length: int = 512
-    resolution: int = 512
-    dtype: str = "bfloat16"  # encoder compute dtype and text-embedding storage dtype
-    trust_remote_code: bool = False
-
-    def fingerprint(self, latent_mean: list[float], latent_std: list[float]) -> dict[str, Any]:
-        fp = {
-            "family": self.family,
-            "model": self.model,
-            "revision": self.revision,
-            "text_encoder_layers": list(self.text_encoder_layers),
-            "max_sequence_length": self.max_sequence_length,
-            "resolution": self.resolution,
-            "dtype": self.dtype,
-            "latent_stats_sha256": hashlib.sha256(json.dumps([latent_mean, latent_std]).encode()).hexdigest()[:16],
-        }
-        fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-        return fp
-
-
-def _read_raw_manifest(raw_dir: Path) -> dict:
-    path = raw_dir / "manifest.json"
+def read_raw_manifest(raw_dir: str | Path) -> dict:
+    """The manifest `flowtrain prepare` wrote; a clear error when the folder is not its output."""
+    path = Path(raw_dir) / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {raw_dir} the output of `flowtrain prepare`?")
     manifest = json.loads(path.read_text())
-    if manifest.get("kind") != "flowtrain.raw":
-        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected 'flowtrain.raw'")
+    if manifest.get("kind") != RAW_KIND:
+        raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {RAW_KIND!r}")
     return manifest
 
 
@@ -82,63 +58,57 @@ MAX_ROWS_PER_GROUP = 16
 
 def rows_per_group(table: pa.Table) -> int:
     """Rows per Parquet row group: up to 16, at most ~8 MiB decoded. The reader decodes a whole row group to get
-    one row, so a Klein-4B row (~8 MiB: a 7.5 MiB bf16 text embedding) gets a row group of its own and random
+    one row, so an ~8 MiB row (a 4B model's 512-token bf16 text embedding) gets a row group of its own and random
     access costs no more than the row itself (benchmarks/loader.py); small rows keep 16 to a group."""
     row_bytes = table.nbytes / max(table.num_rows, 1)
     return int(max(1, min(MAX_ROWS_PER_GROUP, ROW_GROUP_BYTES // max(row_bytes, 1))))
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def write_shard(table: pa.Table, path: Path) -> None:
+    """Write a cache shard atomically (a temporary name, renamed when complete)."""
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp, compression="zstd", row_group_size=rows_per_group(table))
     tmp.replace(path)
 
 
+def column_array(col: Column, values: torch.Tensor | list[torch.Tensor]) -> pa.Array:
+    """One declared column's values (a (B, *shape) tensor, or B (L_i, ...) tensors when variable-length) as Arrow,
+    after checking them against the declaration (a family that disagrees with itself is a bug to catch here)."""
+    rows = list(values) if col.variable else None
+    got = [list(r.shape) for r in rows] if rows is not None else [list(values.shape[1:])]
+    for shape in got:
+        if len(shape) != len(col.shape) or any(d is not None and d != g for d, g in zip(col.shape, shape, strict=True)):
+            raise ValueError(
+                f"column {col.name!r}: encoded rows of shape {shape}, the family declared {list(col.shape)}"
+            )
+    return ragged_column(rows, col.dtype) if rows is not None else tensor_column(values, col.dtype)
+
+
 def precompute(
     raw_dir: str | Path,
     out: str | Path,
-    settings: PrecomputeSettings,
+    model: ModelOptions,
     *,
+    resolution: int = 512,
     batch_size: int = 8,
     rows_per_shard: int = 256,
     device: str | None = None,
     progress: bool = True,
-) -> dict:
-    """Encode every raw row once; returns the written cache manifest."""
-    from flowtrain.models import get_adapter
-
+) -> CacheManifest:
+    """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest."""
     raw_dir, out = Path(raw_dir), Path(out)
-    raw = _read_raw_manifest(raw_dir)
-    if settings.dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype {settings.dtype!r} not one of {sorted(STORAGE_DTYPES)}")
-    out.mkdir(parents=True, exist_ok=True)
+    raw = read_raw_manifest(raw_dir)
+    family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = get_adapter(settings.family)
-    pipe = adapter.load_pipeline(
-        settings.model,
-        dtype=STORAGE_DTYPES[settings.dtype],
-        revision=settings.revision,
-        trust_remote_code=settings.trust_remote_code,
-    )
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device)
-    latent_mean, latent_std = adapter.latent_stats(pipe)
-    fingerprint = settings.fingerprint(latent_mean, latent_std)
-    _check_existing(out, fingerprint)
-    (out / "manifest.json").unlink(missing_ok=True)  # written again, last, when every shard is in place
-
-    def encode_text(prompts: list[str]) -> torch.Tensor:
-        return adapter.encode_prompts(
-            pipe, prompts, layers=list(settings.text_encoder_layers), max_length=settings.max_sequence_length
-        )
-
-    from safetensors.torch import save_file
-
-    tmp_empty = out / "empty_prompt.safetensors.tmp"
-    save_file(
-        {"text_embeds": encode_text([""])[0].to("cpu", STORAGE_DTYPES[settings.dtype]).contiguous()}, str(tmp_empty)
-    )
-    tmp_empty.replace(out / "empty_prompt.safetensors")
+    encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
+    family.check_options(encoders, model)
+    columns = family.cache_columns(encoders, model, resolution=resolution)
+    fp = fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
+                     family.cache_settings(model), family.identity(model))  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing(out, fp)
+    (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
+    _save_empty_prompt(out, family, encoders, model, columns)
 
     total = sum(s["rows"] for s in raw["shards"])
     bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
@@ -148,23 +118,36 @@ def precompute(
     # they run on an accelerator. On CPU the encoders already use every core, and the thread only preempts their
     # intra-op threads: inline is ~25% faster there (benchmarks/precompute.py).
     overlap = torch.device(device).type != "cpu"
+    encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
             table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
             for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
                 name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
                 part = table.slice(start, rows_per_shard)
-                if _reusable(out / name, part):  # finished by an earlier, interrupted run
-                    shards.append({"file": name, "rows": part.num_rows})
+                if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
+                    write_shard(encode(part, pool, bar), out / name)
+                else:
                     bar.update(part.num_rows)
-                    continue
-                _encode_shard(part, out / name, adapter, pipe, encode_text, settings, batch_size, pool, bar)
                 shards.append({"file": name, "rows": part.num_rows})
     bar.close()
     _remove_stale(out, {s["file"] for s in shards})
-    manifest = _manifest(out, settings, fingerprint, latent_mean, latent_std, shards, raw_dir)
-    log.info("precompute: %d rows in %.1fs → %s", manifest["num_rows"], time.perf_counter() - t0, out)
+    manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir))
+    manifest.write(out)
+    log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
     return manifest
+
+
+def _save_empty_prompt(out: Path, family: ModelFamily, encoders: Any, model: ModelOptions, columns: list[Column]):
+    """The "" prompt's conditioning, one row per text column, in the columns' storage dtypes."""
+    from safetensors.torch import save_file
+
+    encoded = family.encode_prompts(encoders, [""], model)
+    row = {c.name: encoded[c.name][0].to("cpu", torch_dtype(c.dtype)).contiguous() for c in columns
+           if c.source == "text"}  # fmt: skip
+    tmp = out / f"{EMPTY_PROMPT}.tmp"
+    save_file(row, str(tmp))
+    tmp.replace(out / EMPTY_PROMPT)
 
 
 class _Inline:
@@ -185,31 +168,41 @@ class _Inline:
         return future
 
 
-def _encode_shard(part: pa.Table, path: Path, adapter, pipe, encode_text, settings, batch_size, pool, bar) -> None:
-    keys, captions = part.column("key").to_pylist(), part.column("caption").to_pylist()
-    batches = [part.slice(i, batch_size).to_pydict() for i in range(0, part.num_rows, batch_size)]
-    moments, embeds = [], []
+class _ShardEncoder:
+    """Encodes one raw slice into a cache table: images and captions in batches, the next batch's images decoded
+    on `pool` while the encoders run."""
 
-    def load(rows: dict) -> torch.Tensor:
-        return adapter.preprocess_images(pipe, _decode(rows), resolution=settings.resolution)
+    def __init__(self, family, encoders, model, columns, resolution, batch_size):
+        self.family, self.encoders, self.model, self.columns = family, encoders, model, columns
+        self.resolution, self.batch_size = resolution, batch_size
 
-    pending = pool.submit(load, batches[0])
-    for i, rows in enumerate(batches):
-        pixels = pending.result()
-        if i + 1 < len(batches):
-            pending = pool.submit(load, batches[i + 1])
-        moments.append(adapter.encode_pixels(pipe, pixels).cpu())
-        embeds.append(encode_text(rows["caption"]).cpu())
-        bar.update(len(rows["key"]))
-    table = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "latent_moments": tensor_column(torch.cat(moments), "float32"),
-            "text_embeds": tensor_column(torch.cat(embeds), settings.dtype),
+    def _pixels(self, rows: dict) -> torch.Tensor:
+        return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
+
+    def __call__(self, part: pa.Table, pool: Any, bar: Any) -> pa.Table:
+        batches = [part.slice(i, self.batch_size).to_pydict() for i in range(0, part.num_rows, self.batch_size)]
+        encoded: dict[str, list] = {c.name: [] for c in self.columns}
+        pending = pool.submit(self._pixels, batches[0])
+        for i, rows in enumerate(batches):
+            pixels = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(self._pixels, batches[i + 1])
+            image = self.family.encode_pixels(self.encoders, pixels)
+            text = self.family.encode_prompts(self.encoders, rows["caption"], self.model)
+            for c in self.columns:
+                values = (image if c.source == "image" else text)[c.name]
+                encoded[c.name].extend([v.cpu() for v in values] if c.variable else [values.cpu()])
+            bar.update(len(rows["key"]))
+        arrays = {
+            c.name: column_array(c, encoded[c.name] if c.variable else torch.cat(encoded[c.name])) for c in self.columns
         }
-    )
-    _write_atomic(table, path)
+        return pa.table(
+            {
+                "key": pa.array(part.column("key").to_pylist(), pa.string()),
+                "caption": pa.array(part.column("caption").to_pylist(), pa.string()),
+                **arrays,
+            }
+        )
 
 
 def _reusable(path: Path, part: pa.Table) -> bool:
@@ -235,37 +228,13 @@ def _remove_stale(out: Path, current: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
-def _check_existing(out: Path, fingerprint: dict) -> None:
+def _check_existing(out: Path, fp: dict) -> None:
     """Refuse to mix shards of a different model/settings into an existing cache directory."""
     state = out / "precompute_state.json"
     if state.exists():
         old = json.loads(state.read_text())["fingerprint"]
-        if old["id"] != fingerprint["id"]:
-            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v and k != "id"}
+        if old["id"] != fp["id"]:
+            diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v and k != "id"}
             raise ValueError(f"{out} holds a cache made with different settings {diff}; use another --out or delete it")
     else:
-        state.write_text(json.dumps({"fingerprint": fingerprint}, indent=2))
-
-
-def _manifest(out, settings, fingerprint, latent_mean, latent_std, shards, raw_dir) -> dict:
-    first = pq.ParquetFile(out / shards[0]["file"]).schema_arrow if shards else None
-    manifest = {
-        "kind": CACHE_KIND,
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "source": str(raw_dir),
-        "num_rows": sum(s["rows"] for s in shards),
-        "shards": shards,
-        "latent_bn_mean": latent_mean,
-        "latent_bn_std": latent_std,
-        "latent_storage_dtype": "float32",
-        "text_storage_dtype": settings.dtype,
-        "latent_shape": list(first.field("latent_moments").type.shape) if first else None,
-        "text_shape": list(first.field("text_embeds").type.shape) if first else None,
-        "empty_prompt": "empty_prompt.safetensors",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")  # written last: a cache without it is incomplete
-    return manifest
+        state.write_text(json.dumps({"fingerprint": fp}, indent=2))

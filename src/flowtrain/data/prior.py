@@ -4,9 +4,9 @@ The class cache is read in its own resumable order (shuffle seed + 1). Its posit
 sampler's: the k-th instance batch of the run (counted over epochs) is paired with the k-th class batch, so a
 resumed run pairs exactly what an uninterrupted one would, with no extra checkpoint state.
 
-Merged batch: latent_moments / text_embeds = instance rows then class rows; `is_prior` (2B,) bool; `index` keeps
-the instance rows only (what the loop reports for a bad step); `loss_mask` when either cache has one (ones fill in
-for the other).
+Merged batch: every column = instance rows then class rows (variable-length columns re-padded to the longer of
+the two, masks alike); `is_prior` (2B,) bool; `index` keeps the instance rows only (what the loop reports for a
+bad step); `loss_mask` when either cache has one (ones fill in for the other).
 """
 
 from __future__ import annotations
@@ -18,28 +18,31 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from flowtrain.data.cache import LOSS_MASK, CacheDataset, ResumableSampler
+from flowtrain.data.cache import LOSS_MASK, ResumableSampler
+from flowtrain.data.manifest import CacheError, CacheManifest
 
-_SAME = ("family", "text_encoder_layers", "max_sequence_length", "latent_stats_sha256")
 
-
-def check_class_cache(instance: dict, klass: dict, where: str | Path) -> None:
-    """The class cache must come from the same model and settings as the instance cache (tensors are concatenated)."""
-    fi, fc = instance["fingerprint"], klass["fingerprint"]
-    diff = {k: (fi.get(k), fc.get(k)) for k in _SAME if fi.get(k) != fc.get(k)}
-    for k in ("latent_shape", "text_shape"):
-        if instance.get(k) != klass.get(k):
-            diff[k] = (instance.get(k), klass.get(k))
+def check_class_cache(instance: CacheManifest, klass: CacheManifest, where: str | Path) -> None:
+    """The class cache must come from the same family and settings, with the same column shapes, as the instance
+    cache (their rows are concatenated). Whether either fits the model is `ModelFamily.check_cache`'s question."""
+    diff: dict[str, tuple[Any, Any]] = {}
+    if instance.family != klass.family:
+        diff["family"] = (instance.family, klass.family)
+    si, sc = instance.fingerprint.get("settings", {}), klass.fingerprint.get("settings", {})
+    diff.update({k: (si.get(k), sc.get(k)) for k in si.keys() | sc.keys() if si.get(k) != sc.get(k)})
+    ci, cc = ({c.name: list(c.shape) for c in m.columns} for m in (instance, klass))
+    diff.update({f"column {k}": (ci.get(k), cc.get(k)) for k in ci.keys() | cc.keys() if ci.get(k) != cc.get(k)})
     if diff:
-        lines = ", ".join(f"{k}: instance {a!r} ≠ class {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
+        lines = ", ".join(f"{k}: instance {a!r} ≠ class {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CacheError(
             f"dataset.class_cache_dir={str(where)!r} does not match dataset.cache_dir ({lines}); precompute the class "
             "images with the same model, resolution and text settings"
         )
 
 
 class WithClassRows:
-    """Iterable over merged (instance + class) batches; wraps the instance DataLoader (same `num_workers`)."""
+    """Iterable over merged (instance + class) batches: the instance loader's and the class loader's (built alike,
+    on `class_sampler`), batch by batch."""
 
     def __init__(self, loader: DataLoader, class_loader: DataLoader):
         self.loader, self.class_loader = loader, class_loader
@@ -54,9 +57,17 @@ class WithClassRows:
             yield merge_class_rows(inst, next(classes))
 
 
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the batch, zero-padding dim 1 (a variable-length column or its mask) to the longer."""
+    if a.ndim > 1 and a.shape[1] != b.shape[1]:
+        n = max(a.shape[1], b.shape[1])
+        a, b = (torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], dim=1) for t in (a, b))
+    return torch.cat([a, b])
+
+
 def merge_class_rows(inst: dict[str, torch.Tensor], cls: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    b, c = inst["latent_moments"].shape[0], cls["latent_moments"].shape[0]
-    out = {k: torch.cat([inst[k], cls[k]]) for k in ("latent_moments", "text_embeds")}
+    b, c = len(inst["index"]), len(cls["index"])
+    out = {k: _cat_padded(inst[k], cls[k]) for k in inst if k not in ("index", LOSS_MASK)}
     out["index"] = inst["index"]
     out["is_prior"] = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(c, dtype=torch.bool)])
     if LOSS_MASK in inst or LOSS_MASK in cls:
@@ -66,15 +77,14 @@ def merge_class_rows(inst: dict[str, torch.Tensor], cls: dict[str, torch.Tensor]
     return out
 
 
-def with_class_rows(loader: DataLoader, class_cache_dir: str, sampler: ResumableSampler, manifest: dict) -> Any:
-    """Wrap the instance `loader` (built on `sampler`) so each batch also holds class rows (see module doc)."""
-    dataset = CacheDataset(class_cache_dir)
-    check_class_cache(manifest, dataset.manifest, class_cache_dir)
-    probe = ResumableSampler(len(dataset), sampler.batch_size, seed=0, world_size=sampler.world_size)
+def class_sampler(sampler: ResumableSampler, num_class_rows: int) -> ResumableSampler:
+    """The class cache's sampler, paired with the instance `sampler` (see module doc): its own order (seed + 1), at
+    the position of as many batches as the instance sampler starts after."""
+    probe = ResumableSampler(num_class_rows, sampler.batch_size, seed=0, world_size=sampler.world_size)
     done = sampler.start_epoch * sampler.batches_per_epoch + sampler.start_batch
     epoch, batch = divmod(done, probe.batches_per_epoch)
-    class_sampler = ResumableSampler(
-        len(dataset),
+    return ResumableSampler(
+        num_class_rows,
         sampler.batch_size,
         seed=sampler.seed + 1,
         shuffle=sampler.shuffle,
@@ -83,14 +93,3 @@ def with_class_rows(loader: DataLoader, class_cache_dir: str, sampler: Resumable
         start_epoch=epoch,
         start_batch=batch,
     )
-    class_loader = DataLoader(
-        dataset,
-        batch_size=sampler.batch_size,
-        sampler=class_sampler,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-    )
-    return WithClassRows(loader, class_loader)

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from flowtrain.dtypes import DTYPES as STORAGE_DTYPES
+
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
@@ -42,3 +43,34 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, storage_dtype: str, *, 
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if storage_dtype == "bfloat16" else t
+
+
+def ragged_column(rows: list[torch.Tensor], storage_dtype: str) -> pa.ListArray:
+    """B tensors of shapes (L_i, *rest) → an Arrow `list<fixed_size_list<value, prod(rest)>>` column: each row
+    stored at its own length (a variable-length text embedding is not padded on disk)."""
+    width = int(np.prod(rows[0].shape[1:])) if rows[0].ndim > 1 else 1
+    flat = torch.cat([r.detach().reshape(r.shape[0], width) for r in rows]) if rows else torch.zeros(0, width)
+    t = flat.to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
+    arr = t.view(torch.uint16).numpy() if storage_dtype == "bfloat16" else t.numpy()
+    values = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), _ARROW_VALUE[storage_dtype]), width)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([r.shape[0] for r in rows])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def ragged_to_tensors(
+    column: pa.ChunkedArray | pa.Array, storage_dtype: str, row_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `ragged_column`, without copying: (all rows' values (ΣL_i, *row_shape[1:]) in the storage dtype,
+    offsets (B + 1,) int64); row i is `values[offsets[i]:offsets[i + 1]]`. Never write to the values."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = torch.from_numpy(column.offsets.to_numpy().astype(np.int64))
+    flat = column.flatten().flatten()  # rows → fixed-size lists → values (respects slicing offsets)
+    with warnings.catch_warnings():  # read-only Arrow memory: the caller only copies out of it
+        warnings.simplefilter("ignore", UserWarning)
+        values = torch.from_numpy(flat.to_numpy(zero_copy_only=False))
+    if storage_dtype == "bfloat16":
+        values = values.view(torch.bfloat16)
+    offsets = offsets - offsets[0]
+    return values.reshape(-1, *row_shape[1:]), offsets

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from flowtrain.config.schema import Section
-from flowtrain.models.klein_scratch import ScratchPipelineConfig
+from flowtrain.config.section import Section
+from flowtrain.models.flux2_klein.scratch import ScratchPipelineConfig
 
 
 class DemoDataConfig(Section):

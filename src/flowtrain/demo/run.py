@@ -106,13 +106,13 @@ def run_demo(
     """Run every stage into `out`; returns the report (also written to `{out}/demo_report.json`)."""
     import torch
 
-    from flowtrain.autoencoder.config import load_autoencoder_config
-    from flowtrain.autoencoder.train import train_autoencoder
     from flowtrain.config import load_config
-    from flowtrain.data.precompute import PrecomputeSettings, precompute
+    from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
     from flowtrain.demo import digits, report, score
-    from flowtrain.models.klein_scratch import assemble_pipeline
+    from flowtrain.models.flux2_klein.autoencoder.config import load_autoencoder_config
+    from flowtrain.models.flux2_klein.autoencoder.train import train_autoencoder
+    from flowtrain.models.flux2_klein.scratch import assemble_pipeline
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
     from flowtrain.train.loop import train
 
@@ -169,18 +169,11 @@ def run_demo(
     with stage("precompute", "assemble the Klein pipeline, encode latents + captions once"):
         assemble_pipeline(paths["pipeline"], ae.vae_dir, cfg.pipeline, train_cfg.model.text_encoder_layers)
         check_prompts_distinct(paths["pipeline"], prompts, train_cfg.model.max_sequence_length)
-        settings = PrecomputeSettings(
-            model=str(paths["pipeline"]),
-            family=train_cfg.model.family,
-            text_encoder_layers=tuple(train_cfg.model.text_encoder_layers),
-            max_sequence_length=train_cfg.model.max_sequence_length,
-            resolution=size,
-            dtype=train_cfg.model.dtype,
-        )
         precompute(
             paths["raw"],
             paths["cache"],
-            settings,
+            train_cfg.model,
+            resolution=size,
             batch_size=cfg.precompute_batch_size,
             progress=progress,
         )
@@ -189,17 +182,16 @@ def run_demo(
         result = train(train_cfg, progress=progress)
 
     with stage("sample", f"{cfg.sample.per_digit} images per digit prompt, CFG {cfg.sample.guidance_scale}"):
-        pipe = load_sampling_pipeline(str(paths["pipeline"]), transformer=str(paths["train"] / "transformer"))
+        pipe = load_sampling_pipeline(train_cfg.model, transformer=str(paths["train"] / "transformer"))
         images = generate(
             pipe,
             prompts,
+            train_cfg.model,
             seed=cfg.sample.seed,
             steps=cfg.sample.steps,
             guidance_scale=cfg.sample.guidance_scale,
             height=size,
             width=size,
-            max_sequence_length=train_cfg.model.max_sequence_length,
-            text_encoder_layers=tuple(train_cfg.model.text_encoder_layers),
             images_per_prompt=cfg.sample.per_digit,
             batch_size=cfg.sample.batch_size,
             progress=progress,
@@ -291,8 +283,8 @@ def _vae_roundtrip_accuracy(pipe: Any, split: Any, size: int, scorer: Any) -> fl
     import torch
     from PIL import Image
 
-    from flowtrain.autoencoder.data import to_pixels
     from flowtrain.demo import digits, score
+    from flowtrain.models.flux2_klein.autoencoder.data import to_pixels
 
     pixels = torch.stack([to_pixels(digits.digit_image(x, size), size) for x in split.test_x]).to(pipe.vae.device)
     with torch.no_grad():

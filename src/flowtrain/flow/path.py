@@ -1,4 +1,4 @@
-"""The rectified-flow path used by FLUX.2 — the ONE sign convention of flowtrain.
+"""The rectified-flow path every model family trains on: the ONE sign convention of flowtrain.
 
 σ = 0 is data, σ = 1 is noise:
 

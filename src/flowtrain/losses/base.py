@@ -2,7 +2,7 @@
 
 A loss is any callable `(LossContext) -> (scalar, log_dict)`. The loop builds it with `loss_from_config`:
 `loss.name` is a registered name or an import string `pkg.module:Name`; a class with a `from_config(cfg, *,
-adapter, device)` classmethod is built by it, any other class as `Name(**loss.kwargs)`, and a plain function is
+family, teacher)` classmethod is built by it, any other class as `Name(**loss.kwargs)`, and a plain function is
 used as it is. See docs/training.md#custom-losses.
 
 The log dict holds detached tensors: `loss/per_sample` (B,) (binned by σ into `loss_by_sigma/...` by the loop),
@@ -23,9 +23,9 @@ from flowtrain.registry import Registry
 class LossContext:
     """Everything a loss may need for one micro-batch. Shapes: tokens (B, N, C), sigma (B,).
 
-    `extra` (set by `train.step.step_loss`): `text_embeds` (B, L, D) and `grid` (h, w), to run another model at
-    the same inputs (distillation); `is_prior` (B,) bool when dataset.class_cache_dir adds class rows (the batch is
-    instance rows first, then class rows).
+    `extra` (set by `train.step.step_loss`): `cond` (the family's conditioning tensors) and `shape` (the token
+    grid), to run another model at the same inputs (distillation, with `ModelFamily.predict`); `is_prior` (B,) bool
+    when dataset.class_cache_dir adds class rows (the batch is instance rows first, then class rows).
     """
 
     pred: torch.Tensor  # model output v̂
@@ -49,7 +49,7 @@ def build_loss(name: str, **kwargs: Any) -> Loss:
     return LOSSES.get(name)(**kwargs)
 
 
-def loss_from_config(cfg: Any, *, adapter: Any = None, device: torch.device | str | None = None) -> Loss:
+def loss_from_config(cfg: Any, *, family: Any = None, teacher: torch.nn.Module | None = None) -> Loss:
     """The loss of a FlowtrainConfig (see the module docstring for how `loss.name` is turned into a callable)."""
     import inspect
 
@@ -57,7 +57,7 @@ def loss_from_config(cfg: Any, *, adapter: Any = None, device: torch.device | st
     obj = LOSSES.get(name)
     if hasattr(obj, "from_config"):
         try:
-            return obj.from_config(cfg, adapter=adapter, device=device)
+            return obj.from_config(cfg, family=family, teacher=teacher)
         except TypeError as e:
             raise ValueError(f"loss.name={name!r}: cannot build it with loss.kwargs={kwargs}: {e}") from e
     if inspect.isclass(obj):

@@ -1,13 +1,13 @@
 """Distillation from a frozen teacher of the same family.
 
 loss = mean over samples of flow_weight · err(v̂, ε - x0) + distill_weight · err(v̂, v̂_teacher), where the teacher
-sees exactly the student's inputs (x_σ, σ, text, grid) and runs without gradients. `err` is loss.base with the
+sees exactly the student's inputs (x_σ, σ, conditioning, token grid) and runs without gradients. The run loads the
+teacher (`train.trainable.load_teacher`) and hands it in. `err` is loss.base with the
 same σ-weighting and mask as the flow term. Logs `loss/flow` and `loss/distill` (unweighted means).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -15,54 +15,29 @@ import torch
 from flowtrain.losses.base import LOSSES, LossContext
 from flowtrain.losses.flow_matching import FlowMatchingLoss
 
-log = logging.getLogger(__name__)
-
-
-def load_teacher(cfg: Any, adapter: Any, device: torch.device | str | None) -> torch.nn.Module:
-    """The teacher transformer from `loss.teacher` (pipeline folder, transformer folder or .safetensors file; the
-    architecture of a single file comes from model.pretrained), frozen, in eval mode, in model.dtype on `device`."""
-    from flowtrain.train.setup import torch_dtype
-
-    path = cfg.loss.teacher
-    try:
-        teacher = adapter.load_transformer(
-            cfg.model.pretrained, dit=path, dtype=torch_dtype(cfg.model.dtype), revision=cfg.model.revision
-        )
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"loss.teacher={path!r}: could not load the teacher transformer ({e}); give a pipeline folder, a "
-            "transformer folder or a .safetensors file of the same model family"
-        ) from e
-    teacher.requires_grad_(False).eval()
-    if device is not None:
-        teacher.to(device)
-    n = sum(p.numel() for p in teacher.parameters())
-    log.info("distillation teacher %s: %.3fM parameters, frozen", path, n / 1e6)
-    return teacher
-
 
 @LOSSES.register("distillation")
 class DistillationLoss(FlowMatchingLoss):
     def __init__(
         self,
         teacher: torch.nn.Module,
-        adapter: Any,
+        family: Any,
         *,
         flow_weight: float = 1.0,
         distill_weight: float = 1.0,
         **flow_kwargs: Any,
     ):
         super().__init__(**flow_kwargs)
-        self.teacher, self.adapter = teacher, adapter
+        self.teacher, self.family = teacher, family
         self.flow_weight, self.distill_weight = float(flow_weight), float(distill_weight)
 
     @classmethod
-    def from_config(cls, cfg: Any, *, adapter: Any = None, device: Any = None, **_: Any) -> DistillationLoss:
-        if adapter is None:
-            raise ValueError("the distillation loss needs the model adapter to run its teacher")
+    def from_config(cls, cfg: Any, *, family: Any = None, teacher: Any = None, **_: Any) -> DistillationLoss:
+        if family is None or teacher is None:
+            raise ValueError("the distillation loss needs the model family and the loaded teacher (loss.teacher)")
         return cls(
-            load_teacher(cfg, adapter, device),
-            adapter,
+            teacher,
+            family,
             flow_weight=cfg.loss.flow_weight,
             distill_weight=cfg.loss.distill_weight,
             **cls.config_kwargs(cfg),
@@ -70,13 +45,13 @@ class DistillationLoss(FlowMatchingLoss):
         )
 
     def teacher_prediction(self, ctx: LossContext) -> torch.Tensor:
-        """(B, N, C) teacher velocity at the student's x_σ, σ, text and grid; no autograd graph."""
+        """(B, N, C) teacher velocity at the student's x_σ, σ, conditioning and token grid; no autograd graph."""
         try:
-            text, grid = ctx.extra["text_embeds"], ctx.extra["grid"]
+            cond, shape = ctx.extra["cond"], ctx.extra["shape"]
         except KeyError as e:
             raise ValueError(f"distillation needs LossContext.extra[{e.args[0]!r}] (set by train.step)") from None
         with torch.no_grad():
-            return self.adapter.predict(self.teacher, ctx.x_t.detach(), ctx.sigma, text, grid)
+            return self.family.predict(self.teacher, ctx.x_t.detach(), ctx.sigma, cond, shape)
 
     def __call__(self, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         flow = self.per_sample(ctx)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-TINY_RES = 32  # pixels; the tiny VAE downsamples 2× → 16×16 latents → 8×8 = 64 tokens
+DEFAULT_FAMILY = "flux2_klein"
+TINY_RES = 32  # pixels; the tiny Klein VAE downsamples 2× → 16×16 latents → 8×8 = 64 tokens
 TINY_SEQ = 32  # text tokens
 
 
@@ -25,24 +27,38 @@ def make_image_folder(root: Path, n: int = 8, size: tuple[int, int] = (40, 48), 
     return root
 
 
-def make_tiny_cache(root: Path, pipeline: Path, n: int = 8, text_dtype: str = "float32") -> tuple[Path, Path]:
-    """prepare + precompute n images at TINY_RES; returns (raw_dir, cache_dir)."""
-    from flowtrain.data.precompute import PrecomputeSettings, precompute
+def tiny_model(pipeline: Path, family: str = DEFAULT_FAMILY, **options: Any):
+    """The validated `model:` section for a family's tiny pipeline folder (fp32 unless `dtype` is given)."""
+    from flowtrain.config import FlowtrainConfig
+    from flowtrain.models import get_family
+
+    data = {"family": family, "pretrained": str(pipeline), "dtype": "float32", **get_family(family).tiny_options}
+    return FlowtrainConfig.model_validate({"model": {**data, **options}}).model
+
+
+def make_tiny_cache(
+    root: Path, pipeline: Path, n: int = 8, text_dtype: str = "float32", family: str = DEFAULT_FAMILY
+) -> tuple[Path, Path]:
+    """prepare + precompute n images at the family's tiny resolution; returns (raw_dir, cache_dir). `text_dtype`
+    is model.dtype: the encoders' dtype and the text columns' storage dtype."""
+    from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
+    from flowtrain.models import get_family
 
     images = make_image_folder(root / "images", n=n)
     prepare(images, root / "raw", progress=False)
-    settings = PrecomputeSettings(
-        model=str(pipeline), max_sequence_length=TINY_SEQ, resolution=TINY_RES, dtype=text_dtype
-    )
-    precompute(root / "raw", root / "cache", settings, batch_size=4, progress=False)
+    model = tiny_model(pipeline, family, dtype=text_dtype)
+    resolution = get_family(family).tiny_resolution
+    precompute(root / "raw", root / "cache", model, resolution=resolution, batch_size=4, progress=False)
     return root / "raw", root / "cache"
 
 
-def tiny_config_dict(pipeline: Path, cache: Path, out: Path, **train) -> dict:
-    """A FlowtrainConfig dict for the tiny pipeline: fp32 on CPU, LoRA rank 4 on attention, JSONL tracking."""
+def tiny_config_dict(pipeline: Path, cache: Path, out: Path, family: str = DEFAULT_FAMILY, **train) -> dict:
+    """A FlowtrainConfig dict for a family's tiny pipeline: fp32 on CPU, LoRA rank 4 on attention, JSONL tracking."""
+    from flowtrain.models import get_family
+
     return {
-        "model": {"pretrained": str(pipeline), "max_sequence_length": TINY_SEQ, "dtype": "float32"},
+        "model": {"family": family, "pretrained": str(pipeline), "dtype": "float32", **get_family(family).tiny_options},
         "dataset": {"cache_dir": str(cache)},
         "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no", **train},
         "train_mode": "lora",

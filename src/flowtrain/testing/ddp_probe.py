@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
 
     from flowtrain.config import load_config
     from flowtrain.train.loop import train
-    from flowtrain.train.setup import trainable_state
+    from flowtrain.train.trainable import trainable_state
 
     cfg = load_config(argv[0], argv[1:])
     result = train(cfg, progress=False)

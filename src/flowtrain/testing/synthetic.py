@@ -20,17 +20,20 @@ def write_synthetic_cache(
     rows_per_group: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a cache of `rows` rows into `out` (skipped when `out/manifest.json` exists); returns `out`.
+    """Write a Klein-layout cache of `rows` rows into `out` (skipped when `out/manifest.json` exists); returns `out`.
 
     latent_shape: (2C, h, w) posterior moments, stored float32; text_shape: (L, D), stored as `text_dtype`.
     rows_per_group: Parquet row-group size; None: what precompute picks for these rows.
     """
     import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
     from safetensors.torch import save_file
 
-    from flowtrain.data.precompute import PrecomputeSettings, _manifest, _write_atomic
+    from flowtrain.data.manifest import CacheManifest, fingerprint
+    from flowtrain.data.precompute import write_shard
     from flowtrain.data.tensors import STORAGE_DTYPES, tensor_column
+    from flowtrain.models import Column
 
     out = Path(out)
     if (out / "manifest.json").exists():
@@ -50,17 +53,21 @@ def write_synthetic_cache(
         )
         name = f"cache-00000-{i:04d}.parquet"
         if rows_per_group is None:
-            _write_atomic(table, out / name)
+            write_shard(table, out / name)
         else:
-            import pyarrow.parquet as pq
-
             pq.write_table(table, out / name, compression="zstd", row_group_size=rows_per_group)
         shards.append({"file": name, "rows": n})
     save_file(
         {"text_embeds": torch.zeros(text_shape, dtype=STORAGE_DTYPES[text_dtype])},
         str(out / "empty_prompt.safetensors"),
     )
-    settings = PrecomputeSettings(model="synthetic", max_sequence_length=text_shape[0], dtype=text_dtype)
     c = latent_shape[0] * 2  # patchified channels: 4 · C = 2 · (2C)
-    _manifest(out, settings, settings.fingerprint([0.0] * c, [1.0] * c), [0.0] * c, [1.0] * c, shards, out)
+    columns = [
+        Column("latent_moments", "float32", tuple(latent_shape), "image"),
+        Column("text_embeds", text_dtype, tuple(text_shape), "text"),
+    ]
+    settings = {"text_encoder_layers": [9, 18, 27], "max_sequence_length": text_shape[0]}
+    fp = fingerprint("flux2_klein", "synthetic", None, latent_shape[1] * 8, text_dtype, settings, {})
+    norm = {"bn_mean": [0.0] * c, "bn_std": [1.0] * c}
+    CacheManifest("flux2_klein", fp, columns, norm, shards, source=str(out)).write(out)
     return out

@@ -23,12 +23,12 @@ _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 def check_backends(report_to: list[str]) -> None:
     """Fail before any work is done when an optional backend's package is missing."""
-    from flowtrain.track.optional import _missing
+    from flowtrain.track.optional import missing_backend
 
     for name in report_to:
         pkg = _PACKAGES.get(name)
         if pkg and importlib.util.find_spec(pkg) is None:
-            raise _missing(name, pkg)
+            raise missing_backend(name, pkg)
 
 
 def open_tracking(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _missing(backend: str, package: str) -> ImportError:
+def missing_backend(backend: str, package: str) -> ImportError:
     return ImportError(
         f"tracking.report_to includes {backend!r} but the {package!r} package is not installed: "
         f"pip install {package}  (or pip install 'flowtrain[tracking]'), or remove {backend!r} from tracking.report_to"
@@ -29,7 +29,7 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise _missing("tensorboard", "tensorboard") from None
+            raise missing_backend("tensorboard", "tensorboard") from None
         self.log_dir = Path(output_dir) / "logs" / "tensorboard"
         self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
 
@@ -92,7 +92,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise _missing("wandb", "wandb") from None
+            raise missing_backend("wandb", "wandb") from None
         out = Path(output_dir).resolve()
         (out / "logs").mkdir(parents=True, exist_ok=True)
         id_file = out / "logs" / "wandb_run.json"

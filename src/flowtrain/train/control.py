@@ -1,4 +1,4 @@
-"""Run control between optimizer steps: stop requests (SIGTERM / SIGINT), time-based saves, non-finite steps.
+"""Run control: stop requests (SIGTERM / SIGINT), time-based saves, non-finite steps, deterministic mode.
 
 Every decision that changes what the processes do next (skip this step, save now, stop) is agreed on by all of
 them in one small all-reduce per step, so under DDP no rank waits at a barrier the others never reach.
@@ -6,13 +6,14 @@ them in one small all-reduce per step, so under DDP no rank waits at a barrier t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -154,3 +155,25 @@ class NonFiniteGuard:
             self.total,
         )
         return None
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """train.deterministic: deterministic torch kernels for the block (an op without one raises, naming itself),
+    cuDNN autotuning off, and the cuBLAS workspace setting CUDA needs for deterministic matmuls. The previous
+    global settings come back afterwards. Everything random in a step already comes from seeded generators."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from flowtrain.config import FlowtrainConfig
+from flowtrain.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-def essentials(cfg: FlowtrainConfig, fingerprint: dict) -> dict[str, Any]:
+def essentials(cfg: FlowtrainConfig, cache_id: str) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming it."""
     return {
         "family": cfg.model.family,
@@ -19,12 +20,12 @@ def essentials(cfg: FlowtrainConfig, fingerprint: dict) -> dict[str, Any]:
         "dit": cfg.model.dit,
         "train_mode": cfg.train_mode,
         "lora": [cfg.lora.rank, cfg.lora.effective_alpha, cfg.lora.targets] if cfg.train_mode == "lora" else None,
-        "cache_fingerprint": fingerprint.get("id"),
+        "cache_fingerprint": cache_id,
     }
 
 
-def check_resume(state: dict, cfg: FlowtrainConfig, fingerprint: dict, path: Path) -> None:
-    old, new = state["essentials"], essentials(cfg, fingerprint)
+def check_resume(state: TrainState, cfg: FlowtrainConfig, cache_id: str, path: Path) -> None:
+    old, new = state.essentials, essentials(cfg, cache_id)
     old = {k: (list(v) if isinstance(v, tuple) else v) for k, v in old.items()}
     new = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items()}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
@@ -35,24 +36,23 @@ def check_resume(state: dict, cfg: FlowtrainConfig, fingerprint: dict, path: Pat
             "Start a new output_dir, or restore these settings."
         )
     for key in ("learning_rate", "max_steps"):
-        if state["train"].get(key) != getattr(cfg.train, key):
-            log.info("resume: train.%s changed %s → %s", key, state["train"].get(key), getattr(cfg.train, key))
-    if state["data"].get("seed", cfg.train.seed) != cfg.train.seed:
+        if getattr(state, key) != getattr(cfg.train, key):
+            log.info("resume: train.%s changed %s → %s", key, getattr(state, key), getattr(cfg.train, key))
+    if state.data.seed != cfg.train.seed:
         log.info(
             "resume: train.seed changed %s → %s; the data order keeps the checkpoint's shuffle seed",
-            state["data"]["seed"],
+            state.data.seed,
             cfg.train.seed,
         )
 
 
-def apply_changed_schedule(state: dict, cfg: FlowtrainConfig, optimizer: Any, lr_scheduler: Any) -> None:
+def apply_changed_schedule(state: TrainState, cfg: FlowtrainConfig, optimizer: Any, lr_scheduler: Any) -> None:
     """A changed learning rate or max_steps takes effect from the resumed step on.
 
     The scheduler's state_dict restores the old `base_lrs` (and the optimizer the old lr), so a new
     train.learning_rate must be written into both; the schedule's shape comes from the new config already.
     """
-    old = state.get("train", {})
-    if old.get("learning_rate") == cfg.train.learning_rate and old.get("max_steps") == cfg.train.max_steps:
+    if state.learning_rate == cfg.train.learning_rate and state.max_steps == cfg.train.max_steps:
         return  # untouched: the restored state is already exact
     # optimizer.lr_scale groups keep their multiplier (`lr_scale`, see train.optim) relative to the new lr.
     scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
@@ -66,12 +66,11 @@ def apply_changed_schedule(state: dict, cfg: FlowtrainConfig, optimizer: Any, lr
     lr_scheduler._last_lr = lrs
 
 
-def resume_position(state: dict, global_batch: int, num_rows: int) -> tuple[int, int, int]:
+def resume_position(state: TrainState, global_batch: int, num_rows: int) -> tuple[int, int, int]:
     """(epoch, batch, shuffle seed) to continue from. With another global batch size (batch_size × processes) the
     position is carried over in samples, rounded down: a few samples may repeat, none is skipped."""
-    data = state["data"]
-    epoch, batch, seed = data["epoch"], data["batch"], data["seed"]
-    old_global = state.get("global_batch", global_batch)
+    epoch, batch, seed = state.data.epoch, state.data.batch, state.data.seed
+    old_global = state.global_batch or global_batch
     if old_global != global_batch:
         sample = batch * old_global
         batch = sample // global_batch

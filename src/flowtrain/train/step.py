@@ -1,15 +1,21 @@
-"""One flow-matching micro-step: cached batch → x0, σ, ε → prediction → loss. No optimizer, no accelerate."""
+"""One flow-matching micro-step: cached batch → x0, σ, ε → prediction → loss. No optimizer, no accelerate.
+
+The model family turns the batch into tokens and conditioning and runs the transformer; this module draws the
+randomness and applies the one flow-matching convention (`flowtrain.flow`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from flowtrain.config.schema import FlowtrainConfig
-from flowtrain.flow import interpolate, resolution_shift, sample_sigmas
+from flowtrain.flow import interpolate, sample_sigmas
 from flowtrain.losses import LossContext
+from flowtrain.models import ModelFamily
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -20,26 +26,27 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 @dataclass
 class StepInputs:
-    """The tensors of one micro-batch, on the training device. Tokens (B, N, C); sigma (B,); text (B, L, D)."""
+    """The tensors of one micro-batch, on the training device. Tokens (B, N, C); sigma (B,); `cond` the family's
+    conditioning tensors; `shape` the token grid (h, w) or (f, h, w)."""
 
     x0: torch.Tensor
     noise: torch.Tensor
     sigma: torch.Tensor
-    text_embeds: torch.Tensor
-    grid: tuple[int, int]
+    cond: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
     mask: torch.Tensor | None = None  # (B,) per-sample or (B, N) per-token loss weights (cache column loss_mask)
     is_prior: torch.Tensor | None = None  # (B,) bool: class rows of prior preservation (dataset.class_cache_dir)
 
 
-def sigma_shift(cfg: FlowtrainConfig, image_seq_len: int) -> float:
-    """The σ shift of this batch: timesteps.shift, or FLUX.2's resolution-dependent one (flow.timesteps)."""
+def sigma_shift(cfg: FlowtrainConfig, family: ModelFamily, num_tokens: int) -> float:
+    """The σ shift of this batch: timesteps.shift, or the family's resolution-dependent one."""
     t = cfg.timesteps
-    return resolution_shift(image_seq_len, t.reference_steps) if t.shift_mode == "resolution" else t.shift
+    return family.resolution_shift(cfg.model, num_tokens) if t.shift_mode == "resolution" else t.shift
 
 
-def batch_mask(batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor | None:
+def batch_mask(batch: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor | None:
     """The optional `loss_mask` of a batch as (B,) or (B, N): a (B, h, w) token-grid mask is flattened row-major,
-    the order `pack` puts tokens in."""
+    the order tokens are packed in."""
     mask = batch.get("loss_mask")
     if mask is None:
         return None
@@ -56,52 +63,69 @@ def batch_mask(batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor 
     return mask
 
 
+def to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy to the device in the storage dtype (half the bytes of float32 for bf16 caches), then cast floating
+    tensors to float32 there; masks keep their dtype."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.to(device, non_blocking=True)
+        out[k] = t.float() if t.is_floating_point() else t
+    return out
+
+
 def make_inputs(
-    batch: dict[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
     cfg: FlowtrainConfig,
-    adapter: Any,
-    latent_stats: tuple[torch.Tensor, torch.Tensor],
-    empty_embeds: torch.Tensor | None,
+    family: ModelFamily,
+    norm: Mapping[str, torch.Tensor],
+    empty: dict[str, torch.Tensor] | None,
     generator: torch.Generator,
     device: torch.device,
 ) -> StepInputs:
-    """Draw everything random for a micro-batch from `generator` (CPU), in a fixed order, then move to device."""
-    moments = batch["latent_moments"]
+    """Draw everything random for a micro-batch from `generator` (CPU), in a fixed order, then move to device.
+
+    norm: the cache's latent statistics as tensors; empty: the empty prompt's conditioning (caption dropout).
+    """
     sample_gen = generator if cfg.dataset.latent_sampling == "sample" else None
-    x0, h, w = adapter.training_latents(moments, *latent_stats, generator=sample_gen)
+    x0, shape = family.training_latents(batch, norm, sample_gen)
     b = x0.shape[0]
     t = cfg.timesteps
-    shift = sigma_shift(cfg, x0.shape[1])
     sigma = sample_sigmas(
-        b, generator, t.scheme, logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale, shift=shift
+        b,
+        generator,
+        t.scheme,
+        logit_mean=t.logit_mean,
+        logit_std=t.logit_std,
+        mode_scale=t.mode_scale,
+        shift=sigma_shift(cfg, family, x0.shape[1]),
     )
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    text = batch["text_embeds"]
+    cond = family.conditioning(batch, cfg.model)
     if cfg.train.caption_dropout > 0:
-        if empty_embeds is None:
-            raise ValueError("train.caption_dropout > 0 needs the cache's empty-prompt embedding")
+        if empty is None:
+            raise ValueError("train.caption_dropout > 0 needs the cache's empty-prompt conditioning")
         drop = torch.rand(b, generator=generator) < cfg.train.caption_dropout
-        text = torch.where(drop.view(b, 1, 1), empty_embeds.unsqueeze(0).to(text), text)
+        cond = family.drop_captions(cond, empty, drop)
     # New random draws go here, after the existing ones: golden losses and exact resume depend on that order.
     mask, is_prior = batch_mask(batch, x0.shape[1]), batch.get("is_prior")
     return StepInputs(
         x0=x0.to(device, non_blocking=True),
         noise=noise.to(device, non_blocking=True),
         sigma=sigma.to(device, non_blocking=True),
-        text_embeds=text.to(device, non_blocking=True).float(),  # cached in bf16 for Klein: cast after the copy
-        grid=(h, w),
+        cond=to_device(cond, device),
+        shape=shape,
         mask=None if mask is None else mask.to(device, non_blocking=True),
         is_prior=None if is_prior is None else is_prior.to(device, non_blocking=True),
     )
 
 
 def step_loss(
-    model: torch.nn.Module, adapter: Any, inputs: StepInputs, loss_fn: Any
+    model: torch.nn.Module, family: ModelFamily, inputs: StepInputs, loss_fn: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward the transformer at x_σ and score it with `loss_fn`. Returns (scalar loss, logs)."""
     x_t = interpolate(inputs.x0, inputs.noise, inputs.sigma)
-    pred = adapter.predict(model, x_t, inputs.sigma, inputs.text_embeds, inputs.grid)
-    extra: dict[str, Any] = {"text_embeds": inputs.text_embeds, "grid": inputs.grid}
+    pred = family.predict(model, x_t, inputs.sigma, inputs.cond, inputs.shape)
+    extra: dict[str, Any] = {"cond": inputs.cond, "shape": inputs.shape}
     if inputs.is_prior is not None:
         extra["is_prior"] = inputs.is_prior
     ctx = LossContext(

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.train.setup import torch_dtype
+from flowtrain.dtypes import torch_dtype
+from flowtrain.models import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,15 @@ class Validator:
     """Validation sampling for one run. Build it on every process (config checks run everywhere, so a bad config
     fails on all ranks before training); only the main process samples."""
 
-    def __init__(self, cfg: FlowtrainConfig, adapter: Any, output_dir: str | Path, *, resolution: int | None = None):
-        self.cfg, self.v, self.adapter = cfg, cfg.validation, adapter
+    def __init__(
+        self, cfg: FlowtrainConfig, family: ModelFamily, output_dir: str | Path, *, resolution: int | None = None
+    ):
+        self.cfg, self.v, self.family = cfg, cfg.validation, family
         self.out = Path(output_dir) / SAMPLES_DIR
         self.enabled = self.v.enabled
         self._pipe: Any = None
-        self._embeds: list[torch.Tensor] = []
-        self._negative: torch.Tensor | None = None
+        self._conds: list[dict[str, torch.Tensor]] = []
+        self._negative: dict[str, torch.Tensor] | None = None
         if not self.enabled:
             return
         self.prompts = load_prompts(cfg)
@@ -88,12 +91,12 @@ class Validator:
                 raise ValueError("validation.sizes is empty and the cache records no training resolution: set sizes")
             sizes = [(resolution, resolution)]
         self.sizes = sizes
-        multiple = adapter.pixel_multiple(cfg.model.pretrained, revision=cfg.model.revision)
+        multiple = family.pixel_multiple(cfg.model)
         bad = [list(s) for s in sizes if s[0] % multiple or s[1] % multiple]
         if bad:
             fixed = [[max(multiple, round(x / multiple) * multiple) for x in s] for s in bad]
             raise ValueError(
-                f"validation.sizes: {bad} not multiples of {multiple} (this model's VAE factor × 2); "
+                f"validation.sizes: {bad} not multiples of {multiple} (this model's VAE factor × latent patch); "
                 f"round each side to a multiple of {multiple}, e.g. {fixed}"
             )
 
@@ -154,7 +157,6 @@ class Validator:
         pipe, v = self._pipe, self.v
         dtype = getattr(transformer, "dtype", torch.float32)
         was_training = transformer.training
-        pipe.register_modules(transformer=transformer)
         if pipe.vae.dtype != dtype:  # decode in the latents' dtype, which follows the transformer's
             pipe.vae.to(dtype=dtype)
         pipe.vae.to(device)
@@ -170,13 +172,14 @@ class Validator:
                 autocast(),
                 (weights or contextlib.nullcontext)(),
             ):
-                negative = None if self._negative is None else self._negative.to(device, dtype)
-                for i, embeds in enumerate(self._embeds):
+                negative = None if self._negative is None else _to(self._negative, device, dtype)
+                for i, cond in enumerate(self._conds):
                     seed, row = v.seed + i, []
                     for size in self.sizes:
-                        image = self.adapter.sample(
+                        image = self.family.sample(
                             pipe,
-                            embeds.to(device, dtype),
+                            transformer,
+                            _to(cond, device, dtype),
                             negative,
                             height=size[0],
                             width=size[1],
@@ -191,7 +194,6 @@ class Validator:
                     rows.append(row)
         finally:
             transformer.train(was_training)
-            pipe.register_modules(transformer=None)
             pipe.vae.to("cpu")
             gc.collect()
             if device.type == "cuda":
@@ -205,28 +207,21 @@ class Validator:
         return paths
 
     def _load(self, device: torch.device) -> None:
-        """Load the pipeline without its transformer, embed the prompts once, and free the text encoder."""
+        """Load the encoders (the pipeline without its transformer), encode the prompts once, and free the text
+        encoders."""
         m = self.cfg.model
         with _no_loading_bars():
-            pipe = self.adapter.load_pipeline(
-                m.pretrained,
-                dtype=torch_dtype(m.dtype),
-                with_transformer=False,
-                revision=m.revision,
-                trust_remote_code=m.trust_remote_code,
-            )
+            pipe = self.family.load_encoders(m, dtype=torch_dtype(m.dtype), device=device)
         pipe.set_progress_bar_config(disable=True)
-        pipe.text_encoder.to(device)
 
-        def embed(prompt: str) -> torch.Tensor:  # one at a time: the exact computation `pipe(prompt=...)` does
-            e = self.adapter.encode_prompts(
-                pipe, [prompt], layers=m.text_encoder_layers, max_length=m.max_sequence_length
-            )
-            return e.cpu()
+        def encode(prompt: str) -> dict[str, torch.Tensor]:  # one at a time: what `pipe(prompt=...)` computes
+            return {k: v.cpu() for k, v in self.family.encode_prompts(pipe, [prompt], m).items()}
 
-        self._embeds = [embed(p) for p in self.prompts]
-        self._negative = embed("") if self.v.guidance_scale > 1 else None
-        pipe.register_modules(text_encoder=None, tokenizer=None)
+        self._conds = [encode(p) for p in self.prompts]
+        self._negative = encode("") if self.v.guidance_scale > 1 else None
+        # Text encoders and tokenizers (diffusers names them text_encoder, text_encoder_2, tokenizer, ...) are not
+        # needed again: free them before training goes on.
+        pipe.register_modules(**{k: None for k in pipe.components if k.startswith(("text_encoder", "tokenizer"))})
         pipe.vae.to("cpu")
         self._pipe = pipe
         self.out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +230,11 @@ class Validator:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _to(cond: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Conditioning on `device`, floating tensors in the sampling `dtype` (masks keep theirs)."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
 
 
 @contextlib.contextmanager

@@ -158,7 +158,7 @@ def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int 
     return path
 
 
-if __name__ == "__main__":  # python -m flowtrain.testing.tiny OUT_DIR
+if __name__ == "__main__":  # python -m flowtrain.models.flux2_klein.tiny OUT_DIR
     import sys
 
     print(save_tiny_pipeline(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-klein"))

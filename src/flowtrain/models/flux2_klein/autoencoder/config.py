@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from flowtrain.config.schema import LrSchedulerConfig, OptimizerConfig, Section, TrackingConfig
+from flowtrain.config.schema import LrSchedulerConfig, OptimizerConfig, TrackingConfig
+from flowtrain.config.section import Section
 
 
 class AEModelConfig(Section):
@@ -91,6 +92,9 @@ class AutoencoderConfig(Section):
     kind: Literal["autoencoder"] = Field(
         "autoencoder", description="Marks the file as an autoencoder config (the shipped-config tests key on it)."
     )
+    family: Literal["flux2_klein"] = Field(
+        "flux2_klein", description="The model family whose VAE this trains (`flowtrain autoencoder` dispatches on it)."
+    )
     model: AEModelConfig = Field(default_factory=AEModelConfig)
     data: AEDataConfig = Field(default_factory=AEDataConfig)
     loss: AELossConfig = Field(default_factory=AELossConfig)
@@ -121,8 +125,6 @@ def load_autoencoder_config(path: str | Path, overrides: Sequence[str] = ()) -> 
 
 
 def dump_autoencoder_config(cfg: AutoencoderConfig) -> str:
-    import yaml
+    from flowtrain.config.load import dump_yaml
 
-    from flowtrain.config.load import _Dumper
-
-    return yaml.dump(cfg.model_dump(mode="python"), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return dump_yaml(cfg.model_dump(mode="python"))

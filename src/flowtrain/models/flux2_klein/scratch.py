@@ -7,7 +7,7 @@
 The transformer's input width (4 × VAE latent channels, after 2×2 patchify) and text width (number of stacked
 hidden-state layers × text-encoder hidden size) are derived, never configured, so they cannot disagree.
 
-Text encoder: a tiny random Qwen3 (`flowtrain.testing.tiny`): distinct prompts still give distinct embeddings
+Text encoder: a tiny random Qwen3 (`flowtrain.models.flux2_klein.tiny`): distinct prompts still give distinct embeddings
 (its BPE vocabulary covers the words it was trained on), and the transformer learns what they mean. Or any
 Qwen3ForCausalLM folder via `text_encoder.pretrained` (e.g. a real Qwen3 checkpoint; its tokenizer comes along).
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
-from flowtrain.config.schema import Section
+from flowtrain.config.section import Section
+from flowtrain.models.paths import subfolder_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _text_encoder(cfg: TextEncoderConfig):
 
         te = Qwen3ForCausalLM.from_pretrained(cfg.pretrained, use_safetensors=True).eval()
         return AutoTokenizer.from_pretrained(cfg.pretrained), te
-    from flowtrain.testing.tiny import build_text_encoder, build_tokenizer
+    from flowtrain.models.flux2_klein.tiny import build_text_encoder, build_tokenizer
 
     tokenizer = build_tokenizer(cfg.vocab_size)
     return tokenizer, build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers)
@@ -100,7 +101,7 @@ def assemble_pipeline(
 
     torch.manual_seed(cfg.seed)
     vae_path = Path(vae_dir)
-    sub = "vae" if (vae_path / "vae" / "config.json").exists() else None
+    sub = subfolder_if_exists(vae_path, "vae")
     vae = AutoencoderKLFlux2.from_pretrained(vae_path, subfolder=sub, dtype=torch.float32, use_safetensors=True)
     tokenizer, text_encoder = _text_encoder(cfg.text_encoder)
     n_layers = text_encoder.config.num_hidden_layers

@@ -10,17 +10,18 @@ import torch
 from PIL import Image
 
 from flowtrain.data.cache import CacheDataset
-from flowtrain.models.flux2_klein import (
+from flowtrain.models import get_family
+from flowtrain.models.common import resize_to_cover
+from flowtrain.models.flux2_klein.latents import (
     latent_ids,
     pack,
     patchify,
-    resize_to_cover,
     text_ids,
     training_latents,
     unpack,
     unpatchify,
 )
-from flowtrain.testing.data import TINY_RES, TINY_SEQ
+from flowtrain.testing.data import TINY_RES, TINY_SEQ, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,13 @@ def test_text_embeddings_equal_pipeline_encode_prompt(pipe, cache_rows):
     assert torch.equal(text_ids(len(captions), TINY_SEQ), ref_ids)
     # Empty-prompt embedding (caption dropout / CFG's negative) is the pipeline's "" encoding.
     empty, _ = pipe.encode_prompt([""], max_sequence_length=TINY_SEQ)
-    assert (ds.empty_prompt_embeds() - empty[0]).abs().max().item() <= 1e-6
+    assert (ds.empty_batch()["text_embeds"] - empty).abs().max().item() <= 1e-6
 
 
 def test_layers_other_than_default_are_honoured(pipe, cache_rows):
     _, captions, _ = cache_rows
-    from flowtrain.models import get_adapter
-
-    ours = get_adapter("flux2_klein").encode_prompts(pipe, captions[:2], layers=[3, 27], max_length=TINY_SEQ)
+    model = tiny_model("unused", text_encoder_layers=[3, 27])
+    ours = get_family("flux2_klein").encode_prompts(pipe, captions[:2], model)["text_embeds"]
     ref, _ = pipe.encode_prompt(captions[:2], max_sequence_length=TINY_SEQ, text_encoder_out_layers=(3, 27))
     assert ours.shape[-1] == 64 and torch.equal(ours, ref)
 
@@ -63,9 +63,9 @@ def test_layers_other_than_default_are_honoured(pipe, cache_rows):
 def test_packed_latents_equal_pipeline_image_path(pipe, cache_rows):
     """Cache moments → flowtrain x0 == the pipeline's own `_encode_vae_image` + `_pack_latents`."""
     ds, _, images = cache_rows
-    stats = (torch.tensor(ds.manifest["latent_bn_mean"]), torch.tensor(ds.manifest["latent_bn_std"]))
+    norm = ds.latent_norm
     moments = torch.stack([ds[i]["latent_moments"] for i in range(len(ds))])
-    ours, h, w = training_latents(moments, *stats)
+    ours, h, w = training_latents(moments, norm["bn_mean"], norm["bn_std"])
     for i, im in enumerate(images):
         im = resize_to_cover(im, TINY_RES)  # our one step before the pipeline's processor (see its docstring)
         pixels = pipe.image_processor.preprocess(im, height=TINY_RES, width=TINY_RES, resize_mode="crop")
@@ -78,7 +78,8 @@ def test_packed_latents_equal_pipeline_image_path(pipe, cache_rows):
 
 def test_unpack_and_decode_invert_the_training_latents(pipe, cache_rows):
     ds, _, _ = cache_rows
-    stats = (torch.tensor(ds.manifest["latent_bn_mean"]), torch.tensor(ds.manifest["latent_bn_std"]))
+    norm = ds.latent_norm
+    stats = (norm["bn_mean"], norm["bn_std"])
     moments = torch.stack([ds[i]["latent_moments"] for i in range(2)])
     x0, h, w = training_latents(moments, *stats)
     # Inverse exactly as the pipeline does after denoising: unpack, de-normalise, unpatchify.
@@ -114,27 +115,26 @@ def test_step_loss_equals_reference_against_diffusers_components(tiny_pipeline_d
 
     from flowtrain.config import FlowtrainConfig
     from flowtrain.losses import build_loss
-    from flowtrain.models import get_adapter
     from flowtrain.train.step import make_inputs, step_loss
 
     ds, _, _ = cache_rows
     cfg = FlowtrainConfig.model_validate(
         {"model": {"pretrained": str(tiny_pipeline_dir), "max_sequence_length": TINY_SEQ, "dtype": "float32"}}
     )
+    assert cfg.model.family == "flux2_klein"  # detected from the pipeline's model_index.json
     transformer = Flux2Transformer2DModel.from_pretrained(tiny_pipeline_dir, subfolder="transformer")
-    stats = (torch.tensor(ds.manifest["latent_bn_mean"]), torch.tensor(ds.manifest["latent_bn_std"]))
     batch = {k: torch.stack([ds[i][k] for i in range(3)]) for k in ("latent_moments", "text_embeds")}
-    adapter = get_adapter("flux2_klein")
-    inputs = make_inputs(batch, cfg, adapter, stats, None, torch.Generator().manual_seed(1), torch.device("cpu"))
+    family = get_family("flux2_klein")
+    inputs = make_inputs(batch, cfg, family, ds.latent_norm, None, torch.Generator().manual_seed(1), "cpu")
     with torch.no_grad():
-        ours, _ = step_loss(transformer, adapter, inputs, build_loss("flow_matching"))
+        ours, _ = step_loss(transformer, family, inputs, build_loss("flow_matching"))
 
         # Reference: pipeline static methods + the raw transformer call of the pipeline's denoising loop.
         P = Flux2KleinPipeline
         mean = batch["latent_moments"][:, :4]
         lat = P._patchify_latents(mean)
-        bn = torch.tensor(ds.manifest["latent_bn_std"]).view(1, -1, 1, 1)
-        lat = (lat - torch.tensor(ds.manifest["latent_bn_mean"]).view(1, -1, 1, 1)) / bn
+        bn = pipe_vae_bn_std(tiny_pipeline_dir).view(1, -1, 1, 1)
+        lat = (lat - pipe_vae_bn_mean(tiny_pipeline_dir).view(1, -1, 1, 1)) / bn
         ids = P._prepare_latent_ids(lat)
         x0 = P._pack_latents(lat)
         sigma, noise = inputs.sigma, inputs.noise
@@ -159,14 +159,28 @@ def test_precompute_scales_images_rather_than_cropping_a_corner(pipe):
     the pipeline's crop-only processor alone would keep the central 32×32 pixels."""
     import numpy as np
 
-    from flowtrain.models import get_adapter
-
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
-    ours = get_adapter("flux2_klein").preprocess_images(pipe, [big], resolution=TINY_RES)
+    ours = get_family("flux2_klein").preprocess_images(pipe, [big], resolution=TINY_RES)
     scaled = big.resize((48, 32), Image.Resampling.LANCZOS).crop((8, 0, 40, 32))
     expected = torch.from_numpy(np.asarray(scaled)).permute(2, 0, 1).float() / 127.5 - 1
     assert ours.shape == (1, 3, TINY_RES, TINY_RES)
     assert (ours[0] - expected).abs().max().item() < 1e-5
     small = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
     assert resize_to_cover(small, TINY_RES).size == (38, 32)  # upscaled to cover, never padded with black
+
+
+def _vae(path):
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2.from_pretrained(path, subfolder="vae")
+
+
+def pipe_vae_bn_mean(path) -> torch.Tensor:
+    """The reference's normalisation statistics, read from the VAE itself (not from our cache manifest)."""
+    return _vae(path).bn.running_mean
+
+
+def pipe_vae_bn_std(path) -> torch.Tensor:
+    vae = _vae(path)
+    return torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)

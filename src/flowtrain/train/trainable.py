@@ -1,48 +1,19 @@
-"""Turning config into a trainable transformer: LoRA through peft, or full fine-tune."""
+"""The trainable transformer a config asks for: loaded by the model family, then LoRA through peft or all weights;
+plus the frozen distillation teacher, and the trainable state a checkpoint holds."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from flowtrain.config.schema import FlowtrainConfig
-from flowtrain.models.base import ModelPathError
+from flowtrain.dtypes import torch_dtype
+from flowtrain.models import ModelFamily, ModelPathError
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
-
-@contextlib.contextmanager
-def determinism(enabled: bool) -> Iterator[None]:
-    """train.deterministic: deterministic torch kernels for the block (an op without one raises, naming itself),
-    cuDNN autotuning off, and the cuBLAS workspace setting CUDA needs for deterministic matmuls. The previous
-    global settings come back afterwards. Everything random in a step already comes from seeded generators."""
-    if not enabled:
-        yield
-        return
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
-        if before[3] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def lora_target_regex(targets: str | list[str], presets: dict[str, list[str]]) -> str:
@@ -133,15 +104,13 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
     return lora_cfg
 
 
-def build_transformer(cfg: FlowtrainConfig, adapter: Any) -> tuple[torch.nn.Module, Any]:
+def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.nn.Module, Any]:
     """Load the transformer and make it trainable. Returns (transformer, peft LoraConfig or None)."""
     # Full fine-tune keeps fp32 master weights (autocast does the low-precision compute); LoRA freezes the
     # base in model.dtype.
     dtype = torch.float32 if cfg.train_mode == "full" else torch_dtype(cfg.model.dtype)
     try:
-        transformer = adapter.load_transformer(
-            cfg.model.pretrained, dit=cfg.model.dit, dtype=dtype, revision=cfg.model.revision
-        )
+        transformer = family.load_transformer(cfg.model, dtype=dtype, weights=cfg.model.dit)
     except ModelPathError:
         raise  # already says which key and what to do
     except (OSError, ValueError) as e:
@@ -155,7 +124,7 @@ def build_transformer(cfg: FlowtrainConfig, adapter: Any) -> tuple[torch.nn.Modu
         transformer.enable_gradient_checkpointing()
     lora_cfg = None
     if cfg.train_mode == "lora":
-        lora_cfg = apply_lora(transformer, cfg, adapter.lora_presets)
+        lora_cfg = apply_lora(transformer, cfg, family.lora_presets)
     else:
         transformer.requires_grad_(True)
     if cfg.train.compile:  # after LoRA: the compiled graphs include the adapters
@@ -164,6 +133,23 @@ def build_transformer(cfg: FlowtrainConfig, adapter: Any) -> tuple[torch.nn.Modu
         compile_transformer(transformer, backend=cfg.train.compile_backend, regional=cfg.train.compile_regional)
     transformer.train()
     return transformer, lora_cfg
+
+
+def load_teacher(cfg: FlowtrainConfig, family: ModelFamily, device: torch.device | str) -> torch.nn.Module:
+    """The distillation teacher from `loss.teacher` (pipeline folder, transformer folder or .safetensors file; the
+    architecture of a single file comes from model.pretrained), frozen, in eval mode, in model.dtype on `device`."""
+    path = cfg.loss.teacher
+    try:
+        teacher = family.load_transformer(cfg.model, dtype=torch_dtype(cfg.model.dtype), weights=path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"loss.teacher={path!r}: could not load the teacher transformer ({e}); give a pipeline folder, a "
+            "transformer folder or a .safetensors file of the same model family"
+        ) from e
+    teacher.requires_grad_(False).eval().to(device)
+    n = sum(p.numel() for p in teacher.parameters())
+    log.info("distillation teacher %s: %.3fM parameters, frozen", path, n / 1e6)
+    return teacher
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowtrain.config import ConfigError, resolve_config, validate_config
-from flowtrain.models.klein_scratch import ScratchPipelineConfig, TransformerArchConfig, assemble_pipeline
+from flowtrain.models.flux2_klein.scratch import ScratchPipelineConfig, TransformerArchConfig, assemble_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,14 @@ def test_widths_are_derived_and_the_folder_loads_offline(scratch_dir, tiny_pipel
 
 def test_digit_captions_get_distinct_embeddings(scratch_dir):
     """The random tiny Qwen3 still tells 'seven' from 'one': the transformer has something to learn from."""
-    from flowtrain.models import get_adapter
+    from flowtrain.models import get_family
+    from flowtrain.testing.data import tiny_model
 
-    adapter = get_adapter("flux2_klein")
-    pipe = adapter.load_pipeline(str(scratch_dir), dtype=torch.float32)
+    family = get_family("flux2_klein")
+    model = tiny_model(scratch_dir, max_sequence_length=8)
+    pipe = family.load_encoders(model, dtype=torch.float32, device="cpu")
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    emb = adapter.encode_prompts(pipe, [f"a handwritten digit {n}" for n in names], layers=[9, 18, 27], max_length=8)
+    emb = family.encode_prompts(pipe, [f"a handwritten digit {n}" for n in names], model)["text_embeds"]
     assert emb.shape == (10, 8, 96)
     flat = emb.reshape(10, -1)
     dist = torch.cdist(flat, flat)

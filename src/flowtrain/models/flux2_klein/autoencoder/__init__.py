@@ -6,6 +6,6 @@ train.py   reconstruction + β-KL (linear warm-up) with AdamW, JSONL metrics, pr
 stats.py   fit the VAE BatchNorm latent statistics exactly as Klein normalises latents
 """
 
-from flowtrain.autoencoder.config import AutoencoderConfig, load_autoencoder_config
+from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
 
 __all__ = ["AutoencoderConfig", "load_autoencoder_config"]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from flowtrain.data.precompute import _read_raw_manifest
+from flowtrain.data.precompute import read_raw_manifest
 
 
 class RawImageDataset(Dataset):
@@ -25,7 +25,7 @@ class RawImageDataset(Dataset):
 
     def __init__(self, raw_dir: str | Path, resolution: int, *, cache_decoded: bool = True):
         self.raw_dir = Path(raw_dir)
-        manifest = _read_raw_manifest(self.raw_dir)
+        manifest = read_raw_manifest(self.raw_dir)
         self._bytes: list[bytes] = []
         self.captions: list[str] = []
         for shard in manifest["shards"]:

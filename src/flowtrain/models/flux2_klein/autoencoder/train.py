@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from flowtrain.autoencoder.config import AEModelConfig, AutoencoderConfig, dump_autoencoder_config
-from flowtrain.autoencoder.data import RawImageDataset
-from flowtrain.autoencoder.stats import fit_latent_stats
+from flowtrain.models.flux2_klein.autoencoder.config import AEModelConfig, AutoencoderConfig, dump_autoencoder_config
+from flowtrain.models.flux2_klein.autoencoder.data import RawImageDataset
+from flowtrain.models.flux2_klein.autoencoder.stats import fit_latent_stats
+from flowtrain.models.paths import subfolder_if_exists
 from flowtrain.track import finish_tracking, open_tracking
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
 
@@ -48,8 +49,7 @@ def build_vae(cfg: AEModelConfig) -> torch.nn.Module:
     from diffusers import AutoencoderKLFlux2
 
     if cfg.pretrained is not None:
-        path = Path(cfg.pretrained)
-        sub = "vae" if (path / "vae" / "config.json").exists() else None
+        sub = subfolder_if_exists(cfg.pretrained, "vae")
         return AutoencoderKLFlux2.from_pretrained(
             cfg.pretrained, subfolder=sub, dtype=torch.float32, use_safetensors=True
         )

@@ -3,8 +3,8 @@
 Klein normalises latents with the *running* stats of `vae.bn` (never updated by the pipeline):
     x = (patchify(z) - running_mean) / sqrt(running_var + batch_norm_eps)
 where z is the posterior mean (B, C, H, W) and patchify is the 2×2 space-to-channel of
-`flowtrain.models.flux2_klein.patchify` → (B, 4C, H/2, W/2). Setting running_mean / running_var to the per-channel
-mean / (population) variance of patchify(z) over the data makes the transformer's x0 ≈ N(0, 1) per channel.
+`flowtrain.models.flux2_klein.latents.patchify` → (B, 4C, H/2, W/2). Setting running_mean / running_var to the
+per-channel mean / (population) variance of patchify(z) over the data makes the transformer's x0 ≈ N(0, 1) per channel.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from flowtrain.models.flux2_klein import patchify
+from flowtrain.models.flux2_klein.latents import patchify
 
 
 @dataclass

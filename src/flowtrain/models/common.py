@@ -1,0 +1,229 @@
+"""Helpers every family uses: model paths, weight loading, identity hashing, LoRA saving, caption dropout.
+
+Nothing here names a family; each function takes the diffusers class or folder it works on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowtrain.models.paths import check_model_path, is_local, subfolder_if_exists
+
+log = logging.getLogger(__name__)
+
+
+def load_component(cls: Any, pretrained: str, subfolder: str, *, dtype: torch.dtype, weights: str | None,
+                   key: str, revision: str | None = None) -> Any:  # fmt: skip
+    """A diffusers model (`cls`, e.g. a transformer class) from `pretrained`'s `subfolder`, or from `weights`: a
+    diffusers folder (pipeline or component) or a single .safetensors file (BFL or diffusers key layout; the
+    architecture then comes from `pretrained`). Weights load from safetensors only, never from pickle files."""
+    if weights is None:
+        check_model_path(pretrained, "model.pretrained", need=f"{subfolder}/config.json")
+        return cls.from_pretrained(
+            pretrained, subfolder=subfolder, dtype=dtype, revision=revision, use_safetensors=True
+        )
+    path = Path(weights)
+    check_model_path(weights, key)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(
+                f"{key}={weights!r}: only .safetensors weight files are loaded (pickle-based .ckpt/.pt/.bin can run "
+                "code); convert it to safetensors first"
+            )
+        return cls.from_single_file(str(path), config=pretrained, subfolder=subfolder, torch_dtype=dtype)
+    return cls.from_pretrained(weights, subfolder=subfolder_if_exists(path, subfolder), dtype=dtype,
+                               use_safetensors=True)  # fmt: skip
+
+
+def load_pipeline(cls: Any, model: Any, *, dtype: torch.dtype, example: str = "", **components: Any) -> Any:
+    """`cls.from_pretrained(model.pretrained)` with safetensors only, `components` overriding (None leaves one out),
+    and a clear error for a path that is not a pipeline."""
+    check_model_path(model.pretrained, "model.pretrained", need="model_index.json", example=example)
+    try:
+        return cls.from_pretrained(
+            model.pretrained,
+            dtype=dtype,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=True,  # never fall back to pickle weights
+            **components,
+        )
+    except OSError as e:  # diffusers / hub report a missing model as OSError
+        raise FileNotFoundError(f"could not load the pipeline model.pretrained={model.pretrained!r}: {e}") from e
+
+
+# ---- identity -----------------------------------------------------------------------------------------------------
+_WINDOWS, _WINDOW = 16, 1 << 20  # sampled windows of a large weight file, bytes each
+
+
+def weights_digest(path: Path) -> str:
+    """A content digest of a weight file that costs the same for 100 MB as for 20 GB: its size, the safetensors
+    header (tensor names, dtypes, shapes, offsets) and 16 windows of 1 MiB spread evenly over the data. Files under
+    32 MiB are hashed whole. Two files that differ in any trained weight almost surely differ in some window;
+    hashing 20 GB whole would take a minute at every `train` start."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        if size <= 2 * _WINDOWS * _WINDOW:
+            h.update(f.read())
+            return h.hexdigest()[:16]
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if path.suffix == ".safetensors" else 0
+        h.update(head + f.read(min(header_len, 64 << 20)))
+        for i in range(_WINDOWS):
+            f.seek(i * (size - _WINDOW) // (_WINDOWS - 1))
+            h.update(f.read(_WINDOW))
+    return h.hexdigest()[:16]
+
+
+def _component_dir(pretrained: str, subfolder: str, revision: str | None) -> Path | None:
+    """The local folder of one pipeline component (a hub id: its snapshot in the local cache), or None."""
+    p = Path(pretrained).expanduser()
+    if p.is_dir():
+        d = p / subfolder
+        return d if d.is_dir() else None
+    if is_local(pretrained):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(pretrained, revision=revision, allow_patterns=[f"{subfolder}/*"],
+                                      local_files_only=True)) / subfolder  # fmt: skip
+    except Exception:  # not downloaded here: nothing to compare against
+        return None
+
+
+def check_cache_origin(family: Any, model: Any, manifest: Any, *, allow_other_weights: bool = False) -> None:
+    """The part of `ModelFamily.check_cache` every family shares: the cache was written by this family, with the
+    model's cache settings, by encoders / a VAE of the same identity (see `data.manifest.check_made_for`)."""
+    from flowtrain.data.manifest import check_made_for
+
+    unverified = check_made_for(
+        manifest, family.name, family.cache_settings(model), family.identity(model),
+        allow_other_weights=allow_other_weights,
+    )  # fmt: skip
+    if unverified:
+        log.warning(
+            "cache check: the weights of %s could not be compared with the cache's (not available locally for %r)",
+            ", ".join(unverified), model.pretrained,
+        )  # fmt: skip
+
+
+def component_identity(pretrained: str, subfolders: list[str], revision: str | None = None) -> dict[str, str]:
+    """{component: digest over its files (configs, tokenizer files, weights; see `weights_digest`)}, for the
+    components whose files are available locally (a folder, or a hub id already in the local cache)."""
+    out: dict[str, str] = {}
+    for sub in subfolders:
+        d = _component_dir(pretrained, sub, revision)
+        if d is None or not d.is_dir():
+            continue
+        h = hashlib.sha256()
+        for f in sorted(p for p in d.iterdir() if p.is_file()):
+            h.update(f.name.encode() + weights_digest(f).encode())
+        out[sub] = h.hexdigest()[:16]
+    return out
+
+
+# ---- conditioning -------------------------------------------------------------------------------------------------
+def drop_fixed(
+    cond: dict[str, torch.Tensor], empty: Mapping[str, torch.Tensor], drop: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Caption dropout over fixed-shape conditioning: rows where `drop` (B,) is True take `empty` (batch of 1)."""
+    out = {}
+    for k, t in cond.items():
+        mask = drop.view(-1, *([1] * (t.ndim - 1)))
+        out[k] = torch.where(mask, empty[k].to(t), t)
+    return out
+
+
+def rows_of(padded: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """(B, L, ...) padded + (B, L) bool mask (None: every row full) → B tensors (L_i, ...) of the real positions."""
+    if mask is None:
+        return list(padded.unbind(0))
+    mask = mask.to(device=padded.device, dtype=torch.bool)
+    return [row[m] for row, m in zip(padded.unbind(0), mask.unbind(0), strict=True)]
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B tensors (L_i, ...) → zero-padded (B, max L_i, ...) and a (B, max L_i) bool mask (True on real positions).
+
+    Padding at the end keeps every real token at its own position index, so rotary position embeddings that
+    assign positions by index see a padded row exactly as they see it alone."""
+    longest = max(r.shape[0] for r in rows)
+    first = rows[0]
+    out = first.new_zeros(len(rows), longest, *first.shape[1:])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=first.device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def drop_rows(
+    padded: torch.Tensor, mask: torch.Tensor | None, empty: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption dropout over a variable-length column: rows where `drop` (B,) is True become `empty` (L_e, ...), and
+    the batch is re-padded to its new longest row. Returns (padded, bool mask)."""
+    empty = empty.to(device=padded.device, dtype=padded.dtype)
+    return pad_rows([empty if d else r for r, d in zip(rows_of(padded, mask), drop.tolist(), strict=True)])
+
+
+# ---- weights ------------------------------------------------------------------------------------------------------
+def save_lora_with(pipeline_cls: Any, output_dir: str | Path, transformer: torch.nn.Module, lora_config: Any) -> Path:
+    """Write `pytorch_lora_weights.safetensors` with the pipeline class's own `save_lora_weights`, in diffusers
+    format and with the adapter metadata: without it diffusers reloads alpha = rank and the LoRA changes scale."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_cls.save_lora_weights(
+        str(output_dir),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=lora_config.to_dict(),
+    )
+    return Path(output_dir) / "pytorch_lora_weights.safetensors"
+
+
+def save_full(output_dir: str | Path, transformer: torch.nn.Module) -> Path:
+    """A full fine-tune as a diffusers `transformer/` folder under `output_dir`."""
+    path = Path(output_dir) / "transformer"
+    transformer.save_pretrained(path)
+    return path
+
+
+@contextlib.contextmanager
+def transformer_in(pipe: Any, transformer: torch.nn.Module) -> Iterator[Any]:
+    """`pipe` with `transformer` registered for the block (a pipeline loaded without one samples with it)."""
+    pipe.register_modules(transformer=transformer)
+    try:
+        yield pipe
+    finally:
+        pipe.register_modules(transformer=None)
+
+
+def load_lora(pipe: Any, path: str) -> None:
+    """Load a LoRA file (or a folder holding one) into `pipe`; the caller has checked the path."""
+    pipe.load_lora_weights(path, use_safetensors=True)
+
+
+# ---- images -------------------------------------------------------------------------------------------------------
+def resize_to_cover(image: Any, size: int) -> Any:
+    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size`.
+
+    diffusers' image processors in "crop" mode only centre-crop, never scale: a 1024 px photo cached at 512 would
+    keep its middle quarter, and a smaller one would be padded with black. Scaling first makes the crop remove only
+    the long side's excess.
+    """
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    if scale == 1.0:
+        return image
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)

@@ -1,0 +1,38 @@
+"""Cache columns declared by the family: fixed-shape and variable-length columns are stored, read, collated
+(variable-length ones padded per batch with a mask) and merged with class rows generically."""
+
+from __future__ import annotations
+
+import torch
+
+from flowtrain.data.cache import Collate
+from flowtrain.data.prior import merge_class_rows
+from flowtrain.data.tensors import ragged_column, ragged_to_tensors
+from flowtrain.models.common import pad_rows
+
+
+def test_variable_length_rows_round_trip_and_pad_with_a_mask():
+    rows = [torch.randn(3, 4), torch.randn(1, 4), torch.randn(5, 4)]
+    for dtype in ("float32", "bfloat16"):
+        values, offsets = ragged_to_tensors(ragged_column(rows, dtype), dtype, (None, 4))
+        back = [values[offsets[i] : offsets[i + 1]] for i in range(3)]
+        assert all(torch.equal(b, r.to(b.dtype)) for b, r in zip(back, rows, strict=True))
+    padded, mask = pad_rows(rows)
+    assert padded.shape == (3, 5, 4) and mask.sum(1).tolist() == [3, 1, 5]
+    assert torch.equal(padded[1, :1], rows[1]) and not padded[1, 1:].any()  # zeros after the real tokens
+
+
+def test_collate_pads_variable_columns_and_stacks_fixed_ones():
+    rows = [{"text": torch.ones(2, 3), "latent": torch.zeros(4), "index": 0},
+            {"text": torch.ones(4, 3), "latent": torch.ones(4), "index": 1}]  # fmt: skip
+    batch = Collate(variable=("text",))(rows)
+    assert batch["text"].shape == (2, 4, 3) and batch["text_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["latent"].shape == (2, 4) and batch["index"].tolist() == [0, 1]
+
+
+def test_class_rows_of_other_lengths_are_re_padded():
+    inst = Collate(("text",))([{"text": torch.ones(2, 3), "index": 0}])
+    cls = Collate(("text",))([{"text": torch.full((5, 3), 2.0), "index": 7}])
+    merged = merge_class_rows(inst, cls)
+    assert merged["text"].shape == (2, 5, 3) and merged["text_mask"].sum(1).tolist() == [2, 5]
+    assert merged["is_prior"].tolist() == [False, True] and merged["index"].tolist() == [0]
