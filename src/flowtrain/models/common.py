@@ -6,6 +6,7 @@ Nothing here names a family; each function takes the diffusers class or folder i
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
@@ -123,13 +124,20 @@ def component_identity(pretrained: str, subfolders: list[str], revision: str | N
     out: dict[str, str] = {}
     for sub in subfolders:
         d = _component_dir(pretrained, sub, revision)
-        if d is None or not d.is_dir():
-            continue
-        h = hashlib.sha256()
-        for f in sorted(p for p in d.iterdir() if p.is_file()):
-            h.update(f.name.encode() + weights_digest(f).encode())
-        out[sub] = h.hexdigest()[:16]
+        if d is not None and d.is_dir():
+            files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(d.iterdir()) if f.is_file())
+            out[sub] = _folder_digest(str(d.resolve()), files)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    """Digest of a component folder; computed once per process for an unchanged listing (name, size, mtime), since
+    the instance cache, the class cache and resume each check the same model."""
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(name.encode() + weights_digest(Path(folder) / name).encode())
+    return h.hexdigest()[:16]
 
 
 # ---- conditioning -------------------------------------------------------------------------------------------------
