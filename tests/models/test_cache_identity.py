@@ -70,6 +70,7 @@ def test_a_cache_made_by_another_model_is_refused(tiny_pipeline_dir, tiny_cache,
     cfg.dataset.allow_other_weights = True
     with caplog.at_level(logging.WARNING):
         assert train(cfg, progress=False).step == 1
+    assert "text_encoder, vae differ" in caplog.text  # allowed, but said
 
     moved = tmp_path / "moved-model"
     shutil.copytree(tiny_pipeline_dir, moved)

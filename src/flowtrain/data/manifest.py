@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ CACHE_KIND = "flowtrain.cache"
 CACHE_VERSION = 2
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(ValueError):
@@ -142,8 +145,9 @@ def check_made_for(manifest: CacheManifest, family: str, settings: dict[str, Any
     """The checks every family's `check_cache` starts with: the cache was written by `family`, with these cache
     settings, by encoders / a VAE of this identity (compared per component available on both sides).
 
-    Raises CacheError naming the differences and the fix; returns the components whose identity could not be
-    compared (not available locally), for the caller to warn about.
+    Raises CacheError naming the differences and the fix (with `allow_other_weights`, differing weights are only
+    logged as a warning); returns the components whose identity could not be compared (not available locally), for
+    the caller to warn about.
     """
     where = manifest.where
     if manifest.family != family:
@@ -161,13 +165,17 @@ def check_made_for(manifest: CacheManifest, family: str, settings: dict[str, Any
     old = manifest.fingerprint.get("identity", {})
     common = sorted(old.keys() & identity.keys())
     changed = [k for k in common if old[k] != identity[k]]
-    if changed and not allow_other_weights:
-        raise CacheError(
+    if changed:
+        message = (
             f"{where}: the cache was made by other weights than model.pretrained's ({', '.join(changed)} differ: "
-            f"the cache came from {manifest.fingerprint.get('model')!r}). Precompute again with this model, or set "
-            "dataset.allow_other_weights: true if the weights are knowingly different but compatible (e.g. the same "
-            "model saved in another dtype)"
+            f"the cache came from {manifest.fingerprint.get('model')!r})"
         )
+        if not allow_other_weights:
+            raise CacheError(
+                f"{message}. Precompute again with this model, or set dataset.allow_other_weights: true if the "
+                "weights are knowingly different but compatible (e.g. the same model saved in another dtype)"
+            )
+        log.warning("%s; used anyway (dataset.allow_other_weights)", message)
     return sorted((old.keys() | identity.keys()) - set(common))
 
 
