@@ -110,3 +110,34 @@ def test_config_problems_fail_before_training(validated, tmp_path) -> None:
     (tmp_path / "p.txt").write_text("first\n\n  second  \n")
     cfg.validation = cfg.validation.model_copy(update={"prompts_file": str(tmp_path / "p.txt")})
     assert Validator(cfg, family, tmp_path, resolution=32).prompts == ["first", "second"]
+
+
+def test_variable_length_conditioning_is_collated_as_a_batch_of_one(validated, tmp_path) -> None:
+    """A family whose text column is variable-length (`encode_prompts` gives a list of (L_i, D) rows) gets each
+    prompt's conditioning as the cache reader collates a batch of 1: (1, L, D) and a (1, L) bool mask."""
+
+    class Pipe:
+        components = {"text_encoder": None, "tokenizer": None, "vae": None}
+        vae = torch.nn.Identity()
+
+        def set_progress_bar_config(self, **_) -> None: ...
+
+        def register_modules(self, **_) -> None: ...
+
+    class Family:  # only what Validator asks before sampling
+        def pixel_multiple(self, model) -> int:
+            return 16
+
+        def load_encoders(self, model, *, dtype, device) -> Pipe:
+            return Pipe()
+
+        def encode_prompts(self, pipe, prompts, model) -> dict[str, list[torch.Tensor]]:
+            return {"text": [torch.ones(len(p.split()) + 1, 4) for p in prompts]}
+
+    v = Validator(validated.cfg, Family(), tmp_path)
+    v._load(torch.device("cpu"))
+    assert [{k: tuple(t.shape) for k, t in c.items()} for c in v._conds] == [
+        {"text": (1, len(p.split()) + 1, 4), "text_mask": (1, len(p.split()) + 1)} for p in PROMPTS
+    ]
+    assert v._conds[0]["text_mask"].dtype == torch.bool and v._conds[0]["text_mask"].all()
+    assert set(v._negative) == {"text", "text_mask"} and v._negative["text"].shape == (1, 1, 4)  # "": one row

@@ -229,7 +229,8 @@ class ModelFamily(Protocol):
         output_type: str = "pil",
     ) -> Any:
         """One image (PIL; or as `output_type` asks, e.g. "np" to compare at 1e-5) from precomputed conditioning
-        (`encode_prompts` of one prompt) with the reference pipeline's sampler; equals the pipeline called with that
+        (`encode_prompts` of one prompt as a batch of 1, a variable-length column padded with its `_mask` as the
+        cache reader collates it) with the reference pipeline's sampler; equals the pipeline called with that
         prompt. `negative`: the empty prompt's, for real CFG. `guidance_scale` means what the family's pipeline
         means by it (real CFG, or a distilled guidance value)."""
         ...

@@ -32,6 +32,7 @@ from PIL import Image
 from flowtrain.config import FlowtrainConfig
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import ModelFamily
+from flowtrain.models.common import pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,12 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
 
         def encode(prompt: str) -> dict[str, torch.Tensor]:  # one at a time: what `pipe(prompt=...)` computes
-            return {k: v.cpu() for k, v in self.family.encode_prompts(pipe, [prompt], m).items()}
+            out = {}
+            for k, v in self.family.encode_prompts(pipe, [prompt], m).items():
+                if isinstance(v, list):  # a variable-length column: a batch of 1 as the cache reader collates it
+                    v, out[f"{k}_mask"] = pad_rows(v)
+                out[k] = v
+            return {k: v.cpu() for k, v in out.items()}
 
         self._conds = [encode(p) for p in self.prompts]
         self._negative = encode("") if self.v.guidance_scale > 1 else None
