@@ -9,7 +9,7 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,20 @@ def check_cache_origin(family: Any, model: Any, manifest: Any, *, allow_other_we
         )  # fmt: skip
 
 
+def check_input_widths(manifest: Any, transformer: torch.nn.Module, *, text: str, latents: str) -> None:
+    """The `check_cache` part that needs the transformer: the cached `text` column's width is its
+    `joint_attention_dim`, and the `latents` column's channels (posterior mean ‖ logvar, 2C) packed 2×2 into tokens
+    (4C) are its `in_channels`."""
+    text_dim, latent_ch = manifest.column(text).shape[-1], manifest.column(latents).shape[0] // 2 * 4
+    tc = transformer.config
+    if tc.joint_attention_dim != text_dim or tc.in_channels != latent_ch:
+        raise ValueError(
+            f"{manifest.where}: cached text width {text_dim} / packed latent channels {latent_ch} do not fit the "
+            f"transformer (joint_attention_dim={tc.joint_attention_dim}, in_channels={tc.in_channels}): wrong "
+            "model for this cache"
+        )
+
+
 def component_identity(pretrained: str, subfolders: list[str], revision: str | None = None) -> dict[str, str]:
     """{component: digest over its files (configs, tokenizer files, weights; see `weights_digest`)}, for the
     components whose files are available locally (a folder, or a hub id already in the local cache)."""
@@ -205,6 +219,15 @@ def save_full(output_dir: str | Path, transformer: torch.nn.Module) -> Path:
     return path
 
 
+def save_pipeline_once(path: str | Path, build: Callable[[], Any]) -> Path:
+    """Write the pipeline `build()` makes to `path` (`save_pretrained`), unless a pipeline folder is already there
+    (tiny pipelines: tests and demos build each once)."""
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        build().save_pretrained(path)
+    return path
+
+
 @contextlib.contextmanager
 def transformer_in(pipe: Any, transformer: torch.nn.Module) -> Iterator[Any]:
     """`pipe` with `transformer` registered for the block (a pipeline loaded without one samples with it)."""
@@ -218,6 +241,27 @@ def transformer_in(pipe: Any, transformer: torch.nn.Module) -> Iterator[Any]:
 def load_lora(pipe: Any, path: str) -> None:
     """Load a LoRA file (or a folder holding one) into `pipe`; the caller has checked the path."""
     pipe.load_lora_weights(path, use_safetensors=True)
+
+
+# ---- tiny pipelines -----------------------------------------------------------------------------------------------
+def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], pre_tokenizer: Any = None
+              ) -> tuple[dict[str, int], list[tuple[str, str]]]:  # fmt: skip
+    """(vocab, merges) of a byte-level BPE trained on `corpus`, for a tiny pipeline's tokenizer (offline).
+    `pre_tokenizer`: how the real tokenizer splits text before BPE (default: plain byte-level)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    spec = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]  # "a b" strings fail
+    return spec["vocab"], merges
 
 
 # ---- images -------------------------------------------------------------------------------------------------------

@@ -199,16 +199,8 @@ class Flux2Klein:
     ) -> None:
         """Family, text settings, encoder/VAE identity, then the transformer's input widths."""
         common.check_cache_origin(self, model, manifest, allow_other_weights=allow_other_weights)
-        if transformer is None:
-            return
-        text_dim, latent_ch = manifest.column(TEXT).shape[-1], manifest.column(LATENTS).shape[0] // 2 * 4
-        tc = transformer.config
-        if tc.joint_attention_dim != text_dim or tc.in_channels != latent_ch:
-            raise ValueError(
-                f"{manifest.where}: cached text width {text_dim} / latent channels {latent_ch} do not fit the "
-                f"transformer (joint_attention_dim={tc.joint_attention_dim}, in_channels={tc.in_channels}): wrong "
-                "model for this cache"
-            )
+        if transformer is not None:
+            common.check_input_widths(manifest, transformer, text=TEXT, latents=LATENTS)
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_lora(self, output_dir: str | Path, transformer: torch.nn.Module, lora_config: Any) -> Path:

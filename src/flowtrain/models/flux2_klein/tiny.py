@@ -51,23 +51,13 @@ class TinySpec:
 
 def build_tokenizer(vocab_size: int = 512):
     """Train a byte-level BPE on a tiny corpus and wrap it as the `Qwen2TokenizerFast` Klein uses."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    spec = __import__("json").loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    from flowtrain.models.common import train_bpe
+
+    vocab, merges = train_bpe(_CORPUS, vocab_size, SPECIAL_TOKENS)
     tok = Qwen2TokenizerFast(
-        vocab=spec["vocab"],
+        vocab=vocab,
         merges=merges,
         unk_token=None,
         bos_token=None,
@@ -151,11 +141,9 @@ def build_tiny_pipeline(spec: TinySpec = TinySpec(), seed: int = 0):
 
 def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """Write a tiny pipeline folder loadable with `Flux2KleinPipeline.from_pretrained(path)` offline."""
-    path = Path(path)
-    if (path / "model_index.json").exists():
-        return path
-    build_tiny_pipeline(spec, seed).save_pretrained(path)
-    return path
+    from flowtrain.models.common import save_pipeline_once
+
+    return save_pipeline_once(path, lambda: build_tiny_pipeline(spec, seed))
 
 
 if __name__ == "__main__":  # python -m flowtrain.models.flux2_klein.tiny OUT_DIR
