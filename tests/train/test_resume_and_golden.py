@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from flowtrain.testing.training import assert_resume_exact
 from flowtrain.testing.training import train_config as _cfg
 from flowtrain.train.loop import train
 
 # First losses of the tiny LoRA run (seed 0, lr 1e-3, batch 2, logit-normal σ, torch 2.13 CPU). They change only
 # when the numerics change: a refactor that is not meant to change numerics must keep them.
 GOLDEN = [1.668452, 1.57211, 1.612449, 1.629254]
-
-
-def _final_weights(out) -> dict[str, torch.Tensor]:
-    from flowtrain.train.checkpoint import list_checkpoints
-
-    return load_file(str(list_checkpoints(out)[-1][1] / "trainable.safetensors"))
 
 
 def test_golden_losses(tiny_pipeline_dir, tiny_cache, tmp_path):
@@ -32,18 +25,8 @@ def test_resume_equals_uninterrupted(tiny_pipeline_dir, tiny_cache, tmp_path, mo
     """6 steps straight == 3 steps, resume from the checkpoint, 3 more: losses and weights bitwise."""
     extra = {"train_mode": mode, "lora": {"dropout": 0.1}, "train": {"max_steps": 6, "caption_dropout": 0.3}}
     extra["dataset"] = {"latent_sampling": "sample"}  # exercise every random draw the step makes
-    straight = train(_cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "a", **extra), progress=False)
-
-    half = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "b", **extra)
-    half.train.max_steps = 3
-    first = train(half, progress=False)
-    half.train.max_steps = 6
-    second = train(half, resume="latest", progress=False)
-
-    assert first.step == 3 and second.step == 6
-    assert {**first.losses, **second.losses} == straight.losses  # exact float equality
-    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (_cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / run, **extra) for run in "ab")
+    assert_resume_exact(a, b, stop=3)
     # 8 rows / batch 2 = 4 batches an epoch: step 6 is mid-epoch 1, so the data position was resumed mid-epoch.
     import json
 

@@ -11,15 +11,15 @@ import torch
 
 from flowtrain.losses.base import LossContext
 from flowtrain.losses.flow_matching import FlowMatchingLoss
-from flowtrain.testing.data import tiny_config_dict
+from flowtrain.testing.data import DEFAULT_FAMILY, tiny_config_dict
 
 
-def train_config(pipeline: Path, cache: Path, out: Path, **sections: Any):
-    """A validated FlowtrainConfig for the tiny pipeline; each keyword updates (dict) or sets one section.
+def train_config(pipeline: Path, cache: Path, out: Path, *, family: str = DEFAULT_FAMILY, **sections: Any):
+    """A validated FlowtrainConfig for a family's tiny pipeline; each keyword updates (dict) or sets one section.
     Metrics go to metrics.jsonl only (no MLflow store per test)."""
     from flowtrain.config import FlowtrainConfig
 
-    d = tiny_config_dict(pipeline, cache, out)
+    d = tiny_config_dict(pipeline, cache, out, family)
     d["tracking"] = {"report_to": ["jsonl"], "log_weights": False, "graphs": False}
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -27,6 +27,28 @@ def train_config(pipeline: Path, cache: Path, out: Path, **sections: Any):
         else:
             d[section] = values
     return FlowtrainConfig.model_validate(d)
+
+
+def assert_resume_exact(straight: Any, interrupted: Any, stop: int) -> None:
+    """Train config `straight` to its max_steps in one go, and `interrupted` (the same run, another output_dir) to
+    `stop`, then resumed from its checkpoint to the same max_steps: the losses and the last checkpoint's trainable
+    weights must be equal, bitwise."""
+    from safetensors.torch import load_file
+
+    from flowtrain.train.checkpoint import list_checkpoints
+    from flowtrain.train.loop import train
+
+    steps = straight.train.max_steps
+    whole = train(straight, progress=False)
+    interrupted.train.max_steps = stop
+    first = train(interrupted, progress=False)
+    interrupted.train.max_steps = steps
+    second = train(interrupted, resume="latest", progress=False)
+    assert (first.step, second.step) == (stop, steps)
+    assert {**first.losses, **second.losses} == whole.losses  # exact float equality
+    last = [list_checkpoints(c.output_dir)[-1][1] / "trainable.safetensors" for c in (straight, interrupted)]
+    a, b = (load_file(str(p)) for p in last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class RecordingLoss(FlowMatchingLoss):
