@@ -12,6 +12,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 def test_there_are_shipped_configs():
     names = {str(p.relative_to(p.parents[1])) for p in CONFIGS}
     assert {"klein4b/base.yaml", "klein4b/lora.yaml", "klein4b/tiny.yaml"} <= names
+    assert {"qwen_image/lora.yaml", "qwen_image/tiny.yaml"} <= names
 
 
 def test_every_family_ships_a_real_and_a_tiny_config():
@@ -45,3 +46,21 @@ def test_klein4b_lora_matches_reference_settings():
     assert cfg.model.text_encoder_layers == [9, 18, 27]
     assert cfg.model.max_sequence_length == 512
     assert cfg.train_mode == "lora" and cfg.lora.targets == "attention+ff"
+
+
+def test_qwen_image_configs_match_the_pipeline_and_the_tiny_model():
+    """lora.yaml: Qwen/Qwen-Image with the pipeline's defaults (docs/models/qwen_image.md); tiny.yaml: the settings
+    that fit the tiny pipeline (the family's tiny_options and tiny_resolution)."""
+    from flowtrain.models import get_family
+
+    root = Path(__file__).parents[1] / "configs/qwen_image"
+    family = get_family("qwen_image")
+    real, tiny = load_config(root / "lora.yaml"), load_config(root / "tiny.yaml")
+    assert (real.model.family, real.model.pretrained) == ("qwen_image", "Qwen/Qwen-Image")
+    assert (real.model.max_sequence_length, real.model.dtype) == (512, "bfloat16")
+    assert (real.validation.num_inference_steps, real.validation.guidance_scale) == (50, 4.0)
+    assert real.train_mode == "lora" and real.lora.targets in family.lora_presets
+    assert real.timesteps.shift_mode == tiny.timesteps.shift_mode == "resolution"
+    assert tiny.model.family == "qwen_image" and tiny.model.dtype == "float32"
+    assert {k: getattr(tiny.model, k) for k in family.tiny_options} == dict(family.tiny_options)
+    assert [list(s) for s in tiny.validation.sizes] == [[family.tiny_resolution] * 2]

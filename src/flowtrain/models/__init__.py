@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 FAMILY_PACKAGES: dict[str, str] = {
     "flux2_klein": "flowtrain.models.flux2_klein",
+    "qwen_image": "flowtrain.models.qwen_image",
 }
 
 
