@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from flowtrain.config.model import ModelOptions
 
 FAMILY_PACKAGES: dict[str, str] = {
+    "flux1": "flowtrain.models.flux1",
     "flux2_klein": "flowtrain.models.flux2_klein",
     "qwen_image": "flowtrain.models.qwen_image",
 }

@@ -1,0 +1,40 @@
+"""FLUX.1 through the training loop on its tiny pipeline (fp32, CPU): golden losses and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowtrain.testing.training import assert_resume_exact, train_config
+from flowtrain.train.loop import train
+
+# First losses of the tiny FLUX.1 LoRA run (seed 0, lr 1e-3, batch 2, logit-normal σ, model.guidance 3.5, torch 2.13
+# CPU). They change only when the numerics change: a refactor that is not meant to change numerics must keep them.
+GOLDEN = [1.392082, 1.406372, 1.385225, 1.408236]
+
+
+@pytest.fixture(scope="module")
+def flux1_cache(flux1_dir, tmp_path_factory):
+    from flowtrain.testing.data import make_tiny_cache
+
+    return make_tiny_cache(tmp_path_factory.mktemp("flux1_data"), flux1_dir, family="flux1")[1]
+
+
+def test_golden_losses(flux1_dir, flux1_cache, tmp_path):
+    cfg = train_config(flux1_dir, flux1_cache, tmp_path / "run", family="flux1", train={"max_steps": 4})
+    result = train(cfg, progress=False)
+    got = [round(result.losses[s], 6) for s in sorted(result.losses)]
+    assert got == pytest.approx(GOLDEN, abs=1e-6), got
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_equals_uninterrupted(flux1_dir, flux1_cache, tmp_path, mode):
+    """6 steps straight == 3 steps, resume from the checkpoint, 3 more: losses and weights bitwise (caption dropout,
+    LoRA dropout and latent sampling on: every random draw the step makes, with the guidance in the conditioning)."""
+    extra = {"train_mode": mode, "lora": {"dropout": 0.1}, "train": {"max_steps": 6, "caption_dropout": 0.3},
+             "dataset": {"latent_sampling": "sample"}}  # fmt: skip
+    straight, interrupted = (train_config(flux1_dir, flux1_cache, tmp_path / d, family="flux1", **extra) for d in "ab")
+    assert_resume_exact(straight, interrupted, stop=3)
+    state = json.loads((tmp_path / "b" / "checkpoint-3" / "state.json").read_text())
+    assert state["data"] == {"epoch": 0, "batch": 3, "seed": 0}  # 8 rows / batch 2: resumed mid-epoch
