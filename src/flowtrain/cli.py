@@ -29,18 +29,25 @@ def _csv_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 9,18,27, got {text!r}") from None
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun sets RANK), or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
     from flowtrain.data.prepare import prepare
+    from flowtrain.outputs import output_slot
 
-    report = prepare(
-        args.src,
-        args.out,
-        resolution=args.resolution,
-        shard_size=args.shard_size,
-        min_size=args.min_size,
-        progress=not args.quiet,
-    )
+    with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
+        report = prepare(
+            args.src,
+            args.out,
+            resolution=args.resolution,
+            shard_size=args.shard_size,
+            min_size=args.min_size,
+            progress=not args.quiet,
+        )
     print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
     return 0
 
@@ -70,9 +77,14 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         dtype=args.dtype or (cfg.model.dtype if cfg else "bfloat16"),
         trust_remote_code=cfg.model.trust_remote_code if cfg else False,
     )
-    manifest = precompute(
-        args.raw_dir, out, settings, batch_size=args.batch_size, device=args.device, progress=not args.quiet
-    )
+    from flowtrain.outputs import cache_is_finished, output_slot
+
+    # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
+    unfinished = not args.overwrite and not cache_is_finished(Path(out))
+    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished):
+        manifest = precompute(
+            args.raw_dir, out, settings, batch_size=args.batch_size, device=args.device, progress=not args.quiet
+        )
     print(f"precompute: {manifest['num_rows']} rows → {out} (fingerprint {manifest['fingerprint']['id']})")
     return 0
 
@@ -90,18 +102,41 @@ def _train_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    from flowtrain.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from flowtrain.train.loop import train
+    from flowtrain.outputs import output_slot, resumes_in_place
 
     cfg = _train_config(args)
-    result = train(cfg, resume=args.resume_from_checkpoint, progress=not args.quiet)
+    resume = args.resume_from_checkpoint
+    if resume is not None and args.overwrite:
+        raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
+    slot = output_slot(
+        cfg.output_dir,
+        "train",
+        flag="output_dir",
+        overwrite=args.overwrite,
+        continuing=resumes_in_place(resume, cfg.output_dir),
+        how_to_continue="continue that run with --resume_from_checkpoint latest",
+        keep_partial=_has_checkpoint,  # a failed run that wrote a checkpoint can be resumed: keep it
+        enabled=_is_main_process(),  # one process claims the folder; the others write into it later
+    )
+    with slot as claimed:
+        from flowtrain.train.loop import train
+
+        result = train(cfg, resume=resume, progress=not args.quiet)
+        claimed.unfinished = bool(result.interrupted)  # resumable: the replaced output stays until it finishes
     if result.interrupted:
         from flowtrain.train.errors import EXIT_INTERRUPTED
 
         print(
             f"flowtrain train: stopped by {result.interrupted} at step {result.step} after writing "
             f"{result.output_dir / f'checkpoint-{result.step}'}; continue with --resume_from_checkpoint latest "
-            f"(exit code {EXIT_INTERRUPTED})",
+            f"(exit code {EXIT_INTERRUPTED}).{claimed.note()}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -119,21 +154,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from flowtrain.sample import generate, load_sampling_pipeline, save_images
-
+def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from flowtrain.outputs import output_slot
+
+    prompts = _read_prompts(args)
     seq_len, layers = args.max_sequence_length, args.text_encoder_layers
     run_cfg = _run_config_near(args.lora or args.transformer)
     if run_cfg is not None:  # a run dir: use the text settings it was trained with unless told otherwise
         seq_len = seq_len or run_cfg.model.max_sequence_length
         layers = layers or run_cfg.model.text_encoder_layers
+    with output_slot(args.out, "sample", flag="--out", overwrite=args.overwrite):
+        _sample(args, prompts, seq_len, layers)
+    print(f"sample: {len(prompts) * args.num_images} images and grid.png → {args.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace, prompts: list[str], seq_len, layers) -> None:
+    import torch
+
+    from flowtrain.sample import generate, load_sampling_pipeline, save_images
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = load_sampling_pipeline(
         args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=args.device
@@ -150,9 +199,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         text_encoder_layers=tuple(layers or (9, 18, 27)),
         images_per_prompt=args.num_images,
     )
-    paths = save_images(images, args.out, prompts, args.num_images)
-    print(f"sample: {len(paths)} images and grid.png → {args.out}")
-    return 0
+    save_images(images, args.out, prompts, args.num_images)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -165,11 +212,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_autoencoder(args: argparse.Namespace) -> int:
     from flowtrain.autoencoder import load_autoencoder_config
-    from flowtrain.autoencoder.train import train_autoencoder
+    from flowtrain.outputs import output_slot
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_autoencoder_config(args.config, overrides)
-    result = train_autoencoder(cfg, progress=not args.quiet)
+    with output_slot(cfg.output_dir, "autoencoder", flag="output_dir", overwrite=args.overwrite):
+        from flowtrain.autoencoder.train import train_autoencoder
+
+        result = train_autoencoder(cfg, progress=not args.quiet)
     rec = result.stats.get("reconstruction_l1")
     loss = result.final.get("loss", float("nan"))
     rec_text = f", reconstruction L1 {rec:.4f}" if rec is not None else ""
@@ -183,9 +233,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # 80 ms → 1.5-6.5 s per demo training step); sleeping waiters stay within ~2× of the quiet speed. A newcomer's
     # first command should not depend on the machine being idle. The user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from flowtrain.demo.run import run_demo, summary
+    from flowtrain.outputs import output_slot
 
-    rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
+    with output_slot(args.out, "demo", flag="--out", overwrite=args.overwrite):
+        from flowtrain.demo.run import run_demo, summary
+
+        rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
     print(summary(rep))
     return 0
 
@@ -204,6 +257,15 @@ def _run_config_near(path: str | None):
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+def _overwrite_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier output of this verb in the output folder; without it that is refused. The old "
+        "output is moved aside and deleted only once the new one is complete (docs/reliability.md)" + more,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowtrain",
@@ -222,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("src", help="folder, .tsv, .jsonl or .parquet")
     s.add_argument("--out", required=True, help="output folder for raw shards")
-    s.add_argument("--resolution", type=int, default=None, help="downscale so the short side is at most this")
+    _overwrite_flag(s)
+    s.add_argument("--resolution", type=int, help="downscale so the short side is at most this")
     s.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
     s.add_argument("--min-size", type=int, default=16, help="skip images smaller than this on a side (default 16)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -236,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("raw_dir", help="output folder of `flowtrain prepare`")
     s.add_argument("--out", help="cache folder (default: dataset.cache_dir of --config)")
+    _overwrite_flag(s, "; an unfinished cache of the same settings is continued without it")
     s.add_argument("--model", help="pipeline hub id or local folder (default: model.pretrained of --config)")
     s.add_argument("--config", help="training config to take model settings from")
     s.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. model.dtype=float32")
@@ -276,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest="resume_from_checkpoint",
             help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
         )
+        if verb == "train":
+            _overwrite_flag(s, " (not with --resume_from_checkpoint)")
         s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
         s.set_defaults(func=func)
 
@@ -293,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     s.add_argument("--prompts", help="a file with one prompt per line")
     s.add_argument("--out", required=True, help="output folder")
+    _overwrite_flag(s)
     s.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
     s.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale, 1 disables (default 4)")
     s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
@@ -323,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
     s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+    _overwrite_flag(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     s.set_defaults(func=cmd_autoencoder)
 
@@ -335,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. sample.per_digit=20")
     s.add_argument("--config", help="demo config (default: configs/demo/demo.yaml of this checkout)")
-    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; its stage folders are replaced)")
+    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    _overwrite_flag(s)
     s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)

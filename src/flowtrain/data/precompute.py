@@ -242,7 +242,10 @@ def _check_existing(out: Path, fingerprint: dict) -> None:
         old = json.loads(state.read_text())["fingerprint"]
         if old["id"] != fingerprint["id"]:
             diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v and k != "id"}
-            raise ValueError(f"{out} holds a cache made with different settings {diff}; use another --out or delete it")
+            raise ValueError(
+                f"{out} holds a cache made with different settings {diff}; use another --out, or "
+                "--overwrite to replace it"
+            )
     else:
         state.write_text(json.dumps({"fingerprint": fingerprint}, indent=2))
 
