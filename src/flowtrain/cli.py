@@ -10,8 +10,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
+# OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
+_PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -24,9 +27,30 @@ def _setup_logging(quiet: bool) -> None:
 
 def _csv_ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 9,18,27, got {text!r}") from None
+        values = []
+    if not values:  # an empty list would be falsy and silently replaced by the default
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 9,18,27, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    """For counts and sizes where 0 or less has no meaning: refused by argparse (exit 2) naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    """A path flag: an empty string would mean the current folder (or be ignored), never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
 
 
 def _is_main_process() -> bool:
@@ -60,8 +84,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         from flowtrain.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-    model = args.model or (cfg.model.pretrained if cfg else None)
-    out = args.out or (cfg.dataset.cache_dir if cfg else None)
+    m = cfg.model if cfg else None
+    model = _given(args.model, m and m.pretrained)
+    out = _given(args.out, cfg and cfg.dataset.cache_dir)
     if not model or not out:
         raise ValueError(
             "precompute needs --model (or --config with model.pretrained) and --out "
@@ -71,10 +96,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         model=model,
         family=cfg.model.family if cfg else "flux2_klein",
         revision=cfg.model.revision if cfg else None,
-        text_encoder_layers=tuple(args.text_encoder_layers or (cfg.model.text_encoder_layers if cfg else (9, 18, 27))),
-        max_sequence_length=args.max_sequence_length or (cfg.model.max_sequence_length if cfg else 512),
+        text_encoder_layers=tuple(_given(args.text_encoder_layers, m and m.text_encoder_layers, (9, 18, 27))),
+        max_sequence_length=_given(args.max_sequence_length, m and m.max_sequence_length, 512),
         resolution=args.resolution,
-        dtype=args.dtype or (cfg.model.dtype if cfg else "bfloat16"),
+        dtype=_given(args.dtype, m and m.dtype, "bfloat16"),
         trust_remote_code=cfg.model.trust_remote_code if cfg else False,
     )
     from flowtrain.outputs import cache_is_finished, output_slot
@@ -89,15 +114,22 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(flag: Any, *fallbacks: Any) -> Any:
+    """The flag's value if it was given, else the first fallback that is set. `is not None`, never `or`: a given
+    0 is the user's value (refused by validation if it makes no sense), not a cue to use the default."""
+    return next((v for v in (flag, *fallbacks) if v is not None), None)
+
+
 def _train_config(args: argparse.Namespace):
     from flowtrain.config import load_config
 
     overrides = list(args.overrides)
-    if args.output_dir:
+    # `is not None`: a given value always applies, so `--max_train_steps 0` is refused by validation, not ignored
+    if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
-    if args.max_train_steps:
+    if args.max_train_steps is not None:
         overrides.append(f"train.max_steps={args.max_train_steps}")
-    if args.precomputed_data_dir:
+    if args.precomputed_data_dir is not None:
         overrides.append(f"dataset.cache_dir={args.precomputed_data_dir}")
     return load_config(args.config, overrides)
 
@@ -115,6 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume_from_checkpoint
     if resume is not None and args.overwrite:
         raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
+    if resume not in (None, "latest"):  # checked now, not after the model has loaded
+        from flowtrain.train.checkpoint import resolve_resume
+
+        resolve_resume(cfg.output_dir, resume)
     slot = output_slot(
         cfg.output_dir,
         "train",
@@ -156,7 +192,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompts:
+    if args.prompts is not None:
         prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
@@ -170,8 +206,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     seq_len, layers = args.max_sequence_length, args.text_encoder_layers
     run_cfg = _run_config_near(args.lora or args.transformer)
     if run_cfg is not None:  # a run dir: use the text settings it was trained with unless told otherwise
-        seq_len = seq_len or run_cfg.model.max_sequence_length
-        layers = layers or run_cfg.model.text_encoder_layers
+        seq_len = _given(seq_len, run_cfg.model.max_sequence_length)
+        layers = _given(layers, run_cfg.model.text_encoder_layers)
     with output_slot(args.out, "sample", flag="--out", overwrite=args.overwrite):
         _sample(args, prompts, seq_len, layers)
     print(f"sample: {len(prompts) * args.num_images} images and grid.png → {args.out}")
@@ -195,8 +231,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], seq_len, layers) -> No
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,
-        max_sequence_length=seq_len or 512,
-        text_encoder_layers=tuple(layers or (9, 18, 27)),
+        max_sequence_length=_given(seq_len, 512),
+        text_encoder_layers=tuple(_given(layers, (9, 18, 27))),
         images_per_prompt=args.num_images,
     )
     save_images(images, args.out, prompts, args.num_images)
@@ -214,7 +250,7 @@ def cmd_autoencoder(args: argparse.Namespace) -> int:
     from flowtrain.autoencoder import load_autoencoder_config
     from flowtrain.outputs import output_slot
 
-    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir is not None else [])
     cfg = load_autoencoder_config(args.config, overrides)
     with output_slot(cfg.output_dir, "autoencoder", flag="output_dir", overwrite=args.overwrite):
         from flowtrain.autoencoder.train import train_autoencoder
@@ -282,12 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
         "skipped items.",
     )
-    s.add_argument("src", help="folder, .tsv, .jsonl or .parquet")
-    s.add_argument("--out", required=True, help="output folder for raw shards")
+    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet")
+    s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
     _overwrite_flag(s)
-    s.add_argument("--resolution", type=int, help="downscale so the short side is at most this")
-    s.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
-    s.add_argument("--min-size", type=int, default=16, help="skip images smaller than this on a side (default 16)")
+    s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
+    s.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per shard (default 1000)")
+    s.add_argument(
+        "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 
@@ -297,17 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the VAE and text encoder once over the raw shards. Settings come from the "
         "flags, or from --config (model.* and dataset.cache_dir) where a flag is not given.",
     )
-    s.add_argument("raw_dir", help="output folder of `flowtrain prepare`")
-    s.add_argument("--out", help="cache folder (default: dataset.cache_dir of --config)")
+    s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
+    s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
     _overwrite_flag(s, "; an unfinished cache of the same settings is continued without it")
-    s.add_argument("--model", help="pipeline hub id or local folder (default: model.pretrained of --config)")
-    s.add_argument("--config", help="training config to take model settings from")
+    s.add_argument(
+        "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
+    )
+    s.add_argument("--config", type=_path, help="training config to take model settings from")
     s.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. model.dtype=float32")
-    s.add_argument("--resolution", type=int, default=512, help="square training resolution (default 512)")
-    s.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
+    s.add_argument("--resolution", type=_positive_int, default=512, help="square training resolution (default 512)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder + storage dtype")
     s.add_argument("--text-encoder-layers", type=_csv_ints, help="hidden-state indices, default 9,18,27")
-    s.add_argument("--max-sequence-length", type=int, help="text tokens (default 512)")
+    s.add_argument("--max-sequence-length", type=_positive_int, help="text tokens (default 512)")
     s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_precompute)
@@ -322,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
             description=helptext + ". Overrides are dotted key=value pairs "
             "parsed as YAML, e.g. train.learning_rate=3e-4 lora.rank=32.",
         )
-        s.add_argument("config", help="YAML config (may `extends:` another)")
+        s.add_argument("config", type=_path, help="YAML config (may `extends:` another)")
         s.add_argument("overrides", nargs="*", help="dotted overrides key=value")
-        s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+        s.add_argument("--output_dir", "--output-dir", dest="output_dir", type=_path, help="sets output_dir")
         s.add_argument(
             "--max_train_steps", "--max-train-steps", dest="max_train_steps", type=int, help="sets train.max_steps"
         )
@@ -332,12 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--precomputed_data_dir",
             "--precomputed-data-dir",
             dest="precomputed_data_dir",
+            type=_path,
             help="sets dataset.cache_dir",
         )
         s.add_argument(
             "--resume_from_checkpoint",
             "--resume-from-checkpoint",
             dest="resume_from_checkpoint",
+            type=_path,
             help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
         )
         if verb == "train":
@@ -352,21 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline. Text settings are read from the run's config.yaml next to --lora/--transformer "
         "when present.",
     )
-    s.add_argument("--model", required=True, help="base pipeline hub id or folder")
+    s.add_argument("--model", type=_path, required=True, help="base pipeline hub id or folder")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--lora", help="pytorch_lora_weights.safetensors, or the folder holding it")
-    g.add_argument("--transformer", help="a full fine-tune's transformer folder (diffusers format)")
+    g.add_argument("--lora", type=_path, help="pytorch_lora_weights.safetensors, or the folder holding it")
+    g.add_argument("--transformer", type=_path, help="a full fine-tune's transformer folder (diffusers format)")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    s.add_argument("--prompts", help="a file with one prompt per line")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--prompts", type=_path, help="a file with one prompt per line")
+    s.add_argument("--out", type=_path, required=True, help="output folder")
     _overwrite_flag(s)
-    s.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    s.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
     s.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale, 1 disables (default 4)")
     s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    s.add_argument("--height", type=int, default=512)
-    s.add_argument("--width", type=int, default=512)
-    s.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    s.add_argument("--max-sequence-length", type=int, help="text tokens (default: run config or 512)")
+    s.add_argument("--height", type=_positive_int, default=512)
+    s.add_argument("--width", type=_positive_int, default=512)
+    s.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    s.add_argument("--max-sequence-length", type=_positive_int, help="text tokens (default: run config or 512)")
     s.add_argument("--text-encoder-layers", type=_csv_ints, help="default: run config or 9,18,27")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
@@ -378,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/logs/metrics.jsonl and write PNG graphs (loss, loss by σ, learning rate, "
         "throughput, memory) and summary.txt into RUN_DIR/graphs/. Training does this at its end too.",
     )
-    s.add_argument("run_dir", help="a training output_dir")
+    s.add_argument("run_dir", type=_path, help="a training output_dir")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser(
@@ -387,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a VAE (reconstruction + β-KL with warm-up) on the raw shards of `flowtrain prepare`, "
         "fit the BatchNorm latent statistics Klein normalises with, and save OUTPUT_DIR/vae (diffusers format).",
     )
-    s.add_argument("config", help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
+    s.add_argument("config", type=_path, help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
-    s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+    s.add_argument("--output_dir", "--output-dir", dest="output_dir", type=_path, help="sets output_dir")
     _overwrite_flag(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     s.set_defaults(func=cmd_autoencoder)
@@ -402,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo_report.json into --out. See docs/demo.md.",
     )
     s.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. sample.per_digit=20")
-    s.add_argument("--config", help="demo config (default: configs/demo/demo.yaml of this checkout)")
-    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    s.add_argument("--config", type=_path, help="demo config (default: configs/demo/demo.yaml of this checkout)")
+    s.add_argument("--out", type=_path, default="runs/demo", help="run folder (default runs/demo)")
     _overwrite_flag(s)
     s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -436,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint is intact and the exit code says which reason (docs/reliability.md).
         print(f"flowtrain {args.verb}: stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        # User-facing problems (bad config, missing files, incompatible cache): one clear message, no traceback.
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError, *_PATH_ERRORS) as e:
+        # User-facing problems (bad config, missing files, incompatible cache, a path that is not what it should
+        # be): one clear message, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"flowtrain {args.verb}: error: {_without_worker_traceback(e, str(msg))}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
