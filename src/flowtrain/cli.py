@@ -193,6 +193,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts is not None:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(
+                f"--prompts {args.prompts}: no such file; give a text file with one prompt per line"
+            )
         prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
@@ -200,28 +204,34 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from flowtrain import weights_check
     from flowtrain.outputs import output_slot
 
     prompts = _read_prompts(args)
+    # Every path is checked before anything loads: a wrong one fails at once, naming the flag and the file.
+    weights_check.pipeline_path(args.model)
+    lora = weights_check.lora_file(args.lora) if args.lora is not None else None
+    if args.transformer is not None:
+        weights_check.transformer_folder(args.transformer)
     seq_len, layers = args.max_sequence_length, args.text_encoder_layers
     run_cfg = _run_config_near(args.lora or args.transformer)
     if run_cfg is not None:  # a run dir: use the text settings it was trained with unless told otherwise
         seq_len = _given(seq_len, run_cfg.model.max_sequence_length)
         layers = _given(layers, run_cfg.model.text_encoder_layers)
     with output_slot(args.out, "sample", flag="--out", overwrite=args.overwrite):
-        _sample(args, prompts, seq_len, layers)
+        _sample(args, prompts, lora, seq_len, layers)
     print(f"sample: {len(prompts) * args.num_images} images and grid.png → {args.out}")
     return 0
 
 
-def _sample(args: argparse.Namespace, prompts: list[str], seq_len, layers) -> None:
+def _sample(args: argparse.Namespace, prompts: list[str], lora: Path | None, seq_len, layers) -> None:
     import torch
 
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = load_sampling_pipeline(
-        args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=args.device
+        args.model, lora=lora and str(lora), transformer=args.transformer, dtype=dtype, device=args.device
     )
     images = generate(
         pipe,

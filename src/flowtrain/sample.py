@@ -26,16 +26,19 @@ def load_sampling_pipeline(
     """The base pipeline, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded."""
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
+    from flowtrain.weights_check import load_errors
+
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if transformer is not None:
-        t = Path(transformer)
-        sub = "transformer" if (t / "transformer" / "config.json").exists() else None
-        kwargs["transformer"] = Flux2Transformer2DModel.from_pretrained(
-            t, subfolder=sub, dtype=dtype, use_safetensors=True
-        )
-    pipe = Flux2KleinPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
-    if lora is not None:
-        pipe.load_lora_weights(lora, use_safetensors=True)
+    with load_errors(model, lora):  # a missing model, a LoRA for another model: one message, not a traceback
+        if transformer is not None:
+            t = Path(transformer)
+            sub = "transformer" if (t / "transformer" / "config.json").exists() else None
+            kwargs["transformer"] = Flux2Transformer2DModel.from_pretrained(
+                t, subfolder=sub, dtype=dtype, use_safetensors=True
+            )
+        pipe = Flux2KleinPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
+        if lora is not None:
+            pipe.load_lora_weights(lora, use_safetensors=True)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
