@@ -53,6 +53,24 @@ def _path(text: str) -> str:
     return text
 
 
+def _device(text: str) -> str:
+    """A device this machine has: `--device cuda` on a CPU-only machine used to fail after the model had loaded,
+    with a traceback. torch is imported only when the flag is given."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device ({e})") from None
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else None
+    if dev.type != "cpu" and not count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {dev.type} device")
+    if count and dev.index is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {dev.type} device(s)")
+    return text
+
+
 def _is_main_process() -> bool:
     """Rank 0 of a distributed launch (torchrun sets RANK), or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -224,7 +242,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace, prompts: list[str], lora: Path | None, seq_len, layers) -> None:
+def _sample(
+    args: argparse.Namespace, prompts: list[str], lora: Path | None, seq_len: int | None, layers: list[int] | None
+) -> None:
     import torch
 
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
@@ -358,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder + storage dtype")
     s.add_argument("--text-encoder-layers", type=_csv_ints, help="hidden-state indices, default 9,18,27")
     s.add_argument("--max-sequence-length", type=_positive_int, help="text tokens (default 512)")
-    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_precompute)
 
@@ -421,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sequence-length", type=_positive_int, help="text tokens (default: run config or 512)")
     s.add_argument("--text-encoder-layers", type=_csv_ints, help="default: run config or 9,18,27")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser(

@@ -87,17 +87,18 @@ def find_output(folder: Path) -> tuple[str, list[str]] | None:
     if (folder / DEMO_MARKER).exists():
         return "demo", [DEMO_MARKER, *_glob_names(folder, "demo_report.json", "samples.png")]
     kind = _json_field(folder / "manifest.json", "kind")
-    raw = _glob_names(folder, "raw-*.parquet")
+    raw = _glob_names(folder, "raw-[0-9][0-9][0-9][0-9][0-9].parquet")
     if kind == "flowtrain.raw" or raw:
         return "prepare", (["manifest.json"] if kind else []) + raw
-    cache = _glob_names(folder, "cache-*.parquet", "precompute_state.json")
+    cache = _glob_names(folder, "cache-[0-9]*-[0-9]*.parquet", "precompute_state.json")
     if kind == "flowtrain.cache" or cache:
         return "precompute", (["manifest.json"] if kind else []) + cache
     run = _run_evidence(folder)
     if run:
         is_ae = _config_kind(folder) == "autoencoder" or (folder / "vae").is_dir()
         return ("autoencoder" if is_ae else "train"), run
-    images = _glob_names(folder, "grid.png", "prompts.txt", "[0-9][0-9][0-9]_[0-9][0-9].png")
+    # not prompts.txt alone: a user may keep one (validation prompts) in a folder before anything ran there
+    images = _glob_names(folder, "grid.png", "[0-9][0-9][0-9]_[0-9][0-9].png")
     if images:
         return "sample", images
     return None
