@@ -294,11 +294,6 @@ def cmd_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    # Set before torch loads OpenMP (nothing above imports torch). With GNU OpenMP's default spin-waiting, torch's
-    # threads slow down 10-50× whenever another process competes for the cores (measured on a shared 2-core VM:
-    # 80 ms → 1.5-6.5 s per demo training step); sleeping waiters stay within ~2× of the quiet speed. A newcomer's
-    # first command should not depend on the machine being idle. The user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from flowtrain.outputs import output_slot
 
     with output_slot(args.out, "demo", flag="--out", overwrite=args.overwrite):
@@ -483,7 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_openmp_waiting() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose an OpenMP wait policy; must run before torch loads OpenMP.
+
+    With GNU OpenMP's default spin-waiting, torch's threads slow down 10-50× whenever another process wants the
+    cores: the tiny model trained at 0.48 s/step instead of 0.024 on a shared 2-core machine, a demo step took
+    1.5-6.5 s instead of 80 ms. Waiting threads that sleep cost nothing measurable on a quiet machine
+    (benchmarks/README.md, "OpenMP wait policy"). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)
