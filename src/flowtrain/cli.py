@@ -481,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_openmp_waiting() -> None:
     """OMP_WAIT_POLICY=PASSIVE unless the user chose an OpenMP wait policy; must run before torch loads OpenMP.
 
-    With GNU OpenMP's default spin-waiting, torch's threads slow down 10-50× whenever another process wants the
+    With GNU OpenMP's default spin-waiting, torch's threads slow down 3-50× whenever another process wants the
     cores: the tiny model trained at 0.48 s/step instead of 0.024 on a shared 2-core machine, a demo step took
-    1.5-6.5 s instead of 80 ms. Waiting threads that sleep cost nothing measurable on a quiet machine
+    1.5-6.5 s instead of 80 ms. Sleeping waiters may cost up to ~15% on a tiny model when a core is free
     (benchmarks/README.md, "OpenMP wait policy"). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
