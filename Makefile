@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# --overwrite: `make demo` regenerates runs/demo (an earlier demo there is replaced once the new one is complete)
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/flowtrain demo
+	HF_HUB_OFFLINE=1 $(BIN)/flowtrain demo --overwrite
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

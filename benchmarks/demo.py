@@ -36,7 +36,8 @@ def main() -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     flowtrain = Path(sys.executable).with_name("flowtrain")
-    cmd = [str(flowtrain), "demo", "--out", args.out, "--quiet", *args.overrides]
+    # --overwrite, as `make demo` does: each benchmark run replaces the previous one's folder
+    cmd = [str(flowtrain), "demo", "--out", args.out, "--overwrite", "--quiet", *args.overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0

@@ -10,8 +10,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
+# OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
+_PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -22,38 +25,85 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _positive_int(text: str) -> int:
+    """For counts and sizes where 0 or less has no meaning: refused by argparse (exit 2) naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    """A path flag: an empty string would mean the current folder (or be ignored), never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+def _device(text: str) -> str:
+    """A device this machine has: `--device cuda` on a CPU-only machine used to fail after the model had loaded,
+    with a traceback. torch is imported only when the flag is given."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device ({e})") from None
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else None
+    if dev.type != "cpu" and not count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {dev.type} device")
+    if count and dev.index is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {dev.type} device(s)")
+    return text
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun sets RANK), or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
     from flowtrain.data.prepare import prepare
+    from flowtrain.outputs import output_slot
 
-    report = prepare(
-        args.src,
-        args.out,
-        resolution=args.resolution,
-        shard_size=args.shard_size,
-        min_size=args.min_size,
-        progress=not args.quiet,
-    )
+    with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
+        report = prepare(
+            args.src,
+            args.out,
+            resolution=args.resolution,
+            shard_size=args.shard_size,
+            min_size=args.min_size,
+            progress=not args.quiet,
+        )
     print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
     return 0
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from flowtrain.data.precompute import precompute
+    from flowtrain.outputs import cache_is_finished, output_slot
 
     cfg = _model_config(args, args.model, need="precompute")
-    out = args.out or cfg.dataset.cache_dir
+    out = _given(args.out, cfg.dataset.cache_dir)
     if not out:
         raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
-    manifest = precompute(
-        args.raw_dir,
-        out,
-        cfg.model,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
+    unfinished = not args.overwrite and not cache_is_finished(Path(out))
+    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished):
+        manifest = precompute(
+            args.raw_dir,
+            out,
+            cfg.model,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+        )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
     return 0
 
@@ -75,36 +125,77 @@ def _model_config(args: argparse.Namespace, model: str | None, *, need: str, bas
     if base is None:
         if model is None:
             raise ValueError(f"{need} needs --model (a pipeline folder or hub id) or --config with model.pretrained")
-        family, _ = detect_family(model, download=True)  # a hub id: fetch model_index.json (the model comes next)
+        family, class_name = detect_family(model, download=True)  # a hub id: fetch model_index.json (loads next)
+        named = any(o.startswith("model.family=") for o in overrides)
+        if class_name is None and not named:
+            raise FileNotFoundError(
+                f"could not load {model!r}: no model_index.json there, in the local Hugging Face cache, or from the "
+                "hub (offline or no such repository?); give a diffusers pipeline folder or hub id, or name the "
+                "family with model.family=NAME"
+            )
         base = {"model": {"pretrained": model, **({"family": family} if family else {})}}
     return validate_config(resolve_mapping(base, overrides, source=f"flowtrain {need}"), FlowtrainConfig)
+
+
+def _given(flag: Any, *fallbacks: Any) -> Any:
+    """The flag's value if it was given, else the first fallback that is set. `is not None`, never `or`: a given
+    0 is the user's value (refused by validation if it makes no sense), not a cue to use the default."""
+    return next((v for v in (flag, *fallbacks) if v is not None), None)
 
 
 def _train_config(args: argparse.Namespace):
     from flowtrain.config import load_config
 
     overrides = list(args.overrides)
-    if args.output_dir:
+    # `is not None`: a given value always applies, so `--max_train_steps 0` is refused by validation, not ignored
+    if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     if args.max_train_steps is not None:
         overrides.append(f"train.max_steps={args.max_train_steps}")
-    if args.precomputed_data_dir:
+    if args.precomputed_data_dir is not None:
         overrides.append(f"dataset.cache_dir={args.precomputed_data_dir}")
     return load_config(args.config, overrides)
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    from flowtrain.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from flowtrain.train.loop import train
+    from flowtrain.outputs import output_slot, resumes_in_place
 
     cfg = _train_config(args)
-    result = train(cfg, resume=args.resume_from_checkpoint, progress=not args.quiet)
+    resume = args.resume_from_checkpoint
+    if resume is not None and args.overwrite:
+        raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
+    if resume not in (None, "latest"):  # checked now, not after the model has loaded
+        from flowtrain.train.checkpoint import resolve_resume
+
+        resolve_resume(cfg.output_dir, resume)
+    slot = output_slot(
+        cfg.output_dir,
+        "train",
+        flag="output_dir",
+        overwrite=args.overwrite,
+        continuing=resumes_in_place(resume, cfg.output_dir),
+        how_to_continue="continue that run with --resume_from_checkpoint latest",
+        keep_partial=_has_checkpoint,  # a failed run that wrote a checkpoint can be resumed: keep it
+        enabled=_is_main_process(),  # one process claims the folder; the others write into it later
+    )
+    with slot as claimed:
+        from flowtrain.train.loop import train
+
+        result = train(cfg, resume=resume, progress=not args.quiet)
+        claimed.unfinished = bool(result.interrupted)  # resumable: the replaced output stays until it finishes
     if result.interrupted:
         from flowtrain.train.errors import EXIT_INTERRUPTED
 
         print(
             f"flowtrain train: stopped by {result.interrupted} at step {result.step} after writing "
             f"{result.output_dir / f'checkpoint-{result.step}'}; continue with --resume_from_checkpoint latest "
-            f"(exit code {EXIT_INTERRUPTED})",
+            f"(exit code {EXIT_INTERRUPTED}).{claimed.note()}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -122,21 +213,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from flowtrain.dtypes import torch_dtype
-    from flowtrain.sample import generate, load_sampling_pipeline, save_images
-
+def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompts:
+    if args.prompts is not None:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(
+                f"--prompts {args.prompts}: no such file; give a text file with one prompt per line"
+            )
         prompts += [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompts FILE with one prompt per line")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from flowtrain import weights_check
+    from flowtrain.outputs import output_slot
+
+    prompts = _read_prompts(args)
+    # Every path is checked before anything loads: a wrong one fails at once, naming the flag and the file.
+    weights_check.pipeline_path(args.model)
+    lora = weights_check.lora_file(args.lora) if args.lora is not None else None
+    if args.transformer is not None:
+        weights_check.transformer_folder(args.transformer)
     # A run dir: sample with the model options it was trained with (family, text settings), unless overridden.
     run_cfg = _run_config_near(args.lora or args.transformer)
     base = None if run_cfg is None else {"model": run_cfg.model.model_dump(mode="json")}
     model = _model_config(args, args.model, need="sample", base=base).model
+    with output_slot(args.out, "sample", flag="--out", overwrite=args.overwrite):
+        _sample(args, prompts, model, lora)
+    print(f"sample: {len(prompts) * args.num_images} images and grid.png → {args.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace, prompts: list[str], model: Any, lora: Path | None) -> None:
+    from flowtrain.dtypes import torch_dtype
+    from flowtrain.sample import generate, load_sampling_pipeline, save_images
+
     pipe = load_sampling_pipeline(
-        model, lora=args.lora, transformer=args.transformer, dtype=torch_dtype(args.sample_dtype), device=args.device
+        model,
+        lora=lora and str(lora),
+        transformer=args.transformer,
+        dtype=torch_dtype(args.sample_dtype),
+        device=args.device,
     )
     images = generate(
         pipe,
@@ -149,9 +268,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         width=args.width,
         images_per_prompt=args.num_images,
     )
-    paths = save_images(images, args.out, prompts, args.num_images)
-    print(f"sample: {len(paths)} images and grid.png → {args.out}")
-    return 0
+    save_images(images, args.out, prompts, args.num_images)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -165,10 +282,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_autoencoder(args: argparse.Namespace) -> int:
     from flowtrain.config import resolve_config
     from flowtrain.models import autoencoder_family
+    from flowtrain.outputs import output_slot
 
-    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir is not None else [])
     family = autoencoder_family(resolve_config(args.config, overrides).data.get("family"))
-    result = family.train_autoencoder(args.config, overrides, progress=not args.quiet)
+    cfg = family.load_autoencoder_config(args.config, overrides)
+    with output_slot(cfg.output_dir, "autoencoder", flag="output_dir", overwrite=args.overwrite):
+        result = family.train_autoencoder(cfg, progress=not args.quiet)
     rec = result.stats.get("reconstruction_l1")
     loss = result.final.get("loss", float("nan"))
     rec_text = f", reconstruction L1 {rec:.4f}" if rec is not None else ""
@@ -177,14 +297,12 @@ def cmd_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    # Set before torch loads OpenMP (nothing above imports torch). With GNU OpenMP's default spin-waiting, torch's
-    # threads slow down 10-50× whenever another process competes for the cores (measured on a shared 2-core VM:
-    # 80 ms → 1.5-6.5 s per demo training step); sleeping waiters stay within ~2× of the quiet speed. A newcomer's
-    # first command should not depend on the machine being idle. The user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from flowtrain.demo.run import run_demo, summary
+    from flowtrain.outputs import output_slot
 
-    rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
+    with output_slot(args.out, "demo", flag="--out", overwrite=args.overwrite):
+        from flowtrain.demo.run import run_demo, summary
+
+        rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
     print(summary(rep))
     return 0
 
@@ -203,6 +321,15 @@ def _run_config_near(path: str | None):
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+def _overwrite_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier output of this verb in the output folder; without it that is refused. The old "
+        "output is moved aside and deleted only once the new one is complete (docs/reliability.md)" + more,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowtrain",
@@ -219,11 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
         "skipped items.",
     )
-    s.add_argument("src", help="folder, .tsv, .jsonl or .parquet")
-    s.add_argument("--out", required=True, help="output folder for raw shards")
-    s.add_argument("--resolution", type=int, default=None, help="downscale so the short side is at most this")
-    s.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
-    s.add_argument("--min-size", type=int, default=16, help="skip images smaller than this on a side (default 16)")
+    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet")
+    s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
+    _overwrite_flag(s)
+    s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
+    s.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per shard (default 1000)")
+    s.add_argument(
+        "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 
@@ -235,15 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
         "options are dotted overrides, e.g. model.text_encoder_layers=[9,18,27] model.max_sequence_length=256 "
         "(docs/models.md lists each family's).",
     )
-    s.add_argument("raw_dir", help="output folder of `flowtrain prepare`")
-    s.add_argument("--out", help="cache folder (default: dataset.cache_dir of --config)")
-    s.add_argument("--model", help="pipeline hub id or local folder (default: model.pretrained of --config)")
-    s.add_argument("--config", help="training config to take model settings from")
+    s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
+    s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
+    _overwrite_flag(s, "; an unfinished cache of the same settings is continued without it")
+    s.add_argument(
+        "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
+    )
+    s.add_argument("--config", type=_path, help="training config to take model settings from")
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
-    s.add_argument("--resolution", type=int, default=512, help="square training resolution (default 512)")
-    s.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
+    s.add_argument("--resolution", type=_positive_int, default=512, help="square training resolution (default 512)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")
-    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_precompute)
 
@@ -257,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
             description=helptext + ". Overrides are dotted key=value pairs "
             "parsed as YAML, e.g. train.learning_rate=3e-4 lora.rank=32.",
         )
-        s.add_argument("config", help="YAML config (may `extends:` another)")
+        s.add_argument("config", type=_path, help="YAML config (may `extends:` another)")
         s.add_argument("overrides", nargs="*", help="dotted overrides key=value")
-        s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+        s.add_argument("--output_dir", "--output-dir", dest="output_dir", type=_path, help="sets output_dir")
         s.add_argument(
             "--max_train_steps", "--max-train-steps", dest="max_train_steps", type=int, help="sets train.max_steps"
         )
@@ -267,14 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--precomputed_data_dir",
             "--precomputed-data-dir",
             dest="precomputed_data_dir",
+            type=_path,
             help="sets dataset.cache_dir",
         )
         s.add_argument(
             "--resume_from_checkpoint",
             "--resume-from-checkpoint",
             dest="resume_from_checkpoint",
+            type=_path,
             help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
         )
+        if verb == "train":
+            _overwrite_flag(s, " (not with --resume_from_checkpoint)")
         s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
         s.set_defaults(func=func)
 
@@ -285,25 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline. The model options (family, text settings) are read from the run's config.yaml next to "
         "--lora/--transformer when present; dotted overrides such as model.max_sequence_length=256 change them.",
     )
-    s.add_argument("--model", required=True, help="base pipeline hub id or folder")
+    s.add_argument("--model", type=_path, required=True, help="base pipeline hub id or folder")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--lora", help="pytorch_lora_weights.safetensors, or the folder holding it")
-    g.add_argument("--transformer", help="a full fine-tune's transformer folder (diffusers format)")
+    g.add_argument("--lora", type=_path, help="pytorch_lora_weights.safetensors, or the folder holding it")
+    g.add_argument("--transformer", type=_path, help="a full fine-tune's transformer folder (diffusers format)")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    s.add_argument("--prompts", help="a file with one prompt per line")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    s.add_argument("--prompts", type=_path, help="a file with one prompt per line")
+    s.add_argument("--out", type=_path, required=True, help="output folder")
+    _overwrite_flag(s)
+    s.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
     s.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale, 1 disables (default 4)")
     s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    s.add_argument("--height", type=int, default=512)
-    s.add_argument("--width", type=int, default=512)
-    s.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    s.add_argument("--height", type=_positive_int, default=512)
+    s.add_argument("--width", type=_positive_int, default=512)
+    s.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
     s.add_argument(
         "--dtype", dest="sample_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
         help="sampling dtype (default float32)",
     )  # fmt: skip
-    s.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser(
@@ -312,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/logs/metrics.jsonl and write PNG graphs (loss, loss by σ, learning rate, "
         "throughput, memory) and summary.txt into RUN_DIR/graphs/. Training does this at its end too.",
     )
-    s.add_argument("run_dir", help="a training output_dir")
+    s.add_argument("run_dir", type=_path, help="a training output_dir")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser(
@@ -322,9 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         "fit the latent statistics its model family normalises with, and save OUTPUT_DIR/vae (diffusers format). "
         "The config's `family:` names the family (default: the one family that trains autoencoders).",
     )
-    s.add_argument("config", help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
+    s.add_argument("config", type=_path, help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
-    s.add_argument("--output_dir", "--output-dir", dest="output_dir", help="sets output_dir")
+    s.add_argument("--output_dir", "--output-dir", dest="output_dir", type=_path, help="sets output_dir")
+    _overwrite_flag(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     s.set_defaults(func=cmd_autoencoder)
 
@@ -336,15 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
         "demo_report.json into --out. See docs/demo.md.",
     )
     s.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. sample.per_digit=20")
-    s.add_argument("--config", help="demo config (default: configs/demo/demo.yaml of this checkout)")
-    s.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; its stage folders are replaced)")
+    s.add_argument("--config", type=_path, help="demo config (default: configs/demo/demo.yaml of this checkout)")
+    s.add_argument("--out", type=_path, default="runs/demo", help="run folder (default runs/demo)")
+    _overwrite_flag(s)
     s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)
     return p
 
 
+def _default_openmp_waiting() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose an OpenMP wait policy; must run before torch loads OpenMP.
+
+    With GNU OpenMP's default spin-waiting, torch's threads slow down 3-50× whenever another process wants the
+    cores: the tiny model trained at 0.48 s/step instead of 0.024 on a shared 2-core machine, a demo step took
+    1.5-6.5 s instead of 80 ms. Sleeping waiters may cost up to ~15% on a tiny model when a core is free
+    (benchmarks/README.md, "OpenMP wait policy"). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)
@@ -369,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint is intact and the exit code says which reason (docs/reliability.md).
         print(f"flowtrain {args.verb}: stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        # User-facing problems (bad config, missing files, incompatible cache): one clear message, no traceback.
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError, *_PATH_ERRORS) as e:
+        # User-facing problems (bad config, missing files, incompatible cache, a path that is not what it should
+        # be): one clear message, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"flowtrain {args.verb}: error: {_without_worker_traceback(e, str(msg))}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)

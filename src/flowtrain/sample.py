@@ -26,10 +26,14 @@ def load_sampling_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
 ) -> Any:
-    """The family's pipeline for `model`, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded."""
+    """The family's pipeline for `model`, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded;
+    a missing model or a LoRA for another model is one message, not a traceback."""
+    from flowtrain.weights_check import load_errors
+
     family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return family.sampling_pipeline(model, dtype=dtype, device=device, transformer=transformer, lora=lora)
+    with load_errors(model.pretrained, lora):
+        return family.sampling_pipeline(model, dtype=dtype, device=device, transformer=transformer, lora=lora)
 
 
 def generate(

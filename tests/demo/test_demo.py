@@ -87,6 +87,12 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
     assert rep["quick"] is True
     assert rep["data"]["train"] + rep["data"]["test"] == 1797 and rep["data"]["prepared"] == 100
     assert rep["final_losses"]["transformer_steps"] == 5
+    # A second demo into the same folder is refused (it would replace this one's stages), with the choices.
+    before = (out / "demo_report.json").read_bytes()
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds a demo run" in err and "--overwrite" in err
+    assert (out / "demo_report.json").read_bytes() == before
 
 
 def test_demo_config_errors_fail_before_any_work(tmp_path, capsys):

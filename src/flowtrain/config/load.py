@@ -281,7 +281,8 @@ def _describe(errs: list[dict], root: type[BaseModel], data: dict | None = None)
     field = _field_at(path, root, data)
     if first["absent"]:
         return _describe_missing(dotted, field)
-    message = " or ".join(dict.fromkeys(e["msg"] for e in errs))
+    # pydantic prefixes a validator's own message with "Value error, "; the message is already the user's
+    message = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
     details = []
     if field is not None and any(e["type"].endswith(("_type", "_parsing", "missing")) for e in errs):
         details.append(f"expected {_type_name(field.annotation)}")

@@ -235,6 +235,9 @@ def _check_existing(out: Path, fp: dict) -> None:
         old = json.loads(state.read_text())["fingerprint"]
         if old["id"] != fp["id"]:
             diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v and k != "id"}
-            raise ValueError(f"{out} holds a cache made with different settings {diff}; use another --out or delete it")
+            raise ValueError(
+                f"{out} holds a cache made with different settings {diff}; use another --out, or "
+                "--overwrite to replace it"
+            )
     else:
         state.write_text(json.dumps({"fingerprint": fp}, indent=2))

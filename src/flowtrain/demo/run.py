@@ -11,7 +11,8 @@ sample.generate); this module only wires them to one run folder. What is demo-on
 (`demo.digits`) and the scorer (`demo.score`).
 
 Run folder (`--out`, default runs/demo): data/, raw/, autoencoder/, pipeline/, cache/, train/, samples/,
-samples.png, loss_curve.png, demo_report.json. The stage folders are replaced on each run.
+samples.png, loss_curve.png, demo_report.json. `flowtrain demo` refuses an earlier demo's folder unless given
+`--overwrite` (`flowtrain.outputs`); `run_demo` itself replaces the stage folders of an earlier demo.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from flowtrain.demo.config import DemoConfig, load_demo_config
+from flowtrain.outputs import DEMO_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class _Stages:
             print(f"[{self.n}/{self.total}] {name}: done in {self.seconds[name]:.1f}s", flush=True)
 
 
-MARKER = ".flowtrain-demo"
+MARKER = DEMO_MARKER  # how `flowtrain.outputs` tells a demo folder from others
 
 
 def _claim(out: Path) -> None:
@@ -254,7 +256,7 @@ def run_demo(
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # `flowtrain demo` sets PASSIVE (see docs/demo.md)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # the CLI sets PASSIVE (see docs/demo.md)
         "config": str(config),
         "paths": {
             "samples": str(out / "samples.png"),

@@ -281,7 +281,10 @@ class TrainsAutoencoder(Protocol):
 
     name: str
 
-    def train_autoencoder(self, config: str | Path, overrides: Sequence[str], *, progress: bool = True) -> Any:
-        """Train from the autoencoder YAML `config` (+ dotted overrides); returns a result with `step`, `final`
-        (last metrics), `stats` and `vae_dir`."""
+    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
+        """The validated autoencoder config (with `output_dir`) of the YAML `config` plus dotted overrides."""
+        ...
+
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
+        """Train it; returns a result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
         ...

@@ -139,9 +139,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     path = Path(resume)
     problem = verify_checkpoint(path) if path.is_dir() else "not a folder"
     if problem is not None:
-        choices = [str(p) for _, p in list_checkpoints(path.parent)] or "none found"
+        found = [str(p) for _, p in list_checkpoints(path.parent)] if path.parent.is_dir() else []
+        where = f"complete ones next to it: {', '.join(found)}" if found else f"{path.parent} holds none"
         raise FileNotFoundError(
-            f"{path} is not a usable flowtrain checkpoint ({problem}); pick one of {choices} or use `latest`"
+            f"--resume_from_checkpoint {path} is not a usable flowtrain checkpoint ({problem}); {where}. Give one "
+            "of those, or `latest` (the newest complete checkpoint in output_dir)"
         )
     return path
 

@@ -303,11 +303,15 @@ class Flux2Klein:
         return list(out.images)
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
-    def train_autoencoder(self, config: str | Path, overrides: Sequence[str], *, progress: bool = True) -> Any:
+    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
         from flowtrain.models.flux2_klein.autoencoder import load_autoencoder_config
+
+        return load_autoencoder_config(config, overrides)
+
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
         from flowtrain.models.flux2_klein.autoencoder.train import train_autoencoder
 
-        return train_autoencoder(load_autoencoder_config(config, overrides), progress=progress)
+        return train_autoencoder(cfg, progress=progress)
 
     # ---- tiny --------------------------------------------------------------------------------------------------
     def save_tiny_pipeline(self, path: str | Path, seed: int = 0) -> Path:
