@@ -34,7 +34,8 @@ def setup(cfg: dict, *, mode: str = "lora", gradient_checkpointing: bool = False
     from peft import LoraConfig
 
     from flowtrain.data.cache import CacheDataset
-    from flowtrain.models.flux2_klein import LORA_PRESETS, latent_ids, text_ids, training_latents
+    from flowtrain.models.flux2_klein.family import LORA_PRESETS
+    from flowtrain.models.flux2_klein.latents import latent_ids, text_ids, training_latents
     from flowtrain.train.perf import optimizer_kwargs
 
     torch.manual_seed(cfg["train"].get("seed", 0))
@@ -57,8 +58,8 @@ def setup(cfg: dict, *, mode: str = "lora", gradient_checkpointing: bool = False
     )
 
     ds = CacheDataset(cfg["dataset"]["cache_dir"])
-    mean = torch.tensor(ds.manifest["latent_bn_mean"])
-    std = torch.tensor(ds.manifest["latent_bn_std"])
+    norm = ds.latent_norm  # the VAE BatchNorm statistics precompute recorded, as float32 tensors
+    mean, std = norm["bn_mean"], norm["bn_std"]
     b = cfg["train"]["batch_size"]
     batches = []
     for start in range(0, len(ds) - b + 1, b):

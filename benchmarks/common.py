@@ -4,7 +4,7 @@ Fixtures are built once under `runs/bench/` (git-ignored; `FLOWTRAIN_BENCH_DIR` 
 runs, so a benchmark's timed part never includes building models or caches.
 
 Two transformers are measured:
-  tiny      the test suite's pipeline (`flowtrain.testing.tiny`): 8×8 = 64 image tokens, 32 text tokens.
+  tiny      the test suite's pipeline (`flowtrain.models.flux2_klein.tiny`): 8×8 = 64 image tokens, 32 text tokens.
   bench70m  a 72.5M-parameter Klein-architecture transformer (FLUX.2 blocks: 2 double + 4 single, 12 heads × 64,
             128 latent channels like Klein) with 16×16 = 256 image tokens and 64 text tokens, bf16 text cache.
 """
@@ -59,8 +59,7 @@ BENCH70M = {
 
 def tiny_fixture(n_images: int = 32) -> Fixture:
     """The test suite's tiny pipeline and a float32 cache at 32 px (64 image tokens, 32 text tokens)."""
-    from flowtrain.testing.tiny import save_tiny_pipeline
-
+    from flowtrain.models.flux2_klein.tiny import save_tiny_pipeline
     from flowtrain.testing.data import TINY_SEQ, make_tiny_cache
 
     root = bench_dir() / f"tiny-{n_images}"
@@ -76,7 +75,8 @@ def build_bench70m_pipeline(path: Path) -> Path:
         return path
     import torch
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-    from flowtrain.testing.tiny import TinySpec, build_components
+
+    from flowtrain.models.flux2_klein.tiny import TinySpec, build_components
 
     s = BENCH70M
     comps = build_components(TinySpec(te_hidden=s["te_hidden"], latent_channels=s["latent_channels"]), seed=0)
@@ -99,9 +99,9 @@ def build_bench70m_pipeline(path: Path) -> Path:
 
 def bench70m_fixture(n_images: int = 16) -> Fixture:
     """bench70m pipeline + a bf16-text cache of `n_images` images at 64 px (256 image tokens, 64 text tokens)."""
-    from flowtrain.data.precompute import PrecomputeSettings, precompute
+    from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
-    from flowtrain.testing.data import make_image_folder
+    from flowtrain.testing.data import make_image_folder, tiny_model
 
     s = BENCH70M
     root = bench_dir() / f"bench70m-{n_images}"
@@ -110,10 +110,8 @@ def bench70m_fixture(n_images: int = 16) -> Fixture:
     if not (cache / "manifest.json").exists():
         images = make_image_folder(root / "images", n=n_images, size=(80, 96))
         prepare(images, root / "raw", progress=False)
-        settings = PrecomputeSettings(
-            model=str(pipe), max_sequence_length=s["seq"], resolution=s["resolution"], dtype="bfloat16"
-        )
-        precompute(root / "raw", cache, settings, batch_size=8, progress=False)
+        model = tiny_model(pipe, max_sequence_length=s["seq"], dtype="bfloat16")  # bf16 encoders and text column
+        precompute(root / "raw", cache, model, resolution=s["resolution"], batch_size=8, progress=False)
     return Fixture("bench70m", pipe, cache, s["seq"], "bfloat16", "bf16")
 
 
@@ -125,6 +123,7 @@ def train_config(fx: Fixture, out: Path, **train) -> dict:
     """A flowtrain config dict for `fx`: LoRA rank 16 on the attention preset, AdamW, clip 1.0, no mid-run saves."""
     return {
         "model": {
+            "family": "flux2_klein",
             "pretrained": str(fx.pipeline),
             "max_sequence_length": fx.max_sequence_length,
             "dtype": fx.model_dtype,

@@ -64,18 +64,19 @@ def synthetic_cache(name: str, rows: int) -> Path:
 
 
 def raw_read(cache: Path) -> tuple[float, int]:
-    """(seconds, rows): read every row group of every shard and turn both tensor columns into numpy arrays."""
+    """(seconds, rows): read every row group of every shard and turn each declared column into a numpy array."""
     import json
 
     import pyarrow.parquet as pq
 
     manifest = json.loads((cache / "manifest.json").read_text())
+    columns = [c["name"] for c in manifest["columns"]]  # the family's declared columns (fixed-shape here)
     t, n = time.perf_counter(), 0
     for s in manifest["shards"]:
         pf = pq.ParquetFile(cache / s["file"])
         for rg in range(pf.metadata.num_row_groups):
-            table = pf.read_row_group(rg, columns=["latent_moments", "text_embeds"])
-            for col in ("latent_moments", "text_embeds"):
+            table = pf.read_row_group(rg, columns=columns)
+            for col in columns:
                 table.column(col).combine_chunks().to_numpy_ndarray()
             n += table.num_rows
     return time.perf_counter() - t, n
@@ -86,13 +87,13 @@ def loader_read(cache: Path, batch: int, workers: int, order: str, lru: int, max
     its first batch (worker start-up is paid once per run, not per sample)."""
     import torch
 
-    from flowtrain.data.cache import CacheDataset, ResumableSampler, collate
-    from flowtrain.train.perf import build_loader
+    from flowtrain.data.cache import CacheDataset, ResumableSampler
+    from flowtrain.data.loader import build_loader
 
     ds = CacheDataset(cache, lru_row_groups=lru)
     blocks = ds.shuffle_blocks(None if order == "block" else 0)
     sampler = ResumableSampler(len(ds), batch, seed=0, shuffle=order != "sequential", **blocks)
-    loader = build_loader(ds, sampler, batch_size=batch, collate_fn=collate, num_workers=workers, pin_memory=True,
+    loader = build_loader(ds, sampler, batch_size=batch, collate_fn=ds.collate, num_workers=workers, pin_memory=True,
                           prefetch_factor=2, device=torch.device("cpu"))  # fmt: skip
     it = iter(loader)
     next(it)

@@ -38,7 +38,7 @@ SMALL = 8  # images of the run that measures the fixed costs (one batch)
 
 
 def pipeline(name: str) -> Path:
-    from flowtrain.testing.tiny import TinySpec, build_tiny_pipeline, save_tiny_pipeline
+    from flowtrain.models.flux2_klein.tiny import TinySpec, build_tiny_pipeline, save_tiny_pipeline
 
     path = common.bench_dir() / f"precompute-{name}" / "pipeline"
     if name == "tiny":
@@ -65,11 +65,12 @@ def raw_dirs(name: str, n: int) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
-def settings(name: str):
-    from flowtrain.data.precompute import PrecomputeSettings
+def model_options(name: str):
+    """The validated `model:` section precompute gets: bf16 encoders and text column (precompute's former default,
+    and what the bare loop loads)."""
+    from flowtrain.testing.data import tiny_model
 
-    spec = PIPELINES[name]
-    return PrecomputeSettings(model=str(pipeline(name)), max_sequence_length=spec["seq"], resolution=spec["resolution"])
+    return tiny_model(pipeline(name), max_sequence_length=PIPELINES[name]["seq"], dtype="bfloat16")
 
 
 def flowtrain_time(name: str, raw: Path) -> float:
@@ -78,7 +79,15 @@ def flowtrain_time(name: str, raw: Path) -> float:
     out = common.bench_dir() / f"precompute-{name}" / "cache-run"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    precompute(raw, out, settings(name), batch_size=8, device="cpu", progress=False)
+    precompute(
+        raw,
+        out,
+        model_options(name),
+        resolution=PIPELINES[name]["resolution"],
+        batch_size=8,
+        device="cpu",
+        progress=False,
+    )
     dt = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     return dt
@@ -91,35 +100,33 @@ class Bare:
         import torch
         from diffusers import Flux2KleinPipeline
 
-        s = settings(name)
-        self.s = s
-        self.pipe = Flux2KleinPipeline.from_pretrained(s.model, transformer=None, dtype=torch.bfloat16)
+        self.m = model_options(name)
+        self.resolution = PIPELINES[name]["resolution"]
+        self.pipe = Flux2KleinPipeline.from_pretrained(self.m.pretrained, transformer=None, dtype=torch.bfloat16)
 
     def time(self, raw: Path) -> float:
         import pyarrow.parquet as pq
         import torch
         from PIL import Image
 
-        from flowtrain.models.flux2_klein import resize_to_cover  # the same Lanczos scale-to-cover, a pure function
+        from flowtrain.models.common import resize_to_cover  # the same Lanczos scale-to-cover, a pure function
 
-        pipe, s = self.pipe, self.s
+        pipe, m, res = self.pipe, self.m, self.resolution
         t = time.perf_counter()
-        pipe.encode_prompt([""], device="cpu", max_sequence_length=s.max_sequence_length,
-                           text_encoder_out_layers=tuple(s.text_encoder_layers))  # fmt: skip
+        pipe.encode_prompt([""], device="cpu", max_sequence_length=m.max_sequence_length,
+                           text_encoder_out_layers=tuple(m.text_encoder_layers))  # fmt: skip
         for shard in sorted(raw.glob("*.parquet")):
             table = pq.read_table(shard, columns=["caption", "image"])
             for i in range(0, table.num_rows, 8):
                 rows = table.slice(i, 8).to_pydict()
-                images = [
-                    resize_to_cover(Image.open(io.BytesIO(b)).convert("RGB"), s.resolution) for b in rows["image"]
-                ]
-                pixels = torch.cat([pipe.image_processor.preprocess(im, height=s.resolution, width=s.resolution,
-                                                                    resize_mode="crop") for im in images])  # fmt: skip
+                images = [resize_to_cover(Image.open(io.BytesIO(b)).convert("RGB"), res) for b in rows["image"]]
+                pixels = torch.cat([pipe.image_processor.preprocess(im, height=res, width=res, resize_mode="crop")
+                                    for im in images])  # fmt: skip
                 with torch.no_grad():
                     dist = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist
                     torch.cat([dist.mean, dist.logvar], dim=1).float()
-                    pipe.encode_prompt(rows["caption"], device="cpu", max_sequence_length=s.max_sequence_length,
-                                       text_encoder_out_layers=tuple(s.text_encoder_layers))  # fmt: skip
+                    pipe.encode_prompt(rows["caption"], device="cpu", max_sequence_length=m.max_sequence_length,
+                                       text_encoder_out_layers=tuple(m.text_encoder_layers))  # fmt: skip
         return time.perf_counter() - t
 
 
