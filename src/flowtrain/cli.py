@@ -489,8 +489,9 @@ def _default_openmp_waiting() -> None:
 
     With GNU OpenMP's default spin-waiting, torch's threads slow down 3-50× whenever another process wants the
     cores: the tiny model trained at 0.48 s/step instead of 0.024 on a shared 2-core machine, a demo step took
-    1.5-6.5 s instead of 80 ms. Sleeping waiters may cost up to ~15% on a tiny model when a core is free
-    (benchmarks/README.md, "OpenMP wait policy"). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    1.5-6.5 s instead of 80 ms. Sleeping waiters cost nothing measurable on a 1.5 s step and 1.2-1.5x on a toy
+    model's 25 ms step when a core is idle (benchmarks/README.md, "OpenMP wait policy"). A user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
