@@ -80,7 +80,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             progress=not args.quiet,
         )
-    print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
+    if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
+        print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
     return 0
 
 
@@ -237,8 +238,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.transformer is not None:
         weights_check.transformer_folder(args.transformer)
     # A run dir: sample with the model options it was trained with (family, text settings), unless overridden.
-    run_cfg = _run_config_near(args.lora or args.transformer)
-    base = None if run_cfg is None else {"model": run_cfg.model.model_dump(mode="json")}
+    run_model = _run_model_near(args.lora or args.transformer)
+    base = None if run_model is None else {"model": run_model}
     model = _model_config(args, args.model, need="sample", base=base).model
     with output_slot(args.out, "sample", flag="--out", overwrite=args.overwrite):
         _sample(args, prompts, model, lora)
@@ -307,16 +308,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config_near(path: str | None):
-    """The resolved config.yaml of the run a LoRA / transformer came from, if there is one."""
+def _run_model_near(path: str | None) -> dict | None:
+    """The `model:` section of the config.yaml of the run a LoRA / transformer came from, if there is one. Only
+    that section: sampling needs nothing else, and a run written by an older flowtrain may hold keys this one no
+    longer has elsewhere."""
     if path is None:
         return None
     p = Path(path)
     for d in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
         if (d / "config.yaml").exists():
-            from flowtrain.config import load_config
+            import yaml
 
-            return load_config(d / "config.yaml")
+            model = (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("model")
+            return model if isinstance(model, dict) else None
     return None
 
 
@@ -362,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw shards → VAE latents + text embeddings cache",
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
         "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
-        "options are dotted overrides, e.g. model.text_encoder_layers=[9,18,27] model.max_sequence_length=256 "
-        "(docs/models.md lists each family's).",
+        "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's).",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
     s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flowtrain.models.paths import is_local, subfolder_if_exists
+
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what `flowtrain train` exports (diffusers' default name)
 
 
@@ -84,7 +86,7 @@ def transformer_folder(path: str, flag: str = "--transformer") -> Path:
             f"{flag} {path} is a file; give the diffusers transformer folder a full fine-tune writes "
             "(RUN/transformer), or a LoRA file with --lora"
         )
-    folder = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
+    folder = p / (subfolder_if_exists(p, "transformer") or "")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{flag} {path} is not a diffusers model folder (config.json is missing); give RUN/transformer of a "
@@ -101,9 +103,9 @@ def transformer_folder(path: str, flag: str = "--transformer") -> Path:
 def pipeline_path(model: str, flag: str = "--model") -> None:
     """A model that is clearly a local path (absolute, ./, ~, or existing) must be a diffusers pipeline folder;
     anything else may be a hub id, which only loading can check (see `load_errors`)."""
-    p = Path(model).expanduser()
-    if not (p.is_absolute() or model.startswith((".", "~")) or p.exists()):
+    if not is_local(model):
         return
+    p = Path(model).expanduser()
     if not p.exists():
         raise FileNotFoundError(
             f"{flag} {model}: no such folder; give a diffusers pipeline folder (with model_index.json) or a hub id"

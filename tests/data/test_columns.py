@@ -36,3 +36,31 @@ def test_class_rows_of_other_lengths_are_re_padded():
     merged = merge_class_rows(inst, cls)
     assert merged["text"].shape == (2, 5, 3) and merged["text_mask"].sum(1).tolist() == [2, 5]
     assert merged["is_prior"].tolist() == [False, True] and merged["index"].tolist() == [0]
+
+
+def test_a_fixed_length_collate_pads_to_the_declared_maximum():
+    """With train.compile every batch gets one shape: variable-length columns padded to their max_length."""
+    rows = [{"text": torch.ones(2, 3), "index": 0}, {"text": torch.ones(4, 3), "index": 1}]
+    batch = Collate(variable=("text",), pad_to=(("text", 6),))(rows)
+    assert batch["text"].shape == (2, 6, 3) and batch["text_mask"].sum(1).tolist() == [2, 4]
+
+
+def test_a_variable_length_column_of_any_rank_reads_back(tmp_path):
+    """A row of shape (L_i, 2, 3) is stored as L_i lists of 6 values and read back in its declared shape."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flowtrain.data.cache import CacheDataset
+    from flowtrain.data.manifest import CacheManifest, fingerprint
+    from flowtrain.models import Column
+
+    rows = [torch.randn(1, 2, 3), torch.randn(4, 2, 3)]
+    table = pa.table({"key": ["a", "b"], "caption": ["x", "y"], "x": ragged_column(rows, "float32")})
+    pq.write_table(table, tmp_path / "cache-00000-0000.parquet")
+    col = Column("x", "float32", (None, 2, 3), "text")
+    fp = fingerprint("some_family", "m", None, 32, "float32", {}, {})
+    CacheManifest("some_family", fp, [col], {}, [{"file": "cache-00000-0000.parquet", "rows": 2}]).write(tmp_path)
+    ds = CacheDataset(tmp_path)
+    assert torch.equal(ds[1]["x"], rows[1]) and ds[0]["x"].shape == (1, 2, 3)
+    batch = ds.collate([ds[0], ds[1]])
+    assert batch["x"].shape == (2, 4, 2, 3) and batch["x_mask"].sum(1).tolist() == [1, 4]

@@ -27,6 +27,7 @@ def test_the_protocol_holds(name):
     assert isinstance(family, ModelFamily)  # runtime_checkable: every method and attribute is there
     assert family.name == name and family_options()[name].model_fields["family"].default == name
     assert {"attention", "attention+ff", "all"} <= set(family.lora_presets)
+    assert set(family.options.lora_presets) == set(family.lora_presets)  # what `check` validates lora.targets by
     assert family.pipeline_classes and family.tiny_resolution > 0
 
 

@@ -56,3 +56,21 @@ def test_precompute_validates_layers_against_the_loaded_encoder(tiny_pipeline_di
     err = capsys.readouterr().err
     assert "model.text_encoder_layers=[9, 18, 99]" in err and "has 27 layers" in err and "Traceback" not in err
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_sample_reads_only_the_model_section_of_a_runs_config(tmp_path):
+    """A run written by an older flowtrain may hold keys this one has moved; sampling needs only `model:`."""
+    from flowtrain.cli import _run_model_near
+    from flowtrain.config import ConfigError, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    text = "model:\n  family: flux2_klein\n  pretrained: org/model\ntimesteps:\n  reference_steps: 50\n"
+    (run / "config.yaml").write_text(text)
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert _run_model_near(str(run / "pytorch_lora_weights.safetensors")) == {
+        "family": "flux2_klein",
+        "pretrained": "org/model",
+    }
+    with pytest.raises(ConfigError, match="timesteps.reference_steps moved to model.shift_reference_steps"):
+        load_config(run / "config.yaml")

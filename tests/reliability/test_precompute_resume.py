@@ -121,3 +121,23 @@ def test_rerun_after_reprepare_recomputes_changed_shards(uninterrupted, tiny_pip
     assert manifest.num_rows == 7
     assert _content(out)[1] == _content(fresh)[1]
     assert sorted(p.name for p in out.glob("cache-*")) == sorted(s["file"] for s in manifest.shards)
+
+
+def test_other_settings_are_refused_before_the_encoders_load_and_user_files_stay(
+    uninterrupted, tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch
+):
+    out = tmp_path / "cache"
+    shutil.copytree(uninterrupted, out)
+    (out / "manifest.json").unlink()  # an unfinished cache, made with max_sequence_length 32
+    (out / "my-notes.tmp").write_text("the user's own file")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the encoders were loaded before the settings were compared")
+
+    with monkeypatch.context() as m:
+        m.setattr(Flux2Klein, "load_encoders", never)
+        with pytest.raises(ValueError, match="different settings"):
+            precompute(tiny_cache[0], out, tiny_model(tiny_pipeline_dir, max_sequence_length=16),
+                       resolution=TINY_RES, progress=False)  # fmt: skip
+    _run(tiny_cache[0], out, tiny_pipeline_dir)  # the same settings: continued and finished
+    assert (out / "my-notes.tmp").read_text() == "the user's own file"  # only precompute's own temporaries go

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_unchanged_resume_keeps_the_restored_lr_state(rel_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({"model": {"pretrained": "SAME-VIA-SYMLINK"}}, "pretrained"),
+        ({"model": {"pretrained": "OTHER-WEIGHTS"}}, "transformer"),
         ({"train_mode": "full"}, "train_mode"),
         ({"lora": {"rank": 8}}, "lora"),
         ({"lora": {"targets": "all"}}, "lora"),
@@ -99,12 +100,15 @@ def test_unchanged_resume_keeps_the_restored_lr_state(rel_cfg, tmp_path):
 def test_resume_refuses_changed_essentials(tiny_pipeline_dir, tiny_cache, rel_cfg, tmp_path, change, key):
     train(rel_cfg(tmp_path / "r", train={"max_steps": 2}), progress=False)
     section, values = next(iter(change.items()))
-    if values == {"pretrained": "SAME-VIA-SYMLINK"}:  # the same files under another name still counts as a change
-        os.symlink(tiny_pipeline_dir, tmp_path / "alias")
-        values = {"pretrained": str(tmp_path / "alias")}
-    if values == {"cache_dir": "OTHER-CACHE"}:  # a cache made with other settings (resolution) for the same model
-        import shutil
+    if values == {"pretrained": "OTHER-WEIGHTS"}:  # the same folder layout, another transformer's weights
+        other = tmp_path / "other-model"
+        shutil.copytree(tiny_pipeline_dir, other)
+        from safetensors.torch import load_file, save_file
 
+        for f in (other / "transformer").glob("*.safetensors"):
+            save_file({k: v + 0.01 for k, v in load_file(str(f)).items()}, str(f))
+        values = {"pretrained": str(other)}
+    if values == {"cache_dir": "OTHER-CACHE"}:  # a cache made with other settings (resolution) for the same model
         other = tmp_path / "other-cache"
         shutil.copytree(tiny_cache[1], other)
         manifest = json.loads((other / "manifest.json").read_text())
@@ -115,6 +119,14 @@ def test_resume_refuses_changed_essentials(tiny_pipeline_dir, tiny_cache, rel_cf
     with pytest.raises(ValueError, match=f"cannot resume from .*checkpoint-2.*\\n  {key}: checkpoint") as err:
         train(cfg, resume="latest", progress=False)
     assert "Start a new output_dir" in str(err.value)
+
+
+def test_a_moved_model_folder_resumes(tiny_pipeline_dir, rel_cfg, tmp_path):
+    """The model is identified by its files, not its path: a run resumes from a moved (here: symlinked) folder."""
+    train(rel_cfg(tmp_path / "r", train={"max_steps": 2}), progress=False)
+    os.symlink(tiny_pipeline_dir, tmp_path / "alias")
+    cfg = rel_cfg(tmp_path / "r", train={"max_steps": 3}, model={"pretrained": str(tmp_path / "alias")})
+    assert train(cfg, resume="latest", progress=False).step == 3
 
 
 def test_resume_with_another_batch_size_continues_in_samples(rel_cfg, tmp_path, caplog):

@@ -10,7 +10,7 @@ import torch
 
 from flowtrain.config import FlowtrainConfig
 from flowtrain.models.flux2_klein.family import LORA_PRESETS
-from flowtrain.train.trainable import apply_lora, check_lora_targets
+from flowtrain.train.trainable import apply_lora, check_lora_targets, lora_target_regex
 
 
 @pytest.fixture
@@ -54,10 +54,19 @@ def test_user_lists_and_regexes(transformer):
     assert single_out == ["single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.1.attn.to_out"]
 
 
+def test_an_unknown_preset_fails_when_the_config_loads(tiny_pipeline_dir):
+    """`check` catches it: the family's preset names are known to the config, before any model loads."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'attn_only' is not a LoRA preset of model family 'flux2_klein'"):
+        _cfg(tiny_pipeline_dir, "attn_only")
+    with pytest.raises(ValueError, match="unknown preset"):  # and the builder still refuses one on its own
+        lora_target_regex("attn_only", LORA_PRESETS)
+
+
 @pytest.mark.parametrize(
     "targets, match",
     [
-        ("attn_only", "unknown preset"),
         (["to_q", "to_qq"], "'to_qq' matches no Linear"),
         (["nothing_here"], "matches no Linear"),
         (["to_out"], "not Linear layers"),  # the double blocks' to_out is a ModuleList

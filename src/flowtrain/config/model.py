@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -12,6 +12,10 @@ from flowtrain.config.section import Section
 
 class ModelOptions(Section):
     """Keys every family has. A family's options class adds its own (text-encoder layers, guidance, ...)."""
+
+    # The names of the family's `lora.targets` presets, so a config with a wrong one fails at load time (`check`),
+    # not after the transformer loaded; the contract test holds them equal to `ModelFamily.lora_presets`.
+    lora_presets: ClassVar[tuple[str, ...]] = ("attention", "attention+ff", "all")
 
     family: str = Field(
         ...,

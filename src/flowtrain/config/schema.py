@@ -72,7 +72,8 @@ class TrainConfig(Section):
     compile: bool = Field(
         False,
         description="torch.compile the transformer (`flowtrain.train.perf`): static shapes, so a fixed resolution "
-        "compiles once (the first step is slow) and never recompiles across steps.",
+        "compiles once (the first step is slow) and never recompiles across steps; variable-length text (e.g. "
+        "Qwen-Image's) is then padded to the family's maximum length, so every batch has one shape.",
     )
     compile_backend: str = Field(
         "inductor", description="torch.compile backend with train.compile (inductor; aot_eager / eager to debug)."
@@ -126,6 +127,16 @@ class LoraConfig(Section):
 
 class TimestepConfig(Section):
     """How the training noise level σ is drawn (see `flowtrain.flow.timesteps`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "reference_steps" in data:
+            raise ValueError(
+                "timesteps.reference_steps moved to model.shift_reference_steps (the resolution shift is the model "
+                "family's: docs/models.md)"
+            )
+        return data
 
     scheme: Literal["uniform", "logit_normal", "mode"] = Field(
         "logit_normal", description="σ density: U(0,1), sigmoid(N(logit_mean, logit_std²)), or SD3's mode sampling."
@@ -434,7 +445,13 @@ class FlowtrainConfig(Section):
 
     @model_validator(mode="after")
     def _training_choices(self) -> FlowtrainConfig:
-        """Cross-section checks of the training choices (precision, prior preservation, distillation)."""
+        """Cross-section checks of the training choices (LoRA preset, precision, prior preservation, distillation)."""
+        presets = type(self.model).lora_presets
+        if isinstance(self.lora.targets, str) and self.lora.targets not in presets:
+            raise ValueError(
+                f"lora.targets: {self.lora.targets!r} is not a LoRA preset of model family {self.model.family!r} "
+                f"({', '.join(presets)}); or give a list of Linear module names / regexes"
+            )
         dtype, mp = self.model.dtype, self.train.mixed_precision
         if mp == "auto":
             self.train.mixed_precision = mp = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")

@@ -9,6 +9,7 @@ it is read. Errors are `CacheError`s that name the file, row and key and say wha
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,12 @@ class CacheDataset(Dataset):
         """The collate function for this cache's columns."""
         return Collate(tuple(c.name for c in self.columns if c.variable))
 
+    def collate_fixed_length(self) -> Collate:
+        """A collate that pads variable-length columns to their declared `max_length` rather than to each batch's
+        longest row: one tensor shape for every batch (what `train.compile` needs to compile once)."""
+        pad_to = tuple((c.name, c.max_length) for c in self.columns if c.variable and c.max_length is not None)
+        return Collate(tuple(c.name for c in self.columns if c.variable), pad_to)
+
     @property
     def latent_norm(self) -> dict[str, torch.Tensor]:
         """The family's latent statistics from the manifest, as float32 tensors (`ModelFamily.training_latents`)."""
@@ -113,7 +120,9 @@ class CacheDataset(Dataset):
                 raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
             for col in self.columns:
                 got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
-                if got != list(col.shape):
+                # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values
+                want = [None, math.prod(col.shape[1:])] if col.variable else list(col.shape)
+                if got != want:
                     raise CacheError(
                         f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
                         f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
@@ -244,14 +253,16 @@ class Collate:
     the batch's longest row and gets a (B, L_max) bool `c_mask` (True on real rows). Picklable, for workers."""
 
     variable: tuple[str, ...] = ()
+    pad_to: tuple[tuple[str, int], ...] = ()  # (column, length): pad to this length, not to the batch's longest
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
+        lengths = dict(self.pad_to)
         for name in rows[0]:
             if name == "index":
                 batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.int64)
             elif name in self.variable:
-                batch[name], batch[f"{name}_mask"] = pad_rows([r[name] for r in rows])
+                batch[name], batch[f"{name}_mask"] = pad_rows([r[name] for r in rows], lengths.get(name))
             else:
                 batch[name] = _stack([r[name] for r in rows])
         return batch

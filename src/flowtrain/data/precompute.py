@@ -35,6 +35,7 @@ from flowtrain.models import Column, ModelFamily, get_family
 
 log = logging.getLogger(__name__)
 RAW_KIND = "flowtrain.raw"
+STATE = "precompute_state.json"  # the fingerprint of what is being written, for a rerun to continue or refuse
 
 
 def read_raw_manifest(raw_dir: str | Path) -> dict:
@@ -100,13 +101,16 @@ def precompute(
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
+    # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
+    fp = fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
+                     family.cache_settings(model), family.identity(model))  # fmt: skip
+    _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
     columns = family.cache_columns(encoders, model, resolution=resolution)
-    fp = fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
-                     family.cache_settings(model), family.identity(model))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    _check_existing(out, fp)
+    (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
     (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
     _save_empty_prompt(out, family, encoders, model, columns)
 
@@ -221,16 +225,18 @@ def _reusable(path: Path, part: pa.Table) -> bool:
 
 
 def _remove_stale(out: Path, current: set[str]) -> None:
-    """Temporary files of interrupted writes, and shards no raw slice maps to any more."""
+    """Temporary files of interrupted writes, and shards no raw slice maps to any more. Only names precompute
+    writes: the folder may hold the user's own files too."""
     for p in out.iterdir():
-        stale_shard = p.name.startswith("cache-") and p.name.endswith(".parquet") and p.name not in current
-        if p.is_file() and (p.name.endswith(".tmp") or stale_shard):
+        ours = p.name.startswith("cache-") and p.name.endswith((".parquet", ".parquet.tmp"))
+        tmp = p.name in (f"{MANIFEST}.tmp", f"{EMPTY_PROMPT}.tmp") or (ours and p.name.endswith(".tmp"))
+        if p.is_file() and (tmp or (ours and p.name not in current)):
             p.unlink(missing_ok=True)
 
 
 def _check_existing(out: Path, fp: dict) -> None:
     """Refuse to mix shards of a different model/settings into an existing cache directory."""
-    state = out / "precompute_state.json"
+    state = out / STATE
     if state.exists():
         old = json.loads(state.read_text())["fingerprint"]
         if old["id"] != fp["id"]:
@@ -239,5 +245,3 @@ def _check_existing(out: Path, fp: dict) -> None:
                 f"{out} holds a cache made with different settings {diff}; use another --out, or "
                 "--overwrite to replace it"
             )
-    else:
-        state.write_text(json.dumps({"fingerprint": fp}, indent=2))

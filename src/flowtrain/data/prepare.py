@@ -311,7 +311,7 @@ def _finish(
         if _SHARD_RE.match(stale.name) and stale.name not in report.shards:
             stale.unlink()
     if progress:
-        print(f"prepare: wrote {report.written}, skipped {report.skipped} (see prepare_report.json)")
+        print(f"prepare: wrote {report.written}, skipped {report.skipped} (see prepare_report.json) → {out}")
         for kind, n in kinds.most_common(5):
             print(f"  {n:>6} x {kind}")
     if report.written == 0:

@@ -46,13 +46,16 @@ class Column:
 
     `shape` is the per-row shape; `None` as its first entry marks a variable-length axis: rows are stored at their
     own length and the reader pads each batch to its longest row, adding a (B, L_max) bool mask `{name}_mask`.
-    `source` says which encoder fills it: "image" (the VAE) or "text" (the text encoders).
+    `source` says which encoder fills it: "image" (the VAE) or "text" (the text encoders). `max_length`, for a
+    variable-length column, is the longest a row can be: with `train.compile` every batch is padded to it, so the
+    compiled graphs see one shape.
     """
 
     name: str
     dtype: Literal["float32", "bfloat16", "float16"]
     shape: tuple[int | None, ...]
     source: Literal["image", "text"]
+    max_length: int | None = None
 
     @property
     def variable(self) -> bool:
@@ -66,11 +69,13 @@ class Column:
         return math.prod(dims) * (4 if self.dtype == "float32" else 2)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "source": self.source}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "source": self.source}
+        return d | ({"max_length": self.max_length} if self.max_length is not None else {})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Column:
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), source=d["source"])
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), source=d["source"],
+                   max_length=d.get("max_length"))  # fmt: skip
 
 
 @runtime_checkable

@@ -174,12 +174,13 @@ def rows_of(padded: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tenso
     return [row[m] for row, m in zip(padded.unbind(0), mask.unbind(0), strict=True)]
 
 
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """B tensors (L_i, ...) → zero-padded (B, max L_i, ...) and a (B, max L_i) bool mask (True on real positions).
+def pad_rows(rows: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B tensors (L_i, ...) → zero-padded (B, L, ...) and a (B, L) bool mask (True on real positions), L = `length`
+    or else the longest row.
 
     Padding at the end keeps every real token at its own position index, so rotary position embeddings that
     assign positions by index see a padded row exactly as they see it alone."""
-    longest = max(r.shape[0] for r in rows)
+    longest = max(max(r.shape[0] for r in rows), length or 0)
     first = rows[0]
     out = first.new_zeros(len(rows), longest, *first.shape[1:])
     mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=first.device)

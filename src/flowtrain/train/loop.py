@@ -197,7 +197,7 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
     state = TrainState(
         step=step,
         data=DataPosition(epoch=position[0], batch=position[1], seed=cfg.train.seed),
-        essentials=essentials(cfg, run.dataset.manifest.fingerprint["id"]),
+        essentials=essentials(cfg, run.dataset.manifest.fingerprint["id"], run.transformer_id),
         learning_rate=cfg.train.learning_rate,
         max_steps=cfg.train.max_steps,
         world_size=run.world,

@@ -12,20 +12,37 @@ from flowtrain.train.state import TrainState
 log = logging.getLogger(__name__)
 
 
-def essentials(cfg: FlowtrainConfig, cache_id: str) -> dict[str, Any]:
+def transformer_identity(model: Any) -> dict[str, str]:
+    """What identifies the transformer a run trains, by content (a digest of its config and weights files, as the
+    cache check identifies encoders): the pipeline's own, or `model.dit`'s. A moved or symlinked model folder is the
+    same model; other weights at the same path are not. The path when no local files can be read."""
+    from flowtrain.models.common import component_identity, weights_digest
+
+    if model.dit is None:
+        found = component_identity(model.pretrained, ["transformer"], model.revision)
+        return found or {"path": model.pretrained}
+    dit = Path(model.dit)
+    if dit.is_file():
+        return {"dit": weights_digest(dit)}
+    folder = dit / "transformer" if (dit / "transformer" / "config.json").exists() else dit
+    return component_identity(str(folder.parent), [folder.name]) or {"path": model.dit}
+
+
+def essentials(cfg: FlowtrainConfig, cache_id: str, transformer_id: dict[str, str]) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming it."""
     return {
         "family": cfg.model.family,
-        "pretrained": cfg.model.pretrained,
-        "dit": cfg.model.dit,
+        "transformer": transformer_id,
         "train_mode": cfg.train_mode,
         "lora": [cfg.lora.rank, cfg.lora.effective_alpha, cfg.lora.targets] if cfg.train_mode == "lora" else None,
         "cache_fingerprint": cache_id,
     }
 
 
-def check_resume(state: TrainState, cfg: FlowtrainConfig, cache_id: str, path: Path) -> None:
-    old, new = state.essentials, essentials(cfg, cache_id)
+def check_resume(
+    state: TrainState, cfg: FlowtrainConfig, cache_id: str, transformer_id: dict[str, str], path: Path
+) -> None:
+    old, new = state.essentials, essentials(cfg, cache_id, transformer_id)
     old = {k: (list(v) if isinstance(v, tuple) else v) for k, v in old.items()}
     new = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items()}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}

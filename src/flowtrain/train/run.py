@@ -26,7 +26,7 @@ from flowtrain.train import checkpoint as ckpt
 from flowtrain.train.ema import EMA, ema_for_run
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
 from flowtrain.train.perf import optimizer_step_fn
-from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position
+from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position, transformer_identity
 from flowtrain.train.state import TrainState
 from flowtrain.train.trainable import build_transformer, load_teacher, load_trainable_state
 from flowtrain.train.validation import Validator
@@ -59,6 +59,7 @@ class Run:
     tracker: Any
     ema: EMA | None
     start_step: int
+    transformer_id: dict[str, str]  # the trained transformer's identity (checkpoints record it for resume)
     restored: dict[str, Any] | None  # the checkpoint resumed from (checkpoint.load_checkpoint), if any
     restored_state: TrainState | None
 
@@ -100,17 +101,21 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every rank and every run
 
-    dataset = CacheDataset(cfg.dataset.cache_dir)
-    family = get_family(cfg.model.family)
-    transformer, lora_cfg = build_transformer(cfg, family)
-    allow = cfg.dataset.allow_other_weights
-    family.check_cache(cfg.model, dataset.manifest, transformer, allow_other_weights=allow)
-    class_dataset = None
+    # The caches are checked against the model's files before the transformer loads (minutes for a large one),
+    # and once more against the loaded transformer's input widths.
+    family, allow = get_family(cfg.model.family), cfg.dataset.allow_other_weights
+    caches = [CacheDataset(cfg.dataset.cache_dir)]
     if cfg.dataset.class_cache_dir:  # DreamBooth: as many class rows appended to every batch
-        class_dataset = CacheDataset(cfg.dataset.class_cache_dir)
-        family.check_cache(cfg.model, class_dataset.manifest, transformer, allow_other_weights=allow)
-        check_class_cache(dataset.manifest, class_dataset.manifest, cfg.dataset.class_cache_dir)
+        caches.append(CacheDataset(cfg.dataset.class_cache_dir))
+        check_class_cache(caches[0].manifest, caches[1].manifest, cfg.dataset.class_cache_dir)
+    for cache in caches:
+        family.check_cache(cfg.model, cache.manifest, allow_other_weights=allow)
+    transformer, lora_cfg = build_transformer(cfg, family)
+    for cache in caches:
+        family.check_cache(cfg.model, cache.manifest, transformer, allow_other_weights=allow)
+    dataset, class_dataset = caches[0], (caches[1] if len(caches) > 1 else None)
 
+    transformer_id = transformer_identity(cfg.model)  # what resume compares, by content (train.resume)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(transformer.named_parameters(), cfg.optimizer, cfg.train.learning_rate)
     # The scheduler is stepped by us once per optimizer step, so it is not handed to accelerate (which would
@@ -124,7 +129,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     if resume_path is not None:
         restored = ckpt.load_checkpoint(resume_path, rank=rank)
         state = TrainState.from_json(restored["state"])
-        check_resume(state, cfg, dataset.manifest.fingerprint["id"], resume_path)
+        check_resume(state, cfg, dataset.manifest.fingerprint["id"], transformer_id, resume_path)
         load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
         optimizer.load_state_dict(restored["optimizer"])
         lr_scheduler.load_state_dict(restored["lr_scheduler"])
@@ -153,8 +158,9 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     d = cfg.dataset
 
     def loader_for(data: CacheDataset, rows: ResumableSampler) -> Any:
+        collate = data.collate_fixed_length() if cfg.train.compile else data.collate  # compiled: one shape
         return build_loader(
-            data, rows, batch_size=cfg.train.batch_size, collate_fn=data.collate, device=accelerator.device,
+            data, rows, batch_size=cfg.train.batch_size, collate_fn=collate, device=accelerator.device,
             num_workers=d.num_workers, pin_memory=d.pin_memory, prefetch_factor=d.prefetch_factor,
         )  # fmt: skip
 
@@ -182,6 +188,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         cfg=cfg, out=out, accelerator=accelerator, family=family, model=model, lora_cfg=lora_cfg, params=params,
         optimizer=optimizer, lr_scheduler=lr_scheduler, step_optimizer=optimizer_step_fn(optimizer, accelerator),
         dataset=dataset, sampler=sampler, batches=batches, norm=norm, empty=empty, loss_fn=loss_fn,
-        validator=validator, tracker=tracker, ema=ema, start_step=start_step, restored=restored,
+        validator=validator, tracker=tracker, ema=ema, start_step=start_step, transformer_id=transformer_id,
+        restored=restored,
         restored_state=state,
     )  # fmt: skip

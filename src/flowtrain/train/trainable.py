@@ -113,7 +113,7 @@ def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.
         transformer = family.load_transformer(cfg.model, dtype=dtype, weights=cfg.model.dit)
     except ModelPathError:
         raise  # already says which key and what to do
-    except (OSError, ValueError) as e:
+    except OSError as e:  # a family's own ValueError (e.g. "not a text-to-image model") already says what to do
         hint = " (weights are loaded only from .safetensors files: convert pickle .bin/.ckpt weights first)"
         raise FileNotFoundError(
             f"could not load the transformer from model.pretrained={cfg.model.pretrained!r}"
