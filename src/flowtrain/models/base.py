@@ -37,9 +37,6 @@ class ModelPathError(FileNotFoundError):
     """A model path that is clearly local but missing or not a model folder; its message is complete as is."""
 
 
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
-
-
 @dataclass(frozen=True)
 class Column:
     """One tensor column of the latent cache, declared by the family.
