@@ -241,8 +241,9 @@ class ModelFamily(Protocol):
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        """The full reference pipeline with a full fine-tune's `transformer` folder swapped in and/or a LoRA file
-        loaded (paths already checked by the caller)."""
+        """The full reference pipeline, with its transformer replaced by a full fine-tune's `transformer` folder or
+        else by `model.dit` (what the run trained), and/or a LoRA file loaded (paths already checked by the caller);
+        `models.common.sampling_pipeline` does it all."""
         ...
 
     def generate(

@@ -60,6 +60,30 @@ def load_pipeline(cls: Any, model: Any, *, dtype: torch.dtype, example: str = ""
         raise FileNotFoundError(f"could not load the pipeline model.pretrained={model.pretrained!r}: {e}") from e
 
 
+def load_transformer(cls: Any, model: Any, *, dtype: torch.dtype, weights: str | None) -> Any:
+    """The transformer (`cls`) of `model.pretrained`, or from `weights` (a pipeline / transformer folder or a
+    .safetensors file with `model.pretrained`'s architecture, see `load_component`); errors name `model.dit` when
+    `weights` is it."""
+    key = "model.dit" if weights is not None and weights == model.dit else "weights"
+    return load_component(cls, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
+                          revision=model.revision)  # fmt: skip
+
+
+def sampling_pipeline(family: Any, pipeline_cls: Any, model: Any, *, dtype: torch.dtype, device: torch.device | str,
+                      transformer: str | None = None, lora: str | None = None, example: str = "") -> Any:  # fmt: skip
+    """`ModelFamily.sampling_pipeline`: the pipeline of `model.pretrained` with the transformer of `transformer` (a
+    full fine-tune) or else `model.dit` swapped in, loaded through `family.load_transformer` (so a single
+    .safetensors `model.dit` works too, and the family's checks run), the LoRA `lora` loaded, on `device`, without a
+    progress bar. Without either the pipeline's own transformer is used."""
+    weights = transformer or model.dit
+    parts = {} if weights is None else {"transformer": family.load_transformer(model, dtype=dtype, weights=weights)}
+    pipe = load_pipeline(pipeline_cls, model, dtype=dtype, example=example, **parts)
+    if lora is not None:
+        load_lora(pipe, lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
 # ---- identity -----------------------------------------------------------------------------------------------------
 _WINDOWS, _WINDOW = 16, 1 << 20  # sampled windows of a large weight file, bytes each
 

@@ -366,19 +366,10 @@ class Flux1:
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        """`FluxPipeline` of model.pretrained with the transformer from `transformer` (else model.dit) swapped in
-        and/or the LoRA file / folder `lora` loaded through diffusers' `load_lora_weights`."""
         from diffusers import FluxPipeline
 
-        parts: dict[str, Any] = {}
-        weights = transformer or model.dit
-        if weights is not None:
-            parts["transformer"] = self.load_transformer(model, dtype=dtype, weights=weights)
-        pipe = common.load_pipeline(FluxPipeline, model, dtype=dtype, example=HUB_EXAMPLE, **parts)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return common.sampling_pipeline(self, FluxPipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=HUB_EXAMPLE)  # fmt: skip
 
     def generate(
         self,

@@ -260,20 +260,10 @@ class Flux2Klein:
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+        from diffusers import Flux2KleinPipeline
 
-        parts: dict[str, Any] = {}
-        if transformer is not None:
-            parts["transformer"] = Flux2Transformer2DModel.from_pretrained(
-                transformer, subfolder=common.subfolder_if_exists(transformer, "transformer"), dtype=dtype,
-                use_safetensors=True,
-            )  # fmt: skip
-        pipe = common.load_pipeline(Flux2KleinPipeline, model, dtype=dtype, example=HUB_EXAMPLE, **parts)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return common.sampling_pipeline(self, Flux2KleinPipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=HUB_EXAMPLE)  # fmt: skip
 
     def generate(
         self,

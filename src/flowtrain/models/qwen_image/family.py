@@ -325,14 +325,8 @@ class QwenImage:
     ) -> Any:
         from diffusers import QwenImagePipeline
 
-        components = {}
-        if transformer is not None:
-            components["transformer"] = self.load_transformer(model, dtype=dtype, weights=transformer)
-        pipe = common.load_pipeline(QwenImagePipeline, model, dtype=dtype, example=EXAMPLE, **components)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return common.sampling_pipeline(self, QwenImagePipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=EXAMPLE)  # fmt: skip
 
     def generate(
         self,
