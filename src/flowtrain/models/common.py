@@ -1,4 +1,5 @@
-"""Helpers every family uses: model paths, weight loading, identity hashing, LoRA saving, caption dropout.
+"""Helpers the families share: loading (components, transformer, sampling pipeline), resolution checks, the
+scheduler's resolution shift, identity hashing, caption dropout, LoRA saving, tiny tokenizers, image scaling.
 
 Nothing here names a family; each function takes the diffusers class or folder it works on.
 """
@@ -9,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,76 @@ def sampling_pipeline(family: Any, pipeline_cls: Any, model: Any, *, dtype: torc
         load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def block_downsampling(vae_config: Mapping[str, Any]) -> int:
+    """The spatial downsampling of an `AutoencoderKL`-style VAE: 2 per block but the last (the pipelines'
+    `vae_scale_factor = 2 ** (len(block_out_channels) - 1)`)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def pixel_multiple(vae_cls: Any, model: Any, downsampling: Callable[[Mapping[str, Any]], int] = block_downsampling,
+                   *, example: str = "") -> int:  # fmt: skip
+    """`ModelFamily.pixel_multiple`: the VAE's spatial downsampling (`downsampling` of its config.json, as the
+    pipeline computes its `vae_scale_factor`) × the 2×2 latent patch; reads the VAE's config only."""
+    check_model_path(model.pretrained, "model.pretrained", need="vae/config.json", example=example)
+    cfg = vae_cls.load_config(model.pretrained, subfolder="vae", revision=model.revision)
+    return downsampling(cfg) * 2
+
+
+def check_resolution(pipe: Any, resolution: int) -> None:
+    """A square training `resolution` must be a multiple of the pipeline's `vae_scale_factor` × the 2×2 patch."""
+    multiple = pipe.vae_scale_factor * 2
+    if resolution % multiple:
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {multiple} (VAE factor × 2×2 latent patch): use e.g. "
+            f"{max(multiple, resolution // multiple * multiple)}"
+        )
+
+
+# ---- timestep shift -----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _read_scheduler_config(pretrained: str, revision: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+
+
+def scheduler_config(model: Any) -> dict[str, Any]:
+    """`scheduler/scheduler_config.json` of `model.pretrained`, read once per model (`resolution_shift` may be asked
+    every step)."""
+    return _read_scheduler_config(model.pretrained, model.revision)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:  # fmt: skip
+    """μ linear in the packed image-token count; diffusers' `calculate_shift` (FluxPipeline, QwenImagePipeline and
+    others), with its defaults and in its order of operations, so the value is the same to the last bit."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return float(image_seq_len * m + b)
+
+
+def scheduler_shift(num_tokens: int, config: Mapping[str, Any]) -> float:
+    """The fixed σ-shift s (σ' = sσ / (1 + (s-1)σ)) equal to what a pipeline's `FlowMatchEulerDiscreteScheduler`
+    with this `config` applies at `num_tokens` packed image tokens.
+
+    With dynamic shifting the pipeline computes μ = `calculate_shift(N, base_image_seq_len, max_image_seq_len,
+    base_shift, max_shift)` and the scheduler shifts σ by `time_shift(μ, 1, σ)`: exponential e^μ / (e^μ + 1/σ - 1),
+    which is the s-shift with s = e^μ, or linear μ / (μ + 1/σ - 1), s = μ. Without it the scheduler applies its
+    static `shift`. (`shift_terminal` then stretches the inference ladder to end at that σ; it belongs to the step
+    ladder, not to a training density, and is not part of s.)
+    """
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    mu = calculate_shift(
+        num_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    return float(mu) if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 # ---- identity -----------------------------------------------------------------------------------------------------

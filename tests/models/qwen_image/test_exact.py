@@ -170,6 +170,7 @@ def test_resolution_shift_is_the_samplers_shift(fam, options, pipe):
     """s from `resolution_shift` reproduces the pipeline's scheduler σ ladder at that token count (shift_terminal
     off: it stretches the inference ladder only), and is Qwen-Image's: the tiny scheduler has the real config."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     from flowtrain.flow import shift_sigmas
 
@@ -184,7 +185,7 @@ def test_resolution_shift_is_the_samplers_shift(fam, options, pipe):
     for n in (64, 1024, 4096, 6889):
         s = fam.resolution_shift(options, n)
         ladder = np.linspace(1.0, 1 / 20, 20)
-        mu = L.calculate_shift(n, 256, 8192, 0.5, 0.9)
+        mu = calculate_shift(n, 256, 8192, 0.5, 0.9)
         sched.set_timesteps(sigmas=ladder, mu=mu)
         assert torch.allclose(sched.sigmas[:-1].double(), shift_sigmas(torch.tensor(ladder), s), atol=1e-6)
     assert fam.resolution_shift(options, 4096) == pytest.approx(2.0009, abs=1e-4)  # 1024² px

@@ -22,6 +22,7 @@ import torch
 
 from flowtrain.models import common
 from flowtrain.models.base import Column
+from flowtrain.models.flux2_klein import PIPELINE_CLASSES
 from flowtrain.models.flux2_klein import latents as L
 from flowtrain.models.flux2_klein.options import Flux2KleinOptions
 from flowtrain.models.flux2_klein.shift import resolution_shift
@@ -56,7 +57,7 @@ class Flux2Klein:
     """`ModelFamily` for `Flux2KleinPipeline` checkpoints (FLUX.2 Klein base 4B / 9B)."""
 
     name = "flux2_klein"
-    pipeline_classes = ("Flux2KleinPipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     options = Flux2KleinOptions
     lora_presets = LORA_PRESETS
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 32}
@@ -77,11 +78,7 @@ class Flux2Klein:
     ) -> torch.nn.Module:
         from diffusers import Flux2Transformer2DModel
 
-        key = "model.dit" if weights == model.dit else "weights"
-        return common.load_component(
-            Flux2Transformer2DModel, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
-            revision=model.revision,
-        )  # fmt: skip
+        return common.load_transformer(Flux2Transformer2DModel, model, dtype=dtype, weights=weights)
 
     def identity(self, model: Flux2KleinOptions) -> dict[str, str]:
         return common.component_identity(model.pretrained, ["text_encoder", "tokenizer", "vae"], model.revision)
@@ -126,9 +123,7 @@ class Flux2Klein:
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
         """PIL RGB images → (B, 3, res, res) in [-1, 1]: resize to cover res×res, then the pipeline's processor
         (centre-crop to exactly res×res and normalise)."""
-        multiple = encoders.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
+        common.check_resolution(encoders, resolution)
         return torch.cat(
             [
                 encoders.image_processor.preprocess(
@@ -216,8 +211,7 @@ class Flux2Klein:
         """The VAE's downsampling × the 2×2 latent patch (16 for Klein); reads only the VAE's config."""
         from diffusers import AutoencoderKLFlux2
 
-        vae_cfg = AutoencoderKLFlux2.load_config(model.pretrained, subfolder="vae", revision=model.revision)
-        return 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2
+        return common.pixel_multiple(AutoencoderKLFlux2, model, example=HUB_EXAMPLE)
 
     def sample(
         self,

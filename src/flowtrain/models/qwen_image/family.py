@@ -7,7 +7,8 @@
   model  : x_σ = (1-σ)·x0 + σ·ε, target ε - x0, `timestep=σ` (the pipeline passes t/1000; the model's timestep
            projection scales by 1000), `img_shapes=[[(1, h, w)]]·B`, `guidance=None`; real CFG (`true_cfg_scale`)
            with the empty prompt at inference.
-  shift  : the scheduler's dynamic shift μ(N) = calculate_shift(N, 256, 8192, 0.5, 0.9) → s = e^μ (latents.py).
+  shift  : the scheduler's dynamic shift μ(N) = calculate_shift(N, 256, 8192, 0.5, 0.9) → s = e^μ
+           (`common.scheduler_shift`).
 
 The pipeline is the reference; where it has a method for a step (`encode_prompt`, its sampler), that method is
 called, so the cache and validation images are the pipeline's by construction.
@@ -15,7 +16,6 @@ called, so the cache and validation images are the pipeline's by construction.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 
 from flowtrain.models import common
 from flowtrain.models.base import Column
-from flowtrain.models.paths import check_model_path
+from flowtrain.models.qwen_image import PIPELINE_CLASSES
 from flowtrain.models.qwen_image import latents as L
 from flowtrain.models.qwen_image.options import QwenImageOptions
 
@@ -50,13 +50,6 @@ LORA_PRESETS: dict[str, list[str]] = {
     "attention+ff": [_ATTN, _FF],
     "all": [_ATTN, _FF, _REST],
 }
-
-
-@functools.lru_cache(maxsize=8)
-def _scheduler_config(pretrained: str, revision: str | None) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
 
 
 def _embeds_and_mask(cond: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +98,7 @@ class QwenImage:
     """`ModelFamily` for `QwenImagePipeline` checkpoints (Qwen/Qwen-Image and its fine-tunes)."""
 
     name = "qwen_image"
-    pipeline_classes = ("QwenImagePipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     options = QwenImageOptions
     lora_presets = LORA_PRESETS
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 64}
@@ -124,11 +117,7 @@ class QwenImage:
     ) -> torch.nn.Module:
         from diffusers import QwenImageTransformer2DModel
 
-        key = "model.dit" if weights is not None and weights == model.dit else "weights"
-        transformer = common.load_component(
-            QwenImageTransformer2DModel, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
-            revision=model.revision,
-        )  # fmt: skip
+        transformer = common.load_transformer(QwenImageTransformer2DModel, model, dtype=dtype, weights=weights)
         cfg = transformer.config
         if cfg.guidance_embeds or getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_additional_t_cond", False):
             raise ValueError(
@@ -142,7 +131,7 @@ class QwenImage:
 
     # ---- precompute ------------------------------------------------------------------------------------------
     def cache_columns(self, encoders: Any, model: QwenImageOptions, *, resolution: int) -> list[Column]:
-        self._check_resolution(encoders, resolution)
+        common.check_resolution(encoders, resolution)
         z, side = encoders.vae.config.z_dim, resolution // encoders.vae_scale_factor
         width = encoders.text_encoder.config.get_text_config().hidden_size
         return [
@@ -182,7 +171,7 @@ class QwenImage:
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
         """PIL RGB → (B, 3, res, res) in [-1, 1]: scaled to cover, then the pipeline's processor centre-crops."""
-        self._check_resolution(encoders, resolution)
+        common.check_resolution(encoders, resolution)
         return torch.cat(
             [
                 encoders.image_processor.preprocess(
@@ -253,7 +242,7 @@ class QwenImage:
     def resolution_shift(self, model: QwenImageOptions, num_tokens: int) -> float:
         """s = e^μ with μ = calculate_shift(N, …) from the model's scheduler config: ≈ 1.71 at 512² px (1024 tokens),
         2.00 at 1024² (4096), 2.30 at 1328² (6889) for Qwen/Qwen-Image."""
-        return L.dynamic_shift(num_tokens, _scheduler_config(model.pretrained, model.revision))
+        return common.scheduler_shift(num_tokens, common.scheduler_config(model))
 
     def check_cache(
         self,
@@ -282,9 +271,9 @@ class QwenImage:
         """VAE factor (2 ** len(temperal_downsample), 8 for Qwen-Image) × the 2×2 patch: 16."""
         from diffusers import AutoencoderKLQwenImage
 
-        check_model_path(model.pretrained, "model.pretrained", need="vae/config.json", example=EXAMPLE)
-        cfg = AutoencoderKLQwenImage.load_config(model.pretrained, subfolder="vae", revision=model.revision)
-        return 2 ** len(cfg["temperal_downsample"]) * 2
+        return common.pixel_multiple(
+            AutoencoderKLQwenImage, model, lambda cfg: 2 ** len(cfg["temperal_downsample"]), example=EXAMPLE
+        )
 
     def sample(
         self,
@@ -356,13 +345,6 @@ class QwenImage:
         from flowtrain.models.qwen_image.tiny import save_tiny_pipeline
 
         return save_tiny_pipeline(path, seed=seed)
-
-    # ---- helpers ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_resolution(encoders: Any, resolution: int) -> None:
-        multiple = encoders.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor × 2×2 patch)")
 
 
 __all__ = ["LORA_PRESETS", "QwenImage"]
