@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.models import family_names, get_family
+from flowtrain.data.manifest import CacheManifest
+from flowtrain.models import ModelPathError, family_names, get_family
 from flowtrain.testing.data import tiny_model
 from flowtrain.train.trainable import build_transformer
 
@@ -99,3 +100,26 @@ def test_sampling_pipeline_samples_model_dit(family_with_dit, kind):
     base = family.load_transformer(tiny_model(pipeline, family.name), dtype=torch.float32).state_dict()
     pipe = family.sampling_pipeline(model, dtype=torch.float32, device="cpu", transformer=str(pipeline))
     assert _same_weights(pipe.transformer, base) and not _same_weights(pipe.transformer, expected)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_a_pipeline_without_its_scheduler_fails_in_check_cache(name, tmp_path):
+    """`check_cache` runs before the first step: a family that reads the scheduler config (its resolution shift,
+    sampling) must refuse a pipeline folder without `scheduler/` there, naming model.pretrained and what is missing,
+    not fail at step 1 with a bare OSError; a family that passes it must not need the scheduler to shift."""
+    family = get_family(name)
+    full = family.save_tiny_pipeline(tmp_path / "full")
+    broken = tmp_path / "no-scheduler"
+    shutil.copytree(full, broken, ignore=shutil.ignore_patterns("scheduler"))
+    for pipeline in (full, broken):
+        model = tiny_model(pipeline, name)
+        fingerprint = {"settings": family.cache_settings(model), "identity": family.identity(model)}
+        manifest = CacheManifest(name, fingerprint, [], {}, [])
+        try:
+            family.check_cache(model, manifest)
+        except ModelPathError as e:
+            assert pipeline == broken
+            assert repr(str(broken)) in str(e) and "model.pretrained" in str(e)
+            assert "scheduler/scheduler_config.json" in str(e)
+            continue
+        assert family.resolution_shift(model, 64) > 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from flowtrain.models.base import ModelPathError
 from flowtrain.models.paths import check_model_path, is_local, subfolder_if_exists
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,24 @@ def _read_scheduler_config(pretrained: str, revision: str | None) -> dict[str, A
 
 def scheduler_config(model: Any) -> dict[str, Any]:
     """`scheduler/scheduler_config.json` of `model.pretrained`, read once per model (`resolution_shift` may be asked
-    every step)."""
-    return _read_scheduler_config(model.pretrained, model.revision)
+    every step). A family whose shift or sampler reads it calls this in `check_cache`, so a pipeline folder without
+    it fails before training, with a `ModelPathError` naming the folder and the file."""
+    where = f"model.pretrained={model.pretrained!r}"
+    need = "scheduler/scheduler_config.json"
+    check_model_path(model.pretrained, "model.pretrained", need="model_index.json")
+    try:
+        config = _read_scheduler_config(model.pretrained, model.revision)
+    except OSError as e:  # diffusers / the hub report a missing file as OSError
+        why = "is missing" if is_local(model.pretrained) else f"could not be read ({e})"
+        raise ModelPathError(
+            f"{where}: {need} {why}; the timestep shift (timesteps.shift_mode: resolution) and the sampler read the "
+            "scheduler's config. Point model.pretrained at the whole diffusers pipeline folder (or hub id) that "
+            "holds model_index.json and scheduler/"
+        ) from e
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"{where}: {need} has time_shift_type={kind!r}; the scheduler knows exponential and linear")
+    return config
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,

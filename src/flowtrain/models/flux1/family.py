@@ -268,9 +268,11 @@ class Flux1:
         *,
         allow_other_weights: bool = False,
     ) -> None:
-        """Family, T5 length, encoder/VAE identity; then the transformer's input widths, and that it has a guidance
-        embedding exactly when `conditioning` (which reads the config) gives one."""
+        """Family, T5 length, encoder/VAE identity, the scheduler config the shift and the sampler read; then the
+        transformer's input widths, and that it has a guidance embedding exactly when `conditioning` (which reads the
+        config) gives one."""
         common.check_cache_origin(self, model, manifest, allow_other_weights=allow_other_weights)
+        common.scheduler_config(model)
         if transformer is None:
             return
         tc = transformer.config

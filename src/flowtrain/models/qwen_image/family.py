@@ -252,8 +252,10 @@ class QwenImage:
         *,
         allow_other_weights: bool = False,
     ) -> None:
-        """Family, cache settings, encoder/VAE identity (a `CacheManifest`), then the transformer's input widths."""
+        """Family, cache settings, encoder/VAE identity (a `CacheManifest`), the scheduler config the shift and the
+        sampler read, then the transformer's input widths."""
         common.check_cache_origin(self, model, manifest, allow_other_weights=allow_other_weights)
+        common.scheduler_config(model)
         if transformer is not None:
             common.check_input_widths(manifest, transformer, text=TEXT, latents=IMAGE)
 
