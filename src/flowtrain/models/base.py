@@ -128,7 +128,8 @@ class ModelFamily(Protocol):
         ...
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped."""
+        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped: what the
+        pipeline's own image processor feeds its VAE in crop mode (`models.common.preprocess_images`)."""
         ...
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -378,12 +378,28 @@ def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], pre
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
-def resize_to_cover(image: Any, size: int) -> Any:
-    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size`.
+def preprocess_images(pipe: Any, images: list[Any], resolution: int, *, scale_first: bool = False) -> torch.Tensor:
+    """`ModelFamily.preprocess_images` through the pipeline's own image processor in "crop" mode: PIL images →
+    (B, 3, res, res) in [-1, 1], the pixels the pipeline itself would feed its VAE.
 
-    diffusers' image processors in "crop" mode only centre-crop, never scale: a 1024 px photo cached at 512 would
-    keep its middle quarter, and a smaller one would be padded with black. Scaling first makes the crop remove only
-    the long side's excess.
+    diffusers' `VaeImageProcessor` (FLUX.1, Qwen-Image) scales to cover res × res in crop mode (Lanczos, aspect
+    kept, the long side floored), then centre-crops: nothing to add. `Flux2ImageProcessor` (FLUX.2) only
+    centre-crops; `scale_first` scales to cover before it (`resize_to_cover`), FLUX.2's documented exception.
+    """
+    check_resolution(pipe, resolution)
+    images = [im.convert("RGB") for im in images]
+    if scale_first:
+        images = [resize_to_cover(im, resolution) for im in images]
+    return pipe.image_processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
+
+
+def resize_to_cover(image: Any, size: int) -> Any:
+    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size` (the long side rounded).
+
+    For image processors whose "crop" mode only centre-crops, never scales (diffusers' `Flux2ImageProcessor`): a
+    1024 px photo cached at 512 would keep its middle quarter, and a smaller one would be cut short. Scaling first
+    makes the crop remove only the long side's excess. `VaeImageProcessor`'s crop mode scales to cover by itself
+    (flooring the long side), so a pipeline using it needs no call to this.
     """
     from PIL import Image
 

@@ -202,3 +202,20 @@ def test_diffusers_training_script_trains_unshifted(qwen_dir):
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(qwen_dir, subfolder="scheduler", shift=3.0)
     assert sched.config.shift == 3.0 and sched.config.use_dynamic_shifting
     assert torch.allclose(sched.sigmas, torch.linspace(1.0, 0.001, 1000), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 100), (100, 70), (20, 24)])
+def test_preprocess_images_is_the_pipelines_image_processor(fam, encoders, pipe, size, record_property):
+    """A non-square image of another size than the resolution (larger, not a whole multiple, portrait, smaller):
+    the pixels precompute feeds the VAE are what QwenImagePipeline's own `VaeImageProcessor` makes of it in crop mode
+    (scale to cover, its own rounding, centre-crop). A second resize of our own before it would differ at 70×100."""
+    from PIL import Image
+
+    h, w = size
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ours = fam.preprocess_images(encoders, [image], resolution=RES)
+    ref = pipe.image_processor.preprocess(image, height=RES, width=RES, resize_mode="crop")
+    assert ours.shape == ref.shape == (1, 3, RES, RES)
+    diff = (ours - ref).abs().max().item()
+    record_property("max_abs_diff", diff)
+    assert diff <= 1e-5

@@ -182,9 +182,7 @@ class Flux1:
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
         """PIL images → (B, 3, res, res) in [-1, 1] with the pipeline's `VaeImageProcessor` in "crop" mode, which
         (unlike FLUX.2's processor) scales to cover res×res (Lanczos, aspect kept) before centre-cropping."""
-        common.check_resolution(encoders, resolution)
-        rgb = [im.convert("RGB") for im in images]
-        return encoders.image_processor.preprocess(rgb, height=resolution, width=resolution, resize_mode="crop")
+        return common.preprocess_images(encoders, images, resolution)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 2C, H/f, W/f)} posterior mean ‖ logvar (clamped as diffusers

@@ -170,16 +170,9 @@ class QwenImage:
         return {TEXT: [r.clone() for r in common.rows_of(embeds, mask)]}
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB → (B, 3, res, res) in [-1, 1]: scaled to cover, then the pipeline's processor centre-crops."""
-        common.check_resolution(encoders, resolution)
-        return torch.cat(
-            [
-                encoders.image_processor.preprocess(
-                    common.resize_to_cover(im, resolution), height=resolution, width=resolution, resize_mode="crop"
-                )
-                for im in images
-            ]
-        )
+        """PIL RGB → (B, 3, res, res) in [-1, 1]: the pipeline's `VaeImageProcessor` in crop mode (scale to cover,
+        centre-crop), exactly the pixels the pipeline would feed its VAE."""
+        return common.preprocess_images(encoders, images, resolution)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 32, 1, H/8, W/8)} posterior mean ‖ logvar, float32."""
