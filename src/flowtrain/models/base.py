@@ -86,6 +86,10 @@ class ModelFamily(Protocol):
     """This family's `model:` section (generic keys + its own), a pydantic model."""
     lora_presets: Mapping[str, Sequence[str]]
     """`lora.targets` presets → module-name regexes; every family has at least `attention`."""
+    sampling_defaults: Mapping[str, float | int]
+    """Read-only {"steps": int, "guidance_scale": float}: the reference pipeline's own `__call__` defaults for the
+    step count and for what `sample` / `generate` take as `guidance_scale` (its meaning is the family's: real CFG,
+    or a distilled guidance value; see the family's docs page), for `flowtrain sample` and validation to default to."""
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load_encoders(self, model: ModelOptions, *, dtype: torch.dtype, device: torch.device | str) -> Any:

@@ -205,3 +205,14 @@ def pipe_vae_bn_mean(path) -> torch.Tensor:
 def pipe_vae_bn_std(path) -> torch.Tensor:
     vae = _vae(path)
     return torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+
+
+def test_sampling_defaults_are_the_pipelines():
+    """steps and guidance_scale (real CFG) default to `Flux2KleinPipeline.__call__`'s."""
+    import inspect
+
+    params = inspect.signature(pipe_cls().__call__).parameters
+    assert dict(get_family("flux2_klein").sampling_defaults) == {
+        "steps": params["num_inference_steps"].default,
+        "guidance_scale": params["guidance_scale"].default,
+    }

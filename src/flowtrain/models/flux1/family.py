@@ -19,6 +19,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -112,6 +113,10 @@ class Flux1:
     pipeline_classes = PIPELINE_CLASSES
     options = Flux1Options
     lora_presets = LORA_PRESETS
+    # FluxPipeline.__call__'s num_inference_steps / guidance_scale (FLUX.1-dev's). guidance_scale: the value fed to the
+    # guidance embedding of guidance-distilled checkpoints (no unconditional pass); schnell ignores it (and samples in
+    # about 4 steps).
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 28, "guidance_scale": 3.5})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": TINY_SEQ}
     tiny_resolution = TINY_RESOLUTION
 

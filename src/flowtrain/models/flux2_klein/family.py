@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -60,6 +61,9 @@ class Flux2Klein:
     pipeline_classes = PIPELINE_CLASSES
     options = Flux2KleinOptions
     lora_presets = LORA_PRESETS
+    # Flux2KleinPipeline.__call__'s num_inference_steps / guidance_scale. guidance_scale: real classifier-free
+    # guidance against the empty prompt (> 1 runs the unconditional pass; the base models have no guidance embedding).
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 4.0})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 32}
     tiny_resolution = 32
 

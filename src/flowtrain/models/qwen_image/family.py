@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -101,6 +102,10 @@ class QwenImage:
     pipeline_classes = PIPELINE_CLASSES
     options = QwenImageOptions
     lora_presets = LORA_PRESETS
+    # QwenImagePipeline.__call__'s num_inference_steps / true_cfg_scale. guidance_scale is the pipeline's
+    # `true_cfg_scale`: real CFG against the empty negative prompt (> 1 runs it), the guided velocity rescaled to the
+    # conditional one's norm; the pipeline's own `guidance_scale` is for guidance-distilled variants and unused here.
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 4.0})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 64}
     tiny_resolution = 32  # the tiny VAE downsamples 2×: 16×16 latents → 8×8 = 64 tokens
 
