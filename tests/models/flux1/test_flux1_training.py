@@ -42,35 +42,21 @@ def test_resume_equals_uninterrupted(flux1_dir, flux1_cache, tmp_path, mode):
 
 
 def test_validation_images_equal_flowtrain_sample_with_the_runs_config(flux1_dir, flux1_cache, tmp_path,
-                                                                       record_property):  # fmt: skip
+                                                                       validation_run, record_property):  # fmt: skip
     """Validation samples during training from the prompts' cached conditioning (T5 padded to the run's
     max_sequence_length, 32, with guidance_scale the distilled guidance value); `flowtrain sample --lora RUN` reads
     the run's config.yaml and gives the same images from the saved LoRA. Another max_sequence_length changes the
     padded T5 input every token of which is attended, hence the image: the run's value is the one used."""
     import numpy as np
-    from PIL import Image
 
-    from flowtrain.cli import main
+    def config(run, validation):
+        return train_config(flux1_dir, flux1_cache, run, family="flux1", validation=validation, train={"max_steps": 2})
 
-    prompts = ["a photo of a dog", "an oil painting of a lighthouse"]
-    validation = {"every_steps": 2, "prompts": prompts, "num_inference_steps": 3, "guidance_scale": 2.0, "seed": 5}
-    run = tmp_path / "run"
-    cfg = train_config(flux1_dir, flux1_cache, run, family="flux1", validation=validation, train={"max_steps": 2})
-    train(cfg, progress=False)
-    samples = [run / "samples" / f"step000002_{i:02d}_{5 + i}.png" for i in range(2)]
-    assert all(p.exists() for p in samples) and (run / "samples" / "step000002_grid.png").exists()
-
-    def sample(out, *overrides: str) -> list[np.ndarray]:
-        args = ["sample", "--model", str(flux1_dir), "--lora", str(run), "--out", str(out), "--steps", "3",
-                "--guidance-scale", "2", "--seed", "5", "--height", "32", "--width", "32", *overrides]  # fmt: skip
-        assert main([*args[:5], *[a for p in prompts for a in ("--prompt", p)], *args[5:]]) == 0
-        return [np.asarray(Image.open(out / f"{i:03d}_00.png"), dtype=np.int16) for i in range(2)]
-
-    ours = [np.asarray(Image.open(p), dtype=np.int16) for p in samples]
-    same = sample(tmp_path / "same")
+    ours, sample = validation_run(flux1_dir, ["a photo of a dog", "an oil painting of a lighthouse"], tmp_path, config)
+    same = sample("same")
     diffs = [int(np.abs(a - b).max()) for a, b in zip(ours, same, strict=True)]
     record_property("png_max_diff", diffs)
     assert max(diffs) <= 1  # uint8 PNGs of images equal to ~1e-6
-    longer = sample(tmp_path / "longer", "model.max_sequence_length=512")
+    longer = sample("longer", "model.max_sequence_length=512")
     record_property("longer_png_diff", [int(np.abs(a - b).max()) for a, b in zip(ours, longer, strict=True)])
     assert all(np.abs(a - b).max() > 2 for a, b in zip(ours, longer, strict=True))
