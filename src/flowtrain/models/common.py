@@ -387,7 +387,7 @@ def preprocess_images(pipe: Any, images: list[Any], resolution: int, *, scale_fi
     centre-crops; `scale_first` scales to cover before it (`resize_to_cover`), FLUX.2's documented exception.
     """
     check_resolution(pipe, resolution)
-    images = [im.convert("RGB") for im in images]
+    images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     if scale_first:
         images = [resize_to_cover(im, resolution) for im in images]
     return pipe.image_processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
