@@ -29,6 +29,12 @@ def test_the_protocol_holds(name):
     assert {"attention", "attention+ff", "all"} <= set(family.lora_presets)
     assert set(family.options.lora_presets) == set(family.lora_presets)  # what `check` validates lora.targets by
     assert family.pipeline_classes and family.tiny_resolution > 0
+    defaults = family.sampling_defaults
+    assert set(defaults) == {"steps", "guidance_scale"}
+    assert isinstance(defaults["steps"], int) and defaults["steps"] > 0
+    assert isinstance(defaults["guidance_scale"], float) and defaults["guidance_scale"] >= 0
+    with pytest.raises(TypeError):
+        defaults["steps"] = 1  # type: ignore[index]  # read-only: one shared, stateless instance per family
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -96,7 +102,8 @@ def test_train_resume_sample_through_the_cli(chain, mode):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_family_is_documented(name):
-    """docs/models/<family>.md exists and lists each of the family's own `model:` keys with its default."""
+    """docs/models/<family>.md exists and lists each of the family's own `model:` keys with its default, and its
+    sampling defaults."""
     from flowtrain.config.reference import family_option_rows
 
     page = Path(__file__).parents[2] / "docs" / "models" / f"{name}.md"
@@ -105,3 +112,6 @@ def test_the_family_is_documented(name):
     for key, _, default, _ in family_option_rows(name):
         rows = [line for line in text.splitlines() if line.startswith(f"| `{key}` |")]
         assert rows and f"`{default}`" in rows[0], f"{page}: no options row for {key} with default {default}"
+    for key, value in get_family(name).sampling_defaults.items():
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{key}` |")]
+        assert rows and f"`{value}`" in rows[0], f"{page}: no sampling-defaults row for {key} with {value}"

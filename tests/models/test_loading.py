@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.models import get_family
+from flowtrain.data.manifest import CacheManifest
+from flowtrain.models import ModelPathError, family_names, get_family
 from flowtrain.testing.data import tiny_model
 from flowtrain.train.trainable import build_transformer
 
@@ -66,3 +67,59 @@ def test_distilled_checkpoint_warns(tiny_pipeline_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         family.load_encoders(tiny_model(distilled), dtype=torch.float32, device="cpu")
     assert "is_distilled=true" in caplog.text and "-base" in caplog.text
+
+
+@pytest.fixture(scope="module", params=family_names())
+def family_with_dit(request, tmp_path_factory):
+    """(family, tiny pipeline, a model.dit folder and .safetensors file whose weights differ from the pipeline's)."""
+    family = get_family(request.param)
+    root = tmp_path_factory.mktemp(request.param)
+    pipeline = family.save_tiny_pipeline(root / "pipeline")
+    t = family.load_transformer(tiny_model(pipeline, request.param), dtype=torch.float32)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.01)
+    t.save_pretrained(root / "dit")
+    save_file(t.state_dict(), str(root / "dit.safetensors"))
+    return family, pipeline, root, t.state_dict()
+
+
+def _same_weights(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+    got = module.state_dict()
+    return got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("kind", ["dit", "dit.safetensors"])
+def test_sampling_pipeline_samples_model_dit(family_with_dit, kind):
+    """`flowtrain sample --lora RUN` of a run trained on `model.dit` must sample that transformer, not the pipeline's;
+    an explicit `transformer=` (a full fine-tune) still wins."""
+    family, pipeline, root, expected = family_with_dit
+    model = tiny_model(pipeline, family.name, dit=str(root / kind))
+    pipe = family.sampling_pipeline(model, dtype=torch.float32, device="cpu")
+    assert _same_weights(pipe.transformer, expected)
+    base = family.load_transformer(tiny_model(pipeline, family.name), dtype=torch.float32).state_dict()
+    pipe = family.sampling_pipeline(model, dtype=torch.float32, device="cpu", transformer=str(pipeline))
+    assert _same_weights(pipe.transformer, base) and not _same_weights(pipe.transformer, expected)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_a_pipeline_without_its_scheduler_fails_in_check_cache(name, tmp_path):
+    """`check_cache` runs before the first step: a family that reads the scheduler config (its resolution shift,
+    sampling) must refuse a pipeline folder without `scheduler/` there, naming model.pretrained and what is missing,
+    not fail at step 1 with a bare OSError; a family that passes it must not need the scheduler to shift."""
+    family = get_family(name)
+    full = family.save_tiny_pipeline(tmp_path / "full")
+    broken = tmp_path / "no-scheduler"
+    shutil.copytree(full, broken, ignore=shutil.ignore_patterns("scheduler"))
+    for pipeline in (full, broken):
+        model = tiny_model(pipeline, name)
+        fingerprint = {"settings": family.cache_settings(model), "identity": family.identity(model)}
+        manifest = CacheManifest(name, fingerprint, [], {}, [])
+        try:
+            family.check_cache(model, manifest)
+        except ModelPathError as e:
+            assert pipeline == broken
+            assert repr(str(broken)) in str(e) and "model.pretrained" in str(e)
+            assert "scheduler/scheduler_config.json" in str(e)
+            continue
+        assert family.resolution_shift(model, 64) > 0

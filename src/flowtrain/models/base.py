@@ -37,9 +37,6 @@ class ModelPathError(FileNotFoundError):
     """A model path that is clearly local but missing or not a model folder; its message is complete as is."""
 
 
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
-
-
 @dataclass(frozen=True)
 class Column:
     """One tensor column of the latent cache, declared by the family.
@@ -94,6 +91,10 @@ class ModelFamily(Protocol):
     """This family's `model:` section (generic keys + its own), a pydantic model."""
     lora_presets: Mapping[str, Sequence[str]]
     """`lora.targets` presets → module-name regexes; every family has at least `attention`."""
+    sampling_defaults: Mapping[str, float | int]
+    """Read-only {"steps": int, "guidance_scale": float}: the reference pipeline's own `__call__` defaults for the
+    step count and for what `sample` / `generate` take as `guidance_scale` (its meaning is the family's: real CFG,
+    or a distilled guidance value; see the family's docs page), for `flowtrain sample` and validation to default to."""
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load_encoders(self, model: ModelOptions, *, dtype: torch.dtype, device: torch.device | str) -> Any:
@@ -136,7 +137,8 @@ class ModelFamily(Protocol):
         ...
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped."""
+        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped: what the
+        pipeline's own image processor feeds its VAE in crop mode (`models.common.preprocess_images`)."""
         ...
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,8 +251,9 @@ class ModelFamily(Protocol):
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        """The full reference pipeline with a full fine-tune's `transformer` folder swapped in and/or a LoRA file
-        loaded (paths already checked by the caller)."""
+        """The full reference pipeline, with its transformer replaced by a full fine-tune's `transformer` folder or
+        else by `model.dit` (what the run trained), and/or a LoRA file loaded (paths already checked by the caller);
+        `models.common.sampling_pipeline` does it all."""
         ...
 
     def generate(

@@ -1,4 +1,5 @@
-"""Helpers every family uses: model paths, weight loading, identity hashing, LoRA saving, caption dropout.
+"""Helpers the families share: loading (components, transformer, sampling pipeline), resolution checks, the
+scheduler's resolution shift, identity hashing, caption dropout, LoRA saving, tiny tokenizers, image scaling.
 
 Nothing here names a family; each function takes the diffusers class or folder it works on.
 """
@@ -9,12 +10,14 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flowtrain.models.base import ModelPathError
 from flowtrain.models.paths import check_model_path, is_local, subfolder_if_exists
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,116 @@ def load_pipeline(cls: Any, model: Any, *, dtype: torch.dtype, example: str = ""
         )
     except OSError as e:  # diffusers / hub report a missing model as OSError
         raise FileNotFoundError(f"could not load the pipeline model.pretrained={model.pretrained!r}: {e}") from e
+
+
+def load_transformer(cls: Any, model: Any, *, dtype: torch.dtype, weights: str | None) -> Any:
+    """The transformer (`cls`) of `model.pretrained`, or from `weights` (a pipeline / transformer folder or a
+    .safetensors file with `model.pretrained`'s architecture, see `load_component`); errors name `model.dit` when
+    `weights` is it."""
+    key = "model.dit" if weights is not None and weights == model.dit else "weights"
+    return load_component(cls, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
+                          revision=model.revision)  # fmt: skip
+
+
+def sampling_pipeline(family: Any, pipeline_cls: Any, model: Any, *, dtype: torch.dtype, device: torch.device | str,
+                      transformer: str | None = None, lora: str | None = None, example: str = "") -> Any:  # fmt: skip
+    """`ModelFamily.sampling_pipeline`: the pipeline of `model.pretrained` with the transformer of `transformer` (a
+    full fine-tune) or else `model.dit` swapped in, loaded through `family.load_transformer` (so a single
+    .safetensors `model.dit` works too, and the family's checks run), the LoRA `lora` loaded, on `device`, without a
+    progress bar. Without either the pipeline's own transformer is used."""
+    weights = transformer or model.dit
+    parts = {} if weights is None else {"transformer": family.load_transformer(model, dtype=dtype, weights=weights)}
+    pipe = load_pipeline(pipeline_cls, model, dtype=dtype, example=example, **parts)
+    if lora is not None:
+        load_lora(pipe, lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def block_downsampling(vae_config: Mapping[str, Any]) -> int:
+    """The spatial downsampling of an `AutoencoderKL`-style VAE: 2 per block but the last (the pipelines'
+    `vae_scale_factor = 2 ** (len(block_out_channels) - 1)`)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def pixel_multiple(vae_cls: Any, model: Any, downsampling: Callable[[Mapping[str, Any]], int] = block_downsampling,
+                   *, example: str = "") -> int:  # fmt: skip
+    """`ModelFamily.pixel_multiple`: the VAE's spatial downsampling (`downsampling` of its config.json, as the
+    pipeline computes its `vae_scale_factor`) × the 2×2 latent patch; reads the VAE's config only."""
+    check_model_path(model.pretrained, "model.pretrained", need="vae/config.json", example=example)
+    cfg = vae_cls.load_config(model.pretrained, subfolder="vae", revision=model.revision)
+    return downsampling(cfg) * 2
+
+
+def check_resolution(pipe: Any, resolution: int) -> None:
+    """A square training `resolution` must be a multiple of the pipeline's `vae_scale_factor` × the 2×2 patch."""
+    multiple = pipe.vae_scale_factor * 2
+    if resolution % multiple:
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {multiple} (VAE factor × 2×2 latent patch): use e.g. "
+            f"{max(multiple, resolution // multiple * multiple)}"
+        )
+
+
+# ---- timestep shift -----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _read_scheduler_config(pretrained: str, revision: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+
+
+def scheduler_config(model: Any) -> dict[str, Any]:
+    """`scheduler/scheduler_config.json` of `model.pretrained`, read once per model (`resolution_shift` may be asked
+    every step). A family whose shift or sampler reads it calls this in `check_cache`, so a pipeline folder without
+    it fails before training, with a `ModelPathError` naming the folder and the file."""
+    where = f"model.pretrained={model.pretrained!r}"
+    need = "scheduler/scheduler_config.json"
+    check_model_path(model.pretrained, "model.pretrained", need="model_index.json")
+    try:
+        config = _read_scheduler_config(model.pretrained, model.revision)
+    except OSError as e:  # diffusers / the hub report a missing file as OSError
+        why = "is missing" if is_local(model.pretrained) else f"could not be read ({e})"
+        raise ModelPathError(
+            f"{where}: {need} {why}; the timestep shift (timesteps.shift_mode: resolution) and the sampler read the "
+            "scheduler's config. Point model.pretrained at the whole diffusers pipeline folder (or hub id) that "
+            "holds model_index.json and scheduler/"
+        ) from e
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"{where}: {need} has time_shift_type={kind!r}; the scheduler knows exponential and linear")
+    return config
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:  # fmt: skip
+    """μ linear in the packed image-token count; diffusers' `calculate_shift` (FluxPipeline, QwenImagePipeline and
+    others), with its defaults and in its order of operations, so the value is the same to the last bit."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return float(image_seq_len * m + b)
+
+
+def scheduler_shift(num_tokens: int, config: Mapping[str, Any]) -> float:
+    """The fixed σ-shift s (σ' = sσ / (1 + (s-1)σ)) equal to what a pipeline's `FlowMatchEulerDiscreteScheduler`
+    with this `config` applies at `num_tokens` packed image tokens.
+
+    With dynamic shifting the pipeline computes μ = `calculate_shift(N, base_image_seq_len, max_image_seq_len,
+    base_shift, max_shift)` and the scheduler shifts σ by `time_shift(μ, 1, σ)`: exponential e^μ / (e^μ + 1/σ - 1),
+    which is the s-shift with s = e^μ, or linear μ / (μ + 1/σ - 1), s = μ. Without it the scheduler applies its
+    static `shift`. (`shift_terminal` then stretches the inference ladder to end at that σ; it belongs to the step
+    ladder, not to a training density, and is not part of s.)
+    """
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    mu = calculate_shift(
+        num_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    return float(mu) if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 # ---- identity -----------------------------------------------------------------------------------------------------
@@ -266,12 +379,28 @@ def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], pre
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
-def resize_to_cover(image: Any, size: int) -> Any:
-    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size`.
+def preprocess_images(pipe: Any, images: list[Any], resolution: int, *, scale_first: bool = False) -> torch.Tensor:
+    """`ModelFamily.preprocess_images` through the pipeline's own image processor in "crop" mode: PIL images →
+    (B, 3, res, res) in [-1, 1], the pixels the pipeline itself would feed its VAE.
 
-    diffusers' image processors in "crop" mode only centre-crop, never scale: a 1024 px photo cached at 512 would
-    keep its middle quarter, and a smaller one would be padded with black. Scaling first makes the crop remove only
-    the long side's excess.
+    diffusers' `VaeImageProcessor` (FLUX.1, Qwen-Image) scales to cover res × res in crop mode (Lanczos, aspect
+    kept, the long side floored), then centre-crops: nothing to add. `Flux2ImageProcessor` (FLUX.2) only
+    centre-crops; `scale_first` scales to cover before it (`resize_to_cover`), FLUX.2's documented exception.
+    """
+    check_resolution(pipe, resolution)
+    images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    if scale_first:
+        images = [resize_to_cover(im, resolution) for im in images]
+    return pipe.image_processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
+
+
+def resize_to_cover(image: Any, size: int) -> Any:
+    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size` (the long side rounded).
+
+    For image processors whose "crop" mode only centre-crops, never scales (diffusers' `Flux2ImageProcessor`): a
+    1024 px photo cached at 512 would keep its middle quarter, and a smaller one would be cut short. Scaling first
+    makes the crop remove only the long side's excess. `VaeImageProcessor`'s crop mode scales to cover by itself
+    (flooring the long side), so a pipeline using it needs no call to this.
     """
     from PIL import Image
 

@@ -155,3 +155,19 @@ def test_pixel_multiple_and_resolution_check(opts, encoders):
     assert FAM.pixel_multiple(opts) == 4  # tiny VAE: 2× down, × 2×2 packing (16 for FLUX.1-dev)
     with pytest.raises(ValueError, match="multiple of 4"):
         FAM.cache_columns(encoders, opts, resolution=30)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 100), (100, 70), (20, 24)])
+def test_preprocess_images_is_the_pipelines_image_processor(pipe, encoders, size):
+    """A non-square image of another size than the resolution: the pixels precompute feeds the VAE are what
+    FluxPipeline's own `VaeImageProcessor` makes of it in crop mode (scale to cover, centre-crop)."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = size
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    res = FAM.tiny_resolution
+    ours = FAM.preprocess_images(encoders, [image], resolution=res)
+    ref = pipe.image_processor.preprocess(image, height=res, width=res, resize_mode="crop")
+    assert ours.shape == ref.shape == (1, 3, res, res)
+    assert (ours - ref).abs().max().item() <= 1e-5

@@ -210,3 +210,16 @@ def test_check_options_against_the_t5_tokenizer(encoders, opts):
             FAM.check_options(encoders, opts)
     finally:
         encoders.tokenizer_2.model_max_length = 512
+
+
+def test_sampling_defaults_are_the_pipelines():
+    """steps and guidance_scale (the distilled guidance value) default to `FluxPipeline.__call__`'s."""
+    import inspect
+
+    from diffusers import FluxPipeline
+
+    params = inspect.signature(FluxPipeline.__call__).parameters
+    assert dict(FAM.sampling_defaults) == {
+        "steps": params["num_inference_steps"].default,
+        "guidance_scale": params["guidance_scale"].default,
+    }

@@ -1,4 +1,5 @@
-"""FLUX.1 through the training loop on its tiny pipeline (fp32, CPU): golden losses and exact resume."""
+"""FLUX.1 through the training loop on its tiny pipeline (fp32, CPU): golden losses, exact resume, and validation
+images equal to `flowtrain sample` with the run's config."""
 
 from __future__ import annotations
 
@@ -38,3 +39,24 @@ def test_resume_equals_uninterrupted(flux1_dir, flux1_cache, tmp_path, mode):
     assert_resume_exact(straight, interrupted, stop=3)
     state = json.loads((tmp_path / "b" / "checkpoint-3" / "state.json").read_text())
     assert state["data"] == {"epoch": 0, "batch": 3, "seed": 0}  # 8 rows / batch 2: resumed mid-epoch
+
+
+def test_validation_images_equal_flowtrain_sample_with_the_runs_config(flux1_dir, flux1_cache, tmp_path,
+                                                                       validation_run, record_property):  # fmt: skip
+    """Validation samples during training from the prompts' cached conditioning (T5 padded to the run's
+    max_sequence_length, 32, with guidance_scale the distilled guidance value); `flowtrain sample --lora RUN` reads
+    the run's config.yaml and gives the same images from the saved LoRA. Another max_sequence_length changes the
+    padded T5 input every token of which is attended, hence the image: the run's value is the one used."""
+    import numpy as np
+
+    def config(run, validation):
+        return train_config(flux1_dir, flux1_cache, run, family="flux1", validation=validation, train={"max_steps": 2})
+
+    ours, sample = validation_run(flux1_dir, ["a photo of a dog", "an oil painting of a lighthouse"], tmp_path, config)
+    same = sample("same")
+    diffs = [int(np.abs(a - b).max()) for a, b in zip(ours, same, strict=True)]
+    record_property("png_max_diff", diffs)
+    assert max(diffs) <= 1  # uint8 PNGs of images equal to ~1e-6
+    longer = sample("longer", "model.max_sequence_length=512")
+    record_property("longer_png_diff", [int(np.abs(a - b).max()) for a, b in zip(ours, longer, strict=True)])
+    assert all(np.abs(a - b).max() > 2 for a, b in zip(ours, longer, strict=True))

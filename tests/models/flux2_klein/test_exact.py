@@ -170,6 +170,27 @@ def test_precompute_scales_images_rather_than_cropping_a_corner(pipe):
     assert resize_to_cover(small, TINY_RES).size == (38, 32)  # upscaled to cover, never padded with black
 
 
+@pytest.mark.parametrize(("size", "scaled", "box"), [((64, 96), (48, 32), (8, 0, 40, 32)),
+                                                     ((70, 100), (46, 32), (7, 0, 39, 32)),
+                                                     ((100, 70), (32, 46), (0, 7, 32, 39))])  # fmt: skip
+def test_preprocess_images_is_the_pipelines_processor_after_scaling_to_cover(pipe, size, scaled, box):
+    """Klein's documented exception: `Flux2ImageProcessor` in crop mode only crops, so a non-square image of another
+    size is first scaled to cover (Lanczos, long side rounded: 100×70 → 46×32), then the pipeline's own processor
+    centre-crops it; the pixels equal that and the plain PIL computation."""
+    import numpy as np
+
+    h, w = size
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ours = get_family("flux2_klein").preprocess_images(pipe, [image], resolution=TINY_RES)
+    scaled_image = resize_to_cover(image, TINY_RES)
+    assert scaled_image.size == scaled
+    ref = pipe.image_processor.preprocess(scaled_image, height=TINY_RES, width=TINY_RES, resize_mode="crop")
+    crop = image.resize(scaled, Image.Resampling.LANCZOS).crop(box)
+    by_hand = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 127.5 - 1
+    assert ours.shape == ref.shape == (1, 3, TINY_RES, TINY_RES)
+    assert (ours - ref).abs().max().item() <= 1e-5 and (ours[0] - by_hand).abs().max().item() <= 1e-5
+
+
 def _vae(path):
     from diffusers import AutoencoderKLFlux2
 
@@ -184,3 +205,14 @@ def pipe_vae_bn_mean(path) -> torch.Tensor:
 def pipe_vae_bn_std(path) -> torch.Tensor:
     vae = _vae(path)
     return torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+
+
+def test_sampling_defaults_are_the_pipelines():
+    """steps and guidance_scale (real CFG) default to `Flux2KleinPipeline.__call__`'s."""
+    import inspect
+
+    params = inspect.signature(pipe_cls().__call__).parameters
+    assert dict(get_family("flux2_klein").sampling_defaults) == {
+        "steps": params["num_inference_steps"].default,
+        "guidance_scale": params["guidance_scale"].default,
+    }

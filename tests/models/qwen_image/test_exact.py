@@ -170,6 +170,7 @@ def test_resolution_shift_is_the_samplers_shift(fam, options, pipe):
     """s from `resolution_shift` reproduces the pipeline's scheduler σ ladder at that token count (shift_terminal
     off: it stretches the inference ladder only), and is Qwen-Image's: the tiny scheduler has the real config."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     from flowtrain.flow import shift_sigmas
 
@@ -184,7 +185,7 @@ def test_resolution_shift_is_the_samplers_shift(fam, options, pipe):
     for n in (64, 1024, 4096, 6889):
         s = fam.resolution_shift(options, n)
         ladder = np.linspace(1.0, 1 / 20, 20)
-        mu = L.calculate_shift(n, 256, 8192, 0.5, 0.9)
+        mu = calculate_shift(n, 256, 8192, 0.5, 0.9)
         sched.set_timesteps(sigmas=ladder, mu=mu)
         assert torch.allclose(sched.sigmas[:-1].double(), shift_sigmas(torch.tensor(ladder), s), atol=1e-6)
     assert fam.resolution_shift(options, 4096) == pytest.approx(2.0009, abs=1e-4)  # 1024² px
@@ -201,3 +202,20 @@ def test_diffusers_training_script_trains_unshifted(qwen_dir):
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(qwen_dir, subfolder="scheduler", shift=3.0)
     assert sched.config.shift == 3.0 and sched.config.use_dynamic_shifting
     assert torch.allclose(sched.sigmas, torch.linspace(1.0, 0.001, 1000), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 100), (100, 70), (20, 24)])
+def test_preprocess_images_is_the_pipelines_image_processor(fam, encoders, pipe, size, record_property):
+    """A non-square image of another size than the resolution (larger, not a whole multiple, portrait, smaller):
+    the pixels precompute feeds the VAE are what QwenImagePipeline's own `VaeImageProcessor` makes of it in crop mode
+    (scale to cover, its own rounding, centre-crop). A second resize of our own before it would differ at 70×100."""
+    from PIL import Image
+
+    h, w = size
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ours = fam.preprocess_images(encoders, [image], resolution=RES)
+    ref = pipe.image_processor.preprocess(image, height=RES, width=RES, resize_mode="crop")
+    assert ours.shape == ref.shape == (1, 3, RES, RES)
+    diff = (ours - ref).abs().max().item()
+    record_property("max_abs_diff", diff)
+    assert diff <= 1e-5

@@ -138,3 +138,17 @@ def test_a_missing_local_model_is_a_clear_error(fam, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         (tmp_path / "w.ckpt").write_bytes(b"")
         fam.load_transformer(Options(pretrained=str(tmp_path)), dtype=torch.float32, weights=str(tmp_path / "w.ckpt"))
+
+
+def test_sampling_defaults_are_the_pipelines(fam):
+    """steps and guidance_scale default to `QwenImagePipeline.__call__`'s num_inference_steps and true_cfg_scale
+    (flowtrain's guidance_scale is the pipeline's true_cfg_scale: real CFG)."""
+    import inspect
+
+    from diffusers import QwenImagePipeline
+
+    params = inspect.signature(QwenImagePipeline.__call__).parameters
+    assert dict(fam.sampling_defaults) == {
+        "steps": params["num_inference_steps"].default,
+        "guidance_scale": params["true_cfg_scale"].default,
+    }

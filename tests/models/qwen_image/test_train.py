@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from flowtrain.testing.training import assert_resume_exact, train_config
@@ -170,30 +169,20 @@ def test_class_rows_of_other_lengths_are_re_padded(qwen_dir, cache, class_cache,
     assert any("encoder_hidden_states_mask" in c for c in seen)
 
 
-def test_validation_images_equal_flowtrain_sample_with_the_runs_config(qwen_dir, cache, tmp_path, record_property):
+def test_validation_images_equal_flowtrain_sample_with_the_runs_config(qwen_dir, cache, tmp_path, validation_run,
+                                                                       record_property):  # fmt: skip
     """Validation samples during training from the prompts' conditioning (a long prompt: cut to the run's
     max_sequence_length, 64); `flowtrain sample --lora RUN` reads the run's config.yaml and gives the same images
     from the saved LoRA; with the cut lifted the long prompt gives another image."""
-    from flowtrain.cli import main
 
-    prompts = [LONG, "a photo of a dog"]
-    validation = {"every_steps": 2, "prompts": prompts, "num_inference_steps": 3, "guidance_scale": 2.0, "seed": 5}
-    run = tmp_path / "run"
-    train(_cfg(qwen_dir, cache, run, validation=validation, train={"max_steps": 2}), progress=False)
-    samples = [run / "samples" / f"step000002_{i:02d}_{5 + i}.png" for i in range(2)]
-    assert all(p.exists() for p in samples) and (run / "samples" / "step000002_grid.png").exists()
+    def config(run: Path, validation: dict):
+        return _cfg(qwen_dir, cache, run, validation=validation, train={"max_steps": 2})
 
-    def sample(out: Path, *overrides: str) -> list[np.ndarray]:
-        args = ["sample", "--model", str(qwen_dir), "--lora", str(run), "--out", str(out), "--steps", "3",
-                "--guidance-scale", "2", "--seed", "5", "--height", "32", "--width", "32", *overrides]  # fmt: skip
-        assert main([*args[:5], *[a for p in prompts for a in ("--prompt", p)], *args[5:]]) == 0
-        return [np.asarray(Image.open(out / f"{i:03d}_00.png"), dtype=np.int16) for i in range(2)]
-
-    ours = [np.asarray(Image.open(p), dtype=np.int16) for p in samples]
-    same = sample(tmp_path / "same")
+    ours, sample = validation_run(qwen_dir, [LONG, "a photo of a dog"], tmp_path, config)
+    same = sample("same")
     diffs = [int(np.abs(a - b).max()) for a, b in zip(ours, same, strict=True)]
     record_property("png_max_diff", diffs)
     assert max(diffs) <= 1  # uint8 PNGs of images equal to ~1e-6
-    uncut = sample(tmp_path / "uncut", "model.max_sequence_length=1024")
+    uncut = sample("uncut", "model.max_sequence_length=1024")
     record_property("uncut_png_diff", int(np.abs(uncut[0] - ours[0]).max()))
     assert np.abs(uncut[0] - ours[0]).max() > 2 and np.array_equal(uncut[1], same[1])

@@ -2,7 +2,7 @@
 
     options.py      the `model:` keys (T5 sequence length, training guidance)
     family.py       the `ModelFamily` implementation (exact against the pipeline)
-    latents.py      pack / normalise, position ids and the resolution shift (pure)
+    latents.py      pack / normalise and position ids (pure)
     tiny.py         a tiny random pipeline for tests and demos (offline)
 
 This module stays torch-free: the config layer imports it for `Options`.

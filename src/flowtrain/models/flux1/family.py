@@ -19,6 +19,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -81,14 +82,6 @@ def cache_columns_for(
 
 
 @functools.lru_cache(maxsize=16)
-def _scheduler_config(pretrained: str, revision: str | None) -> dict[str, Any]:
-    """The scheduler's config.json (read once: `resolution_shift` may be asked every step)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
-
-
-@functools.lru_cache(maxsize=16)
 def _guidance_embeds(pretrained: str, revision: str | None, dit: str | None) -> bool:
     """Whether the transformer `load_transformer(model, weights=model.dit)` returns has a guidance embedding, from
     its config.json alone: model.dit's when it is a diffusers folder (its own config), else model.pretrained's
@@ -120,6 +113,10 @@ class Flux1:
     pipeline_classes = PIPELINE_CLASSES
     options = Flux1Options
     lora_presets = LORA_PRESETS
+    # FluxPipeline.__call__'s num_inference_steps / guidance_scale (FLUX.1-dev's). guidance_scale: the value fed to the
+    # guidance embedding of guidance-distilled checkpoints (no unconditional pass); schnell ignores it (and samples in
+    # about 4 steps).
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 28, "guidance_scale": 3.5})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": TINY_SEQ}
     tiny_resolution = TINY_RESOLUTION
 
@@ -140,11 +137,7 @@ class Flux1:
         model.pretrained."""
         from diffusers import FluxTransformer2DModel
 
-        key = "model.dit" if weights == model.dit else "weights"
-        transformer = common.load_component(
-            FluxTransformer2DModel, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
-            revision=model.revision,
-        )  # fmt: skip
+        transformer = common.load_transformer(FluxTransformer2DModel, model, dtype=dtype, weights=weights)
         if not transformer.config.guidance_embeds:
             log.warning(
                 "this FLUX.1 transformer has no guidance embedding (schnell-type, timestep-distilled): model.guidance "
@@ -157,7 +150,7 @@ class Flux1:
 
     # ---- precompute ------------------------------------------------------------------------------------------
     def cache_columns(self, encoders: Any, model: Flux1Options, *, resolution: int) -> list[Column]:
-        self._check_resolution(encoders, resolution)
+        common.check_resolution(encoders, resolution)
         return cache_columns_for(
             t5_dim=encoders.text_encoder_2.config.d_model,
             clip_dim=encoders.text_encoder.config.hidden_size,
@@ -194,9 +187,7 @@ class Flux1:
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
         """PIL images → (B, 3, res, res) in [-1, 1] with the pipeline's `VaeImageProcessor` in "crop" mode, which
         (unlike FLUX.2's processor) scales to cover res×res (Lanczos, aspect kept) before centre-cropping."""
-        self._check_resolution(encoders, resolution)
-        rgb = [im.convert("RGB") for im in images]
-        return encoders.image_processor.preprocess(rgb, height=resolution, width=resolution, resize_mode="crop")
+        return common.preprocess_images(encoders, images, resolution)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 2C, H/f, W/f)} posterior mean ‖ logvar (clamped as diffusers
@@ -270,7 +261,7 @@ class Flux1:
     def resolution_shift(self, model: Flux1Options, num_tokens: int) -> float:
         """s = e^μ with μ = `calculate_shift(num_tokens)` from the scheduler config (FLUX.1-dev: 64² tokens at
         1024 px → μ 1.15, s ≈ 3.16; 32² at 512 px → μ ≈ 0.63, s ≈ 1.88)."""
-        return L.sampler_shift(num_tokens, _scheduler_config(model.pretrained, model.revision))
+        return common.scheduler_shift(num_tokens, common.scheduler_config(model))
 
     def check_cache(
         self,
@@ -280,9 +271,11 @@ class Flux1:
         *,
         allow_other_weights: bool = False,
     ) -> None:
-        """Family, T5 length, encoder/VAE identity; then the transformer's input widths, and that it has a guidance
-        embedding exactly when `conditioning` (which reads the config) gives one."""
+        """Family, T5 length, encoder/VAE identity, the scheduler config the shift and the sampler read; then the
+        transformer's input widths, and that it has a guidance embedding exactly when `conditioning` (which reads the
+        config) gives one."""
         common.check_cache_origin(self, model, manifest, allow_other_weights=allow_other_weights)
+        common.scheduler_config(model)
         if transformer is None:
             return
         tc = transformer.config
@@ -320,8 +313,7 @@ class Flux1:
         """VAE downsampling × the 2×2 packing (16 for FLUX.1); reads the VAE's config only."""
         from diffusers import AutoencoderKL
 
-        cfg = AutoencoderKL.load_config(model.pretrained, subfolder="vae", revision=model.revision)
-        return 2 ** (len(cfg["block_out_channels"]) - 1) * 2
+        return common.pixel_multiple(AutoencoderKL, model, example=HUB_EXAMPLE)
 
     def sample(
         self,
@@ -366,19 +358,10 @@ class Flux1:
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        """`FluxPipeline` of model.pretrained with the transformer from `transformer` (else model.dit) swapped in
-        and/or the LoRA file / folder `lora` loaded through diffusers' `load_lora_weights`."""
         from diffusers import FluxPipeline
 
-        parts: dict[str, Any] = {}
-        weights = transformer or model.dit
-        if weights is not None:
-            parts["transformer"] = self.load_transformer(model, dtype=dtype, weights=weights)
-        pipe = common.load_pipeline(FluxPipeline, model, dtype=dtype, example=HUB_EXAMPLE, **parts)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return common.sampling_pipeline(self, FluxPipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=HUB_EXAMPLE)  # fmt: skip
 
     def generate(
         self,
@@ -411,13 +394,3 @@ class Flux1:
         from flowtrain.models.flux1.tiny import save_tiny_pipeline
 
         return save_tiny_pipeline(path, seed)
-
-    # ---- helpers -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_resolution(encoders: Any, resolution: int) -> None:
-        multiple = encoders.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(
-                f"resolution {resolution} is not a multiple of {multiple} (VAE factor × 2×2 packing): use e.g. "
-                f"{max(multiple, resolution // multiple * multiple)}"
-            )

@@ -4,16 +4,12 @@ Reference: diffusers `pipelines/flux/pipeline_flux.py` and `pipeline_flux_img2im
   normalise : x = (z - shift_factor) · scaling_factor                   (`_encode_vae_image`; decode inverts it)
   pack      : (B, C, H, W) → (B, H/2·W/2, 4C), each 2×2 patch → channels c·4 + 2·dy + dx (`_pack_latents`)
   ids       : image (h·w, 3) = (0, row, col); text (L, 3) zeros          (`_prepare_latent_image_ids`, `encode_prompt`)
-  shift     : μ linear in the token count between (256, 0.5) and (4096, 1.15); σ' = e^μ / (e^μ + 1/σ - 1)
-              (`calculate_shift` + the scheduler's exponential time shift) = the fixed shift with s = e^μ
+The resolution shift is the scheduler's, shared with other families: `models.common.scheduler_shift`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -83,26 +79,3 @@ def text_ids(length: int) -> torch.Tensor:
 def position_ids(height: int, width: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(image ids, text ids) on `device`, built once per shape (the transformer only reads them)."""
     return image_ids(height, width).to(device), text_ids(length).to(device)
-
-
-def dynamic_shift_mu(num_tokens: int, scheduler_config: Mapping[str, Any]) -> float:
-    """μ of `FluxPipeline`'s `calculate_shift` at `num_tokens` packed image tokens, from the scheduler's config
-    (defaults as the pipeline's: 256 → 0.5, 4096 → 1.15)."""
-    x1, x2 = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
-    y1, y2 = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
-    m = (y2 - y1) / (x2 - x1)
-    return num_tokens * m + (y1 - m * x1)
-
-
-def sampler_shift(num_tokens: int, scheduler_config: Mapping[str, Any]) -> float:
-    """The fixed-shift factor s (σ' = sσ / (1 + (s-1)σ)) equal to the pipeline's σ schedule at `num_tokens`.
-
-    Dynamic shifting: exponential time shift e^μ / (e^μ + (1/σ - 1)) is the fixed shift with s = e^μ; the linear
-    one μ / (μ + (1/σ - 1)) has s = μ. Without dynamic shifting the scheduler applies its `shift`.
-    """
-    if not scheduler_config.get("use_dynamic_shifting", False):
-        return float(scheduler_config.get("shift", 1.0))
-    mu = dynamic_shift_mu(num_tokens, scheduler_config)
-    if scheduler_config.get("time_shift_type", "exponential") == "linear":
-        return float(mu)
-    return math.exp(mu)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from flowtrain.models import common
 from flowtrain.models.base import Column
+from flowtrain.models.flux2_klein import PIPELINE_CLASSES
 from flowtrain.models.flux2_klein import latents as L
 from flowtrain.models.flux2_klein.options import Flux2KleinOptions
 from flowtrain.models.flux2_klein.shift import resolution_shift
@@ -56,9 +58,12 @@ class Flux2Klein:
     """`ModelFamily` for `Flux2KleinPipeline` checkpoints (FLUX.2 Klein base 4B / 9B)."""
 
     name = "flux2_klein"
-    pipeline_classes = ("Flux2KleinPipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     options = Flux2KleinOptions
     lora_presets = LORA_PRESETS
+    # Flux2KleinPipeline.__call__'s num_inference_steps / guidance_scale. guidance_scale: real classifier-free
+    # guidance against the empty prompt (> 1 runs the unconditional pass; the base models have no guidance embedding).
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 4.0})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 32}
     tiny_resolution = 32
 
@@ -77,11 +82,7 @@ class Flux2Klein:
     ) -> torch.nn.Module:
         from diffusers import Flux2Transformer2DModel
 
-        key = "model.dit" if weights == model.dit else "weights"
-        return common.load_component(
-            Flux2Transformer2DModel, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
-            revision=model.revision,
-        )  # fmt: skip
+        return common.load_transformer(Flux2Transformer2DModel, model, dtype=dtype, weights=weights)
 
     def identity(self, model: Flux2KleinOptions) -> dict[str, str]:
         return common.component_identity(model.pretrained, ["text_encoder", "tokenizer", "vae"], model.revision)
@@ -124,19 +125,9 @@ class Flux2Klein:
         return {TEXT: embeds}
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB images → (B, 3, res, res) in [-1, 1]: resize to cover res×res, then the pipeline's processor
-        (centre-crop to exactly res×res and normalise)."""
-        multiple = encoders.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this VAE")
-        return torch.cat(
-            [
-                encoders.image_processor.preprocess(
-                    common.resize_to_cover(im, resolution), height=resolution, width=resolution, resize_mode="crop"
-                )
-                for im in images
-            ]
-        )
+        """PIL RGB images → (B, 3, res, res) in [-1, 1]: scaled to cover res×res (`common.resize_to_cover`), then
+        the pipeline's `Flux2ImageProcessor`, which in crop mode only centre-crops (and normalises)."""
+        return common.preprocess_images(encoders, images, resolution, scale_first=True)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] → {latent_moments: (B, 2C, H/f, W/f)} (mean ‖ logvar), float32."""
@@ -216,8 +207,7 @@ class Flux2Klein:
         """The VAE's downsampling × the 2×2 latent patch (16 for Klein); reads only the VAE's config."""
         from diffusers import AutoencoderKLFlux2
 
-        vae_cfg = AutoencoderKLFlux2.load_config(model.pretrained, subfolder="vae", revision=model.revision)
-        return 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2
+        return common.pixel_multiple(AutoencoderKLFlux2, model, example=HUB_EXAMPLE)
 
     def sample(
         self,
@@ -260,20 +250,10 @@ class Flux2Klein:
         transformer: str | None = None,
         lora: str | None = None,
     ) -> Any:
-        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+        from diffusers import Flux2KleinPipeline
 
-        parts: dict[str, Any] = {}
-        if transformer is not None:
-            parts["transformer"] = Flux2Transformer2DModel.from_pretrained(
-                transformer, subfolder=common.subfolder_if_exists(transformer, "transformer"), dtype=dtype,
-                use_safetensors=True,
-            )  # fmt: skip
-        pipe = common.load_pipeline(Flux2KleinPipeline, model, dtype=dtype, example=HUB_EXAMPLE, **parts)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return common.sampling_pipeline(self, Flux2KleinPipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=HUB_EXAMPLE)  # fmt: skip
 
     def generate(
         self,

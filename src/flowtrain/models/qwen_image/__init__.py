@@ -3,7 +3,7 @@
 
     options.py      the `model:` keys (max_sequence_length)
     family.py       the `ModelFamily` implementation (exact against the pipeline, in fp32)
-    latents.py      5-D latents ↔ packed 64-channel tokens, normalisation, img_shapes, the dynamic shift (pure)
+    latents.py      5-D latents ↔ packed 64-channel tokens, normalisation, img_shapes (pure)
     tiny.py         a tiny random pipeline for tests and demos (offline)
 
 This module stays torch-free: the config layer imports it for `Options`. docs/models/qwen_image.md has the facts.

@@ -7,7 +7,8 @@
   model  : x_σ = (1-σ)·x0 + σ·ε, target ε - x0, `timestep=σ` (the pipeline passes t/1000; the model's timestep
            projection scales by 1000), `img_shapes=[[(1, h, w)]]·B`, `guidance=None`; real CFG (`true_cfg_scale`)
            with the empty prompt at inference.
-  shift  : the scheduler's dynamic shift μ(N) = calculate_shift(N, 256, 8192, 0.5, 0.9) → s = e^μ (latents.py).
+  shift  : the scheduler's dynamic shift μ(N) = calculate_shift(N, 256, 8192, 0.5, 0.9) → s = e^μ
+           (`common.scheduler_shift`).
 
 The pipeline is the reference; where it has a method for a step (`encode_prompt`, its sampler), that method is
 called, so the cache and validation images are the pipeline's by construction.
@@ -15,17 +16,17 @@ called, so the cache and validation images are the pipeline's by construction.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from flowtrain.models import common
 from flowtrain.models.base import Column
-from flowtrain.models.paths import check_model_path
+from flowtrain.models.qwen_image import PIPELINE_CLASSES
 from flowtrain.models.qwen_image import latents as L
 from flowtrain.models.qwen_image.options import QwenImageOptions
 
@@ -50,13 +51,6 @@ LORA_PRESETS: dict[str, list[str]] = {
     "attention+ff": [_ATTN, _FF],
     "all": [_ATTN, _FF, _REST],
 }
-
-
-@functools.lru_cache(maxsize=8)
-def _scheduler_config(pretrained: str, revision: str | None) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
 
 
 def _embeds_and_mask(cond: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,9 +99,13 @@ class QwenImage:
     """`ModelFamily` for `QwenImagePipeline` checkpoints (Qwen/Qwen-Image and its fine-tunes)."""
 
     name = "qwen_image"
-    pipeline_classes = ("QwenImagePipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     options = QwenImageOptions
     lora_presets = LORA_PRESETS
+    # QwenImagePipeline.__call__'s num_inference_steps / true_cfg_scale. guidance_scale is the pipeline's
+    # `true_cfg_scale`: real CFG against the empty negative prompt (> 1 runs it), the guided velocity rescaled to the
+    # conditional one's norm; the pipeline's own `guidance_scale` is for guidance-distilled variants and unused here.
+    sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 4.0})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 64}
     tiny_resolution = 32  # the tiny VAE downsamples 2×: 16×16 latents → 8×8 = 64 tokens
 
@@ -124,11 +122,7 @@ class QwenImage:
     ) -> torch.nn.Module:
         from diffusers import QwenImageTransformer2DModel
 
-        key = "model.dit" if weights is not None and weights == model.dit else "weights"
-        transformer = common.load_component(
-            QwenImageTransformer2DModel, model.pretrained, "transformer", dtype=dtype, weights=weights, key=key,
-            revision=model.revision,
-        )  # fmt: skip
+        transformer = common.load_transformer(QwenImageTransformer2DModel, model, dtype=dtype, weights=weights)
         cfg = transformer.config
         if cfg.guidance_embeds or getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_additional_t_cond", False):
             raise ValueError(
@@ -142,7 +136,7 @@ class QwenImage:
 
     # ---- precompute ------------------------------------------------------------------------------------------
     def cache_columns(self, encoders: Any, model: QwenImageOptions, *, resolution: int) -> list[Column]:
-        self._check_resolution(encoders, resolution)
+        common.check_resolution(encoders, resolution)
         z, side = encoders.vae.config.z_dim, resolution // encoders.vae_scale_factor
         width = encoders.text_encoder.config.get_text_config().hidden_size
         return [
@@ -181,16 +175,9 @@ class QwenImage:
         return {TEXT: [r.clone() for r in common.rows_of(embeds, mask)]}
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB → (B, 3, res, res) in [-1, 1]: scaled to cover, then the pipeline's processor centre-crops."""
-        self._check_resolution(encoders, resolution)
-        return torch.cat(
-            [
-                encoders.image_processor.preprocess(
-                    common.resize_to_cover(im, resolution), height=resolution, width=resolution, resize_mode="crop"
-                )
-                for im in images
-            ]
-        )
+        """PIL RGB → (B, 3, res, res) in [-1, 1]: the pipeline's `VaeImageProcessor` in crop mode (scale to cover,
+        centre-crop), exactly the pixels the pipeline would feed its VAE."""
+        return common.preprocess_images(encoders, images, resolution)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 32, 1, H/8, W/8)} posterior mean ‖ logvar, float32."""
@@ -253,7 +240,7 @@ class QwenImage:
     def resolution_shift(self, model: QwenImageOptions, num_tokens: int) -> float:
         """s = e^μ with μ = calculate_shift(N, …) from the model's scheduler config: ≈ 1.71 at 512² px (1024 tokens),
         2.00 at 1024² (4096), 2.30 at 1328² (6889) for Qwen/Qwen-Image."""
-        return L.dynamic_shift(num_tokens, _scheduler_config(model.pretrained, model.revision))
+        return common.scheduler_shift(num_tokens, common.scheduler_config(model))
 
     def check_cache(
         self,
@@ -263,8 +250,10 @@ class QwenImage:
         *,
         allow_other_weights: bool = False,
     ) -> None:
-        """Family, cache settings, encoder/VAE identity (a `CacheManifest`), then the transformer's input widths."""
+        """Family, cache settings, encoder/VAE identity (a `CacheManifest`), the scheduler config the shift and the
+        sampler read, then the transformer's input widths."""
         common.check_cache_origin(self, model, manifest, allow_other_weights=allow_other_weights)
+        common.scheduler_config(model)
         if transformer is not None:
             common.check_input_widths(manifest, transformer, text=TEXT, latents=IMAGE)
 
@@ -282,9 +271,9 @@ class QwenImage:
         """VAE factor (2 ** len(temperal_downsample), 8 for Qwen-Image) × the 2×2 patch: 16."""
         from diffusers import AutoencoderKLQwenImage
 
-        check_model_path(model.pretrained, "model.pretrained", need="vae/config.json", example=EXAMPLE)
-        cfg = AutoencoderKLQwenImage.load_config(model.pretrained, subfolder="vae", revision=model.revision)
-        return 2 ** len(cfg["temperal_downsample"]) * 2
+        return common.pixel_multiple(
+            AutoencoderKLQwenImage, model, lambda cfg: 2 ** len(cfg["temperal_downsample"]), example=EXAMPLE
+        )
 
     def sample(
         self,
@@ -325,14 +314,8 @@ class QwenImage:
     ) -> Any:
         from diffusers import QwenImagePipeline
 
-        components = {}
-        if transformer is not None:
-            components["transformer"] = self.load_transformer(model, dtype=dtype, weights=transformer)
-        pipe = common.load_pipeline(QwenImagePipeline, model, dtype=dtype, example=EXAMPLE, **components)
-        if lora is not None:
-            common.load_lora(pipe, lora)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return common.sampling_pipeline(self, QwenImagePipeline, model, dtype=dtype, device=device,
+                                        transformer=transformer, lora=lora, example=EXAMPLE)  # fmt: skip
 
     def generate(
         self,
@@ -362,13 +345,6 @@ class QwenImage:
         from flowtrain.models.qwen_image.tiny import save_tiny_pipeline
 
         return save_tiny_pipeline(path, seed=seed)
-
-    # ---- helpers ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_resolution(encoders: Any, resolution: int) -> None:
-        multiple = encoders.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor × 2×2 patch)")
 
 
 __all__ = ["LORA_PRESETS", "QwenImage"]

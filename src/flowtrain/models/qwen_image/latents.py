@@ -1,4 +1,4 @@
-"""Qwen-Image latents and shift: pure functions, each equal to a piece of diffusers' `QwenImagePipeline`.
+"""Qwen-Image latents: pure functions, each equal to a piece of diffusers' `QwenImagePipeline`.
 
 VAE latent      (B, 16, 1, H/8, W/8)   AutoencoderKLQwenImage is a video VAE: one frame for an image
 normalised      (z - latents_mean) / latents_std, per channel (the VAE config's lists)
@@ -7,9 +7,6 @@ img_shapes      [[(1, H/16, W/16)]] * B, the transformer's RoPE grid (frame, hei
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Mapping
 
 import torch
 
@@ -73,37 +70,3 @@ def training_latents(
 def img_shapes(batch: int, height: int, width: int) -> list[list[tuple[int, int, int]]]:
     """The transformer's `img_shapes` for B images on an h×w token grid, in the pipeline's nested form."""
     return [[(1, height, width)]] * batch
-
-
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """μ linear in the packed token count; equals `pipeline_qwenimage.calculate_shift` (defaults as there)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return float(image_seq_len * m + base_shift - m * base_seq_len)
-
-
-def dynamic_shift(num_tokens: int, scheduler_config: Mapping) -> float:
-    """The fixed σ-shift s (σ' = sσ / (1 + (s-1)σ)) equal to what the pipeline's scheduler applies at `num_tokens`.
-
-    `QwenImagePipeline` computes μ = `calculate_shift(N, base_image_seq_len, max_image_seq_len, base_shift,
-    max_shift)` from the scheduler config and the scheduler shifts σ with `time_shift(μ, 1, σ)`: exponential
-    e^μ / (e^μ + 1/σ - 1), which is the s-shift with s = e^μ; linear μ / (μ + 1/σ - 1), s = μ. Without dynamic
-    shifting the scheduler applies its static `shift`. (`shift_terminal` then stretches the inference ladder so it
-    ends at that σ; it belongs to the step ladder, not to a training density, and is not part of s.)
-    """
-    cfg = scheduler_config
-    if not cfg.get("use_dynamic_shifting", False):
-        return float(cfg.get("shift", 1.0))
-    mu = calculate_shift(
-        num_tokens,
-        cfg.get("base_image_seq_len", 256),
-        cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5),
-        cfg.get("max_shift", 1.15),
-    )
-    return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
