@@ -433,8 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=_path, help="a file with one prompt per line")
     s.add_argument("--out", type=_path, required=True, help="output folder")
     _overwrite_flag(s)
-    s.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
-    s.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale, 1 disables (default 4)")
+    s.add_argument(
+        "--steps", type=_positive_int, help="denoising steps (default: the family's pipeline default, docs/models.md)"
+    )
+    s.add_argument(
+        "--guidance-scale", type=float,
+        help="the family's guidance: real CFG with the empty prompt (1 disables) or a distilled guidance value "
+        "(default: the family's pipeline default, docs/models.md)",
+    )  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     s.add_argument("--height", type=_positive_int, default=512)
     s.add_argument("--width", type=_positive_int, default=512)

@@ -26,8 +26,9 @@ def load_sampling_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
 ) -> Any:
-    """The family's pipeline for `model`, with `transformer` (a diffusers folder) swapped in and/or a LoRA loaded;
-    a missing model or a LoRA for another model is one message, not a traceback."""
+    """The family's pipeline for `model` with a LoRA loaded, and with `transformer` (a full fine-tune's folder) or
+    else `model.dit` as its transformer; a missing model or a LoRA for another model is one message, not a
+    traceback."""
     from flowtrain.weights_check import load_errors
 
     family = get_family(model.family)
@@ -42,8 +43,8 @@ def generate(
     model: ModelOptions,
     *,
     seed: int = 0,
-    steps: int = 28,
-    guidance_scale: float = 4.0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int = 512,
     width: int = 512,
     images_per_prompt: int = 1,
@@ -55,11 +56,14 @@ def generate(
 
     `batch_size` > 1 runs that many (prompt, k) pairs per pipeline call, each with its own seeded generator, so
     the initial noise is the same as one at a time (outputs agree up to batched-matmul rounding) and small models
-    sample many times faster. Images come back in (prompt, k) order either way.
+    sample many times faster. Images come back in (prompt, k) order either way. `steps` / `guidance_scale`: None
+    takes the family's reference defaults (`ModelFamily.sampling_defaults`).
     """
+    family = get_family(model.family)
+    steps = family.sampling_defaults["steps"] if steps is None else steps  # the reference pipeline's own defaults
+    guidance_scale = family.sampling_defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    family = get_family(model.family)
     jobs = [(p, seed + i * images_per_prompt + k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
     images = []
     bar = tqdm(total=len(jobs), desc="sample", unit="img", disable=not progress, dynamic_ncols=True)

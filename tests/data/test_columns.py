@@ -64,3 +64,16 @@ def test_a_variable_length_column_of_any_rank_reads_back(tmp_path):
     assert torch.equal(ds[1]["x"], rows[1]) and ds[0]["x"].shape == (1, 2, 3)
     batch = ds.collate([ds[0], ds[1]])
     assert batch["x"].shape == (2, 4, 2, 3) and batch["x_mask"].sum(1).tolist() == [1, 4]
+
+
+def test_caption_dropout_keeps_a_fixed_length_batch_at_its_length():
+    """Per-batch padding shrinks to the new longest row; a batch padded to the maximum (compile) keeps its shape."""
+    from flowtrain.models.common import drop_rows
+
+    rows = [torch.ones(7, 3), torch.ones(3, 3)]
+    empty, drop = torch.zeros(2, 3), torch.tensor([True, False])
+    per_batch, mask = pad_rows(rows)
+    assert drop_rows(per_batch, mask, empty, drop)[0].shape == (2, 3, 3)  # the 7-token row was dropped
+    fixed, mask = pad_rows(rows, length=10)
+    out, out_mask = drop_rows(fixed, mask, empty, drop)
+    assert out.shape == (2, 10, 3) and out_mask.sum(1).tolist() == [2, 3]

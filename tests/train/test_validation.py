@@ -125,6 +125,8 @@ def test_variable_length_conditioning_is_collated_as_a_batch_of_one(validated, t
         def register_modules(self, **_) -> None: ...
 
     class Family:  # only what Validator asks before sampling
+        sampling_defaults = {"steps": 2, "guidance_scale": 4.0}
+
         def pixel_multiple(self, model) -> int:
             return 16
 

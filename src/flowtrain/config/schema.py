@@ -339,8 +339,15 @@ class ValidationConfig(Section):
     at_start: bool = Field(False, description="Also sample before the first step (the base model, for comparison).")
     prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
     prompts_file: str | None = Field(None, description="Or a text file with one prompt per line.")
-    num_inference_steps: int = Field(28, gt=0)
-    guidance_scale: float = Field(4.0, ge=0, description="Real CFG with the empty prompt; <= 1 disables it.")
+    num_inference_steps: int | None = Field(
+        None, gt=0, description="Sampling steps; null: the model family's pipeline default (docs/models.md)."
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="The family's guidance (real CFG with the empty prompt, <= 1 disables it; or a distilled "
+        "guidance value); null: the family's pipeline default (docs/models.md).",
+    )
     seed: int = Field(0, description="Generator seed of every validation image (the same each time, to compare).")
     sizes: list[tuple[int, int]] = Field(
         default_factory=list,

@@ -307,9 +307,12 @@ def drop_rows(
     padded: torch.Tensor, mask: torch.Tensor | None, empty: torch.Tensor, drop: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption dropout over a variable-length column: rows where `drop` (B,) is True become `empty` (L_e, ...), and
-    the batch is re-padded to its new longest row. Returns (padded, bool mask)."""
+    the batch is re-padded to its new longest row; a batch padded beyond its longest row (to the column's maximum,
+    for `train.compile`) keeps that length, so it keeps its one shape. Returns (padded, bool mask)."""
     empty = empty.to(device=padded.device, dtype=padded.dtype)
-    return pad_rows([empty if d else r for r, d in zip(rows_of(padded, mask), drop.tolist(), strict=True)])
+    rows = [empty if d else r for r, d in zip(rows_of(padded, mask), drop.tolist(), strict=True)]
+    fixed = mask is not None and int(mask.sum(1).max()) < padded.shape[1]
+    return pad_rows(rows, length=padded.shape[1] if fixed else None)
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------

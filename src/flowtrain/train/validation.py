@@ -78,6 +78,9 @@ class Validator:
         self, cfg: FlowtrainConfig, family: ModelFamily, output_dir: str | Path, *, resolution: int | None = None
     ):
         self.cfg, self.v, self.family = cfg, cfg.validation, family
+        defaults = family.sampling_defaults  # the reference pipeline's own, where the config leaves them unset
+        self.steps = defaults["steps"] if self.v.num_inference_steps is None else self.v.num_inference_steps
+        self.guidance_scale = defaults["guidance_scale"] if self.v.guidance_scale is None else self.v.guidance_scale
         self.out = Path(output_dir) / SAMPLES_DIR
         self.enabled = self.v.enabled
         self._pipe: Any = None
@@ -184,8 +187,8 @@ class Validator:
                             negative,
                             height=size[0],
                             width=size[1],
-                            steps=v.num_inference_steps,
-                            guidance_scale=v.guidance_scale,
+                            steps=self.steps,
+                            guidance_scale=self.guidance_scale,
                             generator=torch.Generator("cpu").manual_seed(seed),
                         )
                         path = self.out / image_name(step, i, seed, size if len(self.sizes) > 1 else None)
@@ -224,7 +227,7 @@ class Validator:
             return {k: v.cpu() for k, v in out.items()}
 
         self._conds = [encode(p) for p in self.prompts]
-        self._negative = encode("") if self.v.guidance_scale > 1 else None
+        self._negative = encode("") if self.guidance_scale > 1 else None
         # Text encoders and tokenizers (diffusers names them text_encoder, text_encoder_2, tokenizer, ...) are not
         # needed again: free them before training goes on.
         pipe.register_modules(**{k: None for k in pipe.components if k.startswith(("text_encoder", "tokenizer"))})

@@ -34,7 +34,7 @@ def test_cache_columns_and_settings(fam, encoders, options, cached):
     cols = fam.cache_columns(encoders, options, resolution=32)
     assert cols == [
         Column("latent_moments", "float32", (32, 1, 16, 16), "image"),
-        Column("prompt_embeds", "float32", (None, 32), "text"),
+        Column("prompt_embeds", "float32", (None, 32), "text", max_length=64),
     ]
     assert cols[1].variable and not cols[0].variable
     assert tuple(cached["latent_moments"].shape[1:]) == cols[0].shape
@@ -59,7 +59,7 @@ def test_check_cache(fam, encoders, options, qwen_dir, caplog):
         (replace(good, family="flux2_klein"), "family 'flux2_klein'"),
         (replace(good, fingerprint={**fp, "settings": {"max_sequence_length": 512}}), "max_sequence_length=512"),
         (replace(good, fingerprint=other_vae), "vae differ"),
-        (replace(good, columns=[Column("prompt_embeds", "float32", (None, 48), "text"), good.columns[0]]), "48"),
+        (replace(good, columns=[Column("prompt_embeds", "float32", (None, 48), "text", 64), good.columns[0]]), "48"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             fam.check_cache(options, bad, transformer)

@@ -141,7 +141,7 @@ class QwenImage:
         width = encoders.text_encoder.config.get_text_config().hidden_size
         return [
             Column(IMAGE, "float32", (2 * z, 1, side, side), "image"),
-            Column(TEXT, model.dtype, (None, width), "text"),
+            Column(TEXT, model.dtype, (None, width), "text", max_length=model.max_sequence_length),
         ]
 
     def cache_settings(self, model: QwenImageOptions) -> dict[str, Any]:
@@ -209,7 +209,8 @@ class QwenImage:
         self, cond: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], drop: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Rows where `drop` is True get the empty prompt's embedding at its own length; embeddings and mask are
-        re-padded to the new longest row (a dropped longest caption shortens the batch)."""
+        re-padded to the new longest row (a dropped longest caption shortens the batch), unless the batch was padded
+        to a fixed length (`train.compile`), which it keeps (`common.drop_rows`)."""
         if not bool(drop.any()):
             return cond
         embeds, mask = _embeds_and_mask(cond)
