@@ -11,10 +11,12 @@ shards             [{file, rows}]; `empty_prompt`: the "" prompt's conditioning 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,8 +177,31 @@ def check_made_for(manifest: CacheManifest, family: str, settings: dict[str, Any
                 f"{message}. Precompute again with this model, or set dataset.allow_other_weights: true if the "
                 "weights are knowingly different but compatible (e.g. the same model saved in another dtype)"
             )
-        log.warning("%s; used anyway (dataset.allow_other_weights)", message)
+        warn_once(f"{message}; used anyway (dataset.allow_other_weights)")
     return sorted((old.keys() | identity.keys()) - set(common))
+
+
+_SEEN: set[str] | None = None  # warnings already given inside `warnings_once()`
+
+
+@contextlib.contextmanager
+def warnings_once() -> Iterator[None]:
+    """Inside the block, each cache-check warning is logged once (a run checks every cache twice: against the
+    model's files before the transformer loads, and with its widths after)."""
+    global _SEEN
+    outer, _SEEN = _SEEN, set()
+    try:
+        yield
+    finally:
+        _SEEN = outer
+
+
+def warn_once(message: str) -> None:
+    """log.warning, but once per message inside `warnings_once()`."""
+    if _SEEN is None or message not in _SEEN:
+        if _SEEN is not None:
+            _SEEN.add(message)
+        log.warning(message)
 
 
 def _norm(v: Any) -> Any:

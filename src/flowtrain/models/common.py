@@ -218,17 +218,17 @@ def _component_dir(pretrained: str, subfolder: str, revision: str | None) -> Pat
 def check_cache_origin(family: Any, model: Any, manifest: Any, *, allow_other_weights: bool = False) -> None:
     """The part of `ModelFamily.check_cache` every family shares: the cache was written by this family, with the
     model's cache settings, by encoders / a VAE of the same identity (see `data.manifest.check_made_for`)."""
-    from flowtrain.data.manifest import check_made_for
+    from flowtrain.data.manifest import check_made_for, warn_once
 
     unverified = check_made_for(
         manifest, family.name, family.cache_settings(model), family.identity(model),
         allow_other_weights=allow_other_weights,
     )  # fmt: skip
     if unverified:
-        log.warning(
-            "cache check: the weights of %s could not be compared with the cache's (not available locally for %r)",
-            ", ".join(unverified), model.pretrained,
-        )  # fmt: skip
+        warn_once(
+            f"cache check: the weights of {', '.join(unverified)} could not be compared with the cache's (not "
+            f"available locally for {model.pretrained!r})"
+        )
 
 
 def check_input_widths(manifest: Any, transformer: torch.nn.Module, *, text: str, latents: str) -> None:

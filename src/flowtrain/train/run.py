@@ -18,6 +18,7 @@ import torch
 from flowtrain.config import FlowtrainConfig, config_to_flat_dict, save_config
 from flowtrain.data.cache import CacheDataset, ResumableSampler
 from flowtrain.data.loader import batch_iterator, build_loader, close_batches, use_prefetch_thread
+from flowtrain.data.manifest import warnings_once
 from flowtrain.data.prior import WithClassRows, check_class_cache, class_sampler
 from flowtrain.losses import loss_from_config
 from flowtrain.models import ModelFamily, get_family
@@ -108,11 +109,12 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     if cfg.dataset.class_cache_dir:  # DreamBooth: as many class rows appended to every batch
         caches.append(CacheDataset(cfg.dataset.class_cache_dir))
         check_class_cache(caches[0].manifest, caches[1].manifest, cfg.dataset.class_cache_dir)
-    for cache in caches:
-        family.check_cache(cfg.model, cache.manifest, allow_other_weights=allow)
-    transformer, lora_cfg = build_transformer(cfg, family)
-    for cache in caches:
-        family.check_cache(cfg.model, cache.manifest, transformer, allow_other_weights=allow)
+    with warnings_once():
+        for cache in caches:
+            family.check_cache(cfg.model, cache.manifest, allow_other_weights=allow)
+        transformer, lora_cfg = build_transformer(cfg, family)
+        for cache in caches:
+            family.check_cache(cfg.model, cache.manifest, transformer, allow_other_weights=allow)
     dataset, class_dataset = caches[0], (caches[1] if len(caches) > 1 else None)
 
     transformer_id = transformer_identity(cfg.model)  # what resume compares, by content (train.resume)
