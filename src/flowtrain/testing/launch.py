@@ -40,7 +40,9 @@ def ddp_args(processes: int, port: int, machines: int = 1, machine_rank: int = 0
     return args
 
 
-def run_together(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], timeout: float = 600) -> list[str]:
+def run_together(
+    cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], timeout: float = 600, cwd: Path | None = None
+) -> list[str]:
     """Start every command at once (e.g. one launcher per "machine"), wait for all; each one's stdout + stderr.
     Raises AssertionError with the output tails when any failed; on timeout the ones still running are killed."""
     with contextlib.ExitStack() as stack:
@@ -48,7 +50,7 @@ def run_together(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]
         # stall the collective they share.
         logs = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in cmds]
         procs = [
-            subprocess.Popen(list(c), env=dict(e), stdout=f, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(list(c), env=dict(e), stdout=f, stderr=subprocess.STDOUT, text=True, cwd=cwd)
             for c, e, f in zip(cmds, envs, logs, strict=True)
         ]
         deadline = time.monotonic() + timeout
@@ -70,6 +72,6 @@ def run_together(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]
     return outs
 
 
-def run(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 600) -> str:
+def run(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 600, cwd: Path | None = None) -> str:
     """Run `cmd` to the end; its stdout + stderr, or an AssertionError with their tail if it failed."""
-    return run_together([cmd], [env], timeout)[0]
+    return run_together([cmd], [env], timeout, cwd)[0]
