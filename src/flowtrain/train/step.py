@@ -148,7 +148,7 @@ def make_inputs(
         x0 = x0[part.rows]
     else:
         x0, shape = family.training_latents(batch, norm, sample_gen)
-    b = x0.shape[0] if part is None else part.total
+    b = x0.shape[0] if part is None else part.total  # rows drawn for: this batch, or the global one
 
     def mine(t: torch.Tensor) -> torch.Tensor:
         return t if part is None else t[part.rows]
