@@ -25,8 +25,9 @@ TIMEOUT = 900  # a launch takes ~30 s on an idle 2-core machine; the suite share
 LOSS_TOL = {"rel": 1e-5, "abs": 1e-6}  # fp32: a batch of 4 vs two of 2 sums in another order
 
 
-def write_config(tmp: Path, pipeline: Path, cache: Path, out: Path, batch_size: int, max_steps: int = STEPS) -> Path:
-    cfg = tiny_config_dict(pipeline, cache, out, max_steps=max_steps, batch_size=batch_size, caption_dropout=0.3)
+def write_config(tmp: Path, pipeline: Path, cache: Path, out: Path, batch_size: int, **train) -> Path:
+    train = {"max_steps": STEPS, "caption_dropout": 0.3, **train}
+    cfg = tiny_config_dict(pipeline, cache, out, batch_size=batch_size, **train)
     cfg["dataset"]["latent_sampling"] = "sample"
     cfg["checkpoint"] = {"every_steps": 2, "keep_last": None}
     path = tmp / f"{out.name}.yaml"
@@ -115,34 +116,47 @@ def test_two_processes_train_like_one_with_twice_the_batch(reference, two_proces
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_resume_on_another_number_of_processes_continues_the_run(reference, tiny_pipeline_dir, tiny_cache, tmp_path):
-    """1 process to step 2 (the reference's checkpoint) → 2 processes to step 4 → 1 process to step 6."""
+def test_resume_on_another_number_of_processes_continues_the_run(tiny_pipeline_dir, tiny_cache, tmp_path):
+    """1 process to step 2 → 2 processes to step 4 → 1 process to step 6, against 1 process throughout.
+
+    Losses are logged every 3 steps, so both switches fall inside a log window: the part of it saved by the old
+    processes must carry over to the new ones.
+    """
     from flowtrain.config import load_config
-    from flowtrain.testing.ddp_probe import train_recording
+    from flowtrain.testing.ddp_probe import train_recording, write_probe
 
-    one_out, one = reference
-    pipeline, cache = tiny_pipeline_dir, tiny_cache[1]
-    out = tmp_path / "switch"
-    out.mkdir()
-    shutil.copytree(one_out / "checkpoint-2", out / "checkpoint-2")
+    def config(name: str, batch_size: int) -> Path:
+        return write_config(tmp_path, tiny_pipeline_dir, tiny_cache[1], tmp_path / name, batch_size, log_every=3)
 
-    two = write_config(tmp_path, pipeline, cache, out, batch_size=2, max_steps=4)
-    launch = [*ddp_args(2, PORTS["resume"]), *probe_cmd(two, "--resume", "latest")]
+    ref_cfg = load_config(config("ref", 4))
+    write_probe(ref_cfg, *train_recording(ref_cfg), rank=0)
+    ref = read_probe(tmp_path / "ref", 0)
+    assert sorted(ref["losses"]) == [3, 6]
+
+    two = tmp_path / "two"  # 2 processes, from the 1-process checkpoint at step 2
+    two.mkdir()
+    shutil.copytree(tmp_path / "ref" / "checkpoint-2", two / "checkpoint-2")
+    launch = [*ddp_args(2, PORTS["resume"]), *probe_cmd(config("two", 2), "--resume", "latest")]
     run(accelerate_launch(launch), cpu_env(), TIMEOUT)
-    ranks = [read_probe(out, r) for r in range(2)]
-    assert [len(r["rows"]) for r in ranks] == [2, 2]  # steps 3 and 4 only
-    assert [a + b for a, b in zip(ranks[0]["rows"], ranks[1]["rows"], strict=True)] == one["rows"][2:4]
-    assert state(out, 4)["world_size"] == 2 and state(out, 4)["data"] == state(one_out, 4)["data"]
+    ranks = [read_probe(two, r) for r in range(2)]
+    assert [a + b for a, b in zip(ranks[0]["rows"], ranks[1]["rows"], strict=True)] == ref["rows"][2:]  # steps 3-6
+    assert sorted(ranks[0]["losses"]) == [3, 6]
+    for step in (3, 6):  # step 3's window holds steps 1-2 of the 1-process run
+        assert ranks[0]["losses"][step] == pytest.approx(ref["losses"][step], **LOSS_TOL), step
+    for step in (4, 6):
+        assert state(two, step)["world_size"] == 2 and state(two, step)["data"] == state(tmp_path / "ref", step)["data"]
 
-    cfg = load_config(write_config(tmp_path, pipeline, cache, out, batch_size=4, max_steps=STEPS))
-    result, rows = train_recording(cfg, "latest")
-    assert result.step == STEPS and rows == one["rows"][4:6]
-    assert state(out, STEPS)["world_size"] == 1 and state(out, STEPS)["data"] == state(one_out, STEPS)["data"]
-    losses = {**ranks[0]["losses"], **result.losses}
-    assert sorted(losses) == [3, 4, 5, 6]
-    for step, loss in losses.items():
-        assert loss == pytest.approx(one["losses"][step], **LOSS_TOL), step
-    assert_weights_close(load_file(str(out / f"checkpoint-{STEPS}" / "trainable.safetensors")), one["weights"])
+    one = tmp_path / "one"  # 1 process again, from the 2-process checkpoint at step 4
+    one.mkdir()
+    shutil.copytree(two / "checkpoint-4", one / "checkpoint-4")
+    result, rows = train_recording(load_config(config("one", 4)), "latest")
+    assert result.step == STEPS and rows == ref["rows"][4:]
+    assert sorted(result.losses) == [6]  # its window holds step 4 of the 2-process run
+    assert result.losses[6] == pytest.approx(ref["losses"][6], **LOSS_TOL)
+    assert state(one, STEPS)["world_size"] == 1 and state(one, STEPS)["data"] == state(tmp_path / "ref", STEPS)["data"]
+    ckpt = load_file(str(one / f"checkpoint-{STEPS}" / "trainable.safetensors"))
+    assert_weights_close(ckpt, ref["weights"])
+    assert_weights_close(ranks[0]["weights"], ref["weights"])
 
 
 @pytest.mark.slow
