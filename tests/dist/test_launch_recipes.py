@@ -60,6 +60,7 @@ def path_with(*dirs: Path) -> str:
     return os.pathsep.join([*(str(d) for d in dirs), os.environ.get("PATH", "")])
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_slurm_recipe_trains_on_two_processes(one_process, tiny_pipeline_dir, tiny_cache, tmp_path):
     # SLURM is not installed here: its variables are set by hand, as srun sets them for a 1-node job, and `srun`
