@@ -6,7 +6,9 @@ import pytest
 
 from flowtrain.config import load_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+# configs/accelerate/ holds `accelerate launch --config_file` files, not training configs (checked below).
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+LAUNCH_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "accelerate").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
@@ -38,6 +40,13 @@ def test_shipped_config_validates(path):
     if (yaml.safe_load(path.read_text()) or {}).get("kind") not in (None, "train"):
         pytest.skip("not a training config")  # e.g. autoencoder / demo configs validate in their own tests
     load_config(path)
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_launch_configs_load_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(path)).num_machines >= 1
 
 
 def test_klein4b_lora_matches_reference_settings():

@@ -28,7 +28,7 @@ from flowtrain.train.errors import CheckpointWriteError
 from flowtrain.train.resume import essentials
 from flowtrain.train.run import Run, build_run
 from flowtrain.train.state import DataPosition, TrainState
-from flowtrain.train.step import make_inputs, step_loss, step_seed
+from flowtrain.train.step import draws_for, make_inputs, step_loss, step_seed
 from flowtrain.train.trainable import trainable_state
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             batch = meter.next_batch(run.batches)
             consumed += 1
             rows += batch["index"].tolist()
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro, accelerator.process_index))
-            inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device)
+            # `global` draws: one stream (rank 0's) for the global micro-batch, each process keeps its rows
+            draw_rank, part = draws_for(cfg.train.random_draws, batch, accelerator.process_index, run.world)
+            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro, draw_rank))
+            inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device, part=part)
             sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():

@@ -129,7 +129,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     start_step, epoch, batch_pos, shuffle_seed, restored, state = 0, 0, 0, cfg.train.seed, None, None
     resume_path = ckpt.resolve_resume(out, resume)
     if resume_path is not None:
-        restored = ckpt.load_checkpoint(resume_path, rank=rank)
+        restored = ckpt.load_checkpoint(resume_path, rank=rank, world_size=world)
         state = TrainState.from_json(restored["state"])
         check_resume(state, cfg, dataset.manifest.fingerprint["id"], transformer_id, resume_path)
         load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
