@@ -26,7 +26,8 @@ LOSS_TOL = {"rel": 1e-5, "abs": 1e-6}  # fp32: a batch of 4 vs two of 2 sums in 
 
 
 def write_config(tmp: Path, pipeline: Path, cache: Path, out: Path, batch_size: int, **train) -> Path:
-    train = {"max_steps": STEPS, "caption_dropout": 0.3, **train}
+    # `global` draws: a row gets the same σ/noise/dropout whatever the process count (docs/distributed.md)
+    train = {"max_steps": STEPS, "caption_dropout": 0.3, "random_draws": "global", **train}
     cfg = tiny_config_dict(pipeline, cache, out, batch_size=batch_size, **train)
     cfg["dataset"]["latent_sampling"] = "sample"
     cfg["checkpoint"] = {"every_steps": 2, "keep_last": None}

@@ -21,7 +21,15 @@ STEPS = 4
 
 
 def config(tmp: Path, pipeline: Path, cache: Path, name: str, batch_size: int) -> Path:
-    cfg = tiny_config_dict(pipeline, cache, tmp / name, max_steps=STEPS, batch_size=batch_size, caption_dropout=0.3)
+    cfg = tiny_config_dict(
+        pipeline,
+        cache,
+        tmp / name,
+        max_steps=STEPS,
+        batch_size=batch_size,
+        caption_dropout=0.3,
+        random_draws="global",  # so 2 × 2 can equal the one-process batch of 4
+    )
     cfg["checkpoint"] = {"every_steps": STEPS, "keep_last": None}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -89,12 +89,13 @@ class TrainConfig(Section):
         "losses, at some speed cost on GPU.",
     )
     random_draws: Literal["global", "per_process"] = Field(
-        "global",
-        description="With several processes, how σ, noise, caption dropout and posterior samples are drawn. `global`: "
-        "every process draws them for the whole global micro-batch and keeps its rows, so N processes × batch b "
-        "train like 1 × N·b (within fp32 tolerance) and a resume on another process count continues the same "
-        "numbers; the CPU draw costs N times one process's share (benchmarks/distributed.py). `per_process`: each "
-        "draws only its rows, from a stream keyed by its rank (results then depend on the process count).",
+        "per_process",
+        description="With several processes, how σ, noise, caption dropout and posterior samples are drawn. "
+        "`per_process`: each process draws only its rows, from a stream keyed by its rank (cheap at any scale; the "
+        "numbers depend on the process count). `global`: every process draws them for the whole global micro-batch "
+        "and keeps its rows, so N processes × batch b train like 1 × N·b (within fp32 tolerance) and a resume on "
+        "another process count continues the same numbers; the CPU draw costs N times one process's share "
+        "(benchmarks/distributed.py). One process: both are the same.",
     )
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps (means over those steps).")
     caption_dropout: float = Field(
