@@ -86,6 +86,56 @@ def _nan_row_cache(src: Path, dst: Path, row: int) -> Path:
     return dst
 
 
+_GLOO_SCRIPT = """
+import json, os, sys, time, datetime
+import multiprocessing as mp
+from pathlib import Path
+
+
+def worker(rank, port, out):
+    import torch, torch.distributed as dist
+    from flowtrain.train.failures import one_failure_stops_all
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=30))
+    dist.all_reduce(torch.ones(1))
+    try:
+        with one_failure_stops_all(Path(out), 30.0):
+            if rank == 1:
+                time.sleep(0.5)  # rank 0 is waiting in the all-reduce by then
+                raise ValueError("bad row on rank 1")
+            dist.all_reduce(torch.ones(1))
+    except BaseException as e:
+        Path(out, f"rank{rank}.json").write_text(json.dumps([type(e).__name__, str(e), time.time()]))
+    if rank == 1:  # rank 1 lingers after its failure: rank 0 must not need it to exit to stop waiting
+        time.sleep(3)
+        Path(out, "rank1-exits").write_text(json.dumps(time.time()))
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, int(sys.argv[1]), sys.argv[2])) for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join()
+    print("rank 0 done", flush=True)
+    procs[1].join()
+"""
+
+
+def test_exception_on_one_process_fails_the_others_collective_at_once(tmp_path):
+    """The mechanism alone, on a bare gloo group: rank 1 raises inside `one_failure_stops_all` while rank 0 waits
+    in an all-reduce (30-minute timeout); rank 0 gets PeerFailedError while rank 1 is still alive."""
+    script = tmp_path / "gloo_failure.py"
+    script.write_text(_GLOO_SCRIPT)
+    proc = _run([sys.executable, str(script), str(next(PORTS)), str(tmp_path)], _env(), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    kind1, msg1, _ = json.loads((tmp_path / "rank1.json").read_text())
+    kind0, msg0, failed_at = json.loads((tmp_path / "rank0.json").read_text())
+    assert (kind1, msg1) == ("ValueError", "bad row on rank 1")  # the cause, unchanged, on its own rank
+    assert kind0 == "PeerFailedError" and PEER_LINE in msg0 and "no checkpoint was written yet" in msg0
+    assert failed_at < json.loads((tmp_path / "rank1-exits").read_text())  # rank 1 was still alive
+
+
 def test_nan_row_read_by_one_rank_stops_both(tiny_pipeline_dir, tiny_cache, tmp_path):
     cache = _nan_row_cache(tiny_cache[1], tmp_path / "cache", row=5)  # rank 1's row at step 3
     out = tmp_path / "run"
