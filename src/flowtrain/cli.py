@@ -518,11 +518,12 @@ def _default_openmp_waiting() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["launch"]:  # every argument after the verb belongs to `accelerate launch`, unparsed here
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb_at = 1 if argv[:1] == ["--debug"] else 0
+    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
         from flowtrain.launch import launch
 
-        return launch(argv[1:])
+        return launch(argv[verb_at + 1 :])
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)

@@ -222,3 +222,13 @@ def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_exits_75(tiny_pipe
     assert _steps_saved(out) == [step, steps]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, steps + 1))  # every step logged once: the run went on where it stopped
+
+
+def test_launch_of_one_process_returns_its_exit_code(tmp_path):
+    """One process: accelerate runs it as a plain subprocess (and would exit 1); `flowtrain launch` returns its 2."""
+    missing = tmp_path / "missing.yaml"
+    cmd = [sys.executable, "-m", "flowtrain", "launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowtrain", "train", str(missing)]  # fmt: skip
+    proc = _run(cmd, _env(), timeout=180)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stdout[-3000:]
+    assert "missing.yaml" in proc.stdout
