@@ -113,6 +113,13 @@ class TrainConfig(Section):
     max_nonfinite_in_a_row: int = Field(
         5, gt=0, description="With nonfinite=skip: stop (exit code 3) after this many non-finite steps in a row."
     )
+    collective_timeout_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Distributed runs: how long a process waits in a collective for the others before it stops "
+        "(exit code 76). Only a stuck process needs it (one that fails stops the others at once); keep it above "
+        "the longest wait of a healthy run, e.g. the main process writing a full checkpoint.",
+    )
 
 
 class LoraConfig(Section):

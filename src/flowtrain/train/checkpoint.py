@@ -21,7 +21,8 @@ deletion cannot leave a half-deleted folder that still looks complete.
 
 Test hook: `FLOWTRAIN_TEST_CHECKPOINT_SLEEP=<seconds>` makes `write_checkpoint` sleep after the weights and the
 optimizer state are written and before the checkpoint is sealed. It exists only so the kill-9 tests
-(tests/reliability) can reliably kill a process in the middle of a write; it has no other use.
+(tests/reliability) can reliably kill a process in the middle of a write; it has no other use. The
+`FLOWTRAIN_TEST_FAULT` hook (`flowtrain.train.faults`) can make one process's part of a write fail.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowtrain.train import faults
 from flowtrain.train.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,7 @@ def write_checkpoint(
     if is_main:
         attempt(lambda: _fresh_dir(tmp))
     phase_done()
+    attempt(lambda: faults.at_checkpoint(rank, step))  # test hook (train.faults); a no-op unless set
     attempt(lambda: save_rng_state(tmp / f"rng-rank{rank}"))
     if rank_state is not None:
         attempt(lambda: (tmp / f"loop-rank{rank}.json").write_text(json.dumps(rank_state)))
