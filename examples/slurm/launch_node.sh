@@ -1,6 +1,8 @@
 #!/bin/bash
 # One node's part of examples/slurm/train.sbatch (run by srun, once per node): `accelerate launch` with this node's
 # rank and the job's size read from SLURM's variables. Usage: launch_node.sh CONFIG [key=value ...]
+# `flowtrain launch` is `accelerate launch` that exits with the cause's code: 75 after a preemption that left a
+# checkpoint (requeue), anything else after a failure (docs/distributed.md#failures).
 #
 #   SLURM_NNODES, SLURM_NODEID   number of nodes, this node's index (set by SLURM)
 #   MASTER_ADDR, MASTER_PORT     the rendezvous host and port (train.sbatch sets them)
@@ -14,7 +16,7 @@ nodes="${SLURM_NNODES:?not set: run under SLURM (srun), or set it by hand}"
 node="${SLURM_NODEID:?not set: run under SLURM (srun), or set it by hand}"
 per_node="${GPUS_PER_NODE:?not set: processes per node}"
 
-exec accelerate launch \
+exec flowtrain launch \
     --config_file "${ACCELERATE_CONFIG:-configs/accelerate/ddp.yaml}" \
     --num_machines "$nodes" \
     --machine_rank "$node" \
