@@ -144,7 +144,6 @@ def test_deepspeed_matches_ddp_shards_checkpoints_and_resumes_exactly(
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns(f"checkpoint-{STEPS}", "transformer", "*.safetensors"))
     for f in out.glob("checkpoint-2/*.safetensors"):
         shutil.copy(f, resumed / "checkpoint-2" / f.name)
-    _cut_metrics(resumed, 2)
     cfg = yaml.safe_load(config.read_text())
     cfg["output_dir"] = str(resumed)
     (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(cfg))
@@ -179,13 +178,6 @@ def test_zero3_ema_and_validation_match_ddp(tiny_pipeline_dir, tiny_cache, tmp_p
         assert (a - b).abs().max() <= 2, name
 
 
-def _cut_metrics(out: Path, step: int) -> None:
-    """Keep the metrics of steps ≤ `step` (what a run that stopped after checkpoint-`step` had logged)."""
-    path = out / "logs" / "metrics.jsonl"
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(f"{line}\n" for line in keep))
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 def test_zero3_resume_after_kill_9_mid_checkpoint_is_exact(tiny_pipeline_dir, tiny_cache, tmp_path):
@@ -198,7 +190,7 @@ def test_zero3_resume_after_kill_9_mid_checkpoint_is_exact(tiny_pipeline_dir, ti
     cmd, extra = _command("zero3", killed_cfg, resume=False)
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115  closed below
     # The test hook pauses each write after the shards are saved and before the folder is sealed.
-    proc = subprocess.Popen(cmd, env=_env({**extra, "FLOWTRAIN_TEST_CHECKPOINT_SLEEP": "30"}), stdout=log,
+    proc = subprocess.Popen(cmd, env=_env({**extra, "FLOWTRAIN_TEST_CHECKPOINT_SLEEP": "10"}), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600

@@ -64,16 +64,18 @@ def test_without_deepspeed_the_engine_calls_keep_plain_and_ddp_behaviour(monkeyp
 
     acc, model = Ddp(), torch.nn.Linear(2, 2)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    assert engines.process_group_kwargs() == {}
+    assert engines.accelerator_kwargs() == {}
     assert not engines.engine_checkpoint(acc)
     assert isinstance(engines.micro_batch(acc, model, last=True), contextlib.nullcontext) and not Ddp.no_sync_called
     engines.micro_batch(acc, model, last=False)
     assert Ddp.no_sync_called  # gradients stay local until the last micro-batch
     assert isinstance(engines.full_parameters(acc, model), contextlib.nullcontext)
     assert isinstance(engines.whole_model(acc, model), contextlib.nullcontext)
+    assert engines.nonfinite_policy(acc, "skip") == "skip"
 
 
 def test_deepspeed_without_a_gpu_starts_a_gloo_group(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert engines.process_group_kwargs() == {"backend": "gloo"}
+    (handler,) = engines.accelerator_kwargs()["kwargs_handlers"]
+    assert handler.backend == "gloo"

@@ -68,7 +68,8 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     meter = TrainMeter(device, samples_per_step=cfg.train.batch_size * ga * run.world)
     loss_acc = torch.tensor(loop_state.get("loss_acc", 0.0), device=device)
     steps_acc = loop_state.get("steps_acc", 0)
-    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_in_a_row,
+    policy = engines.nonfinite_policy(accelerator, cfg.train.nonfinite)
+    guard = NonFiniteGuard(policy, cfg.train.max_nonfinite_in_a_row,
                            **(run.restored_state.nonfinite if run.restored_state else {}))  # fmt: skip
     clock = SaveClock(cfg.checkpoint.every_minutes)
     # fp16: a GradScaler skips overflowing updates itself (and must see every step), so only the loss is checked.

@@ -87,8 +87,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     if cfg.dataset.cache_dir is None:
         raise ValueError("dataset.cache_dir is not set: pass --precomputed_data_dir or set it in the config")
     check_backends(cfg.tracking.report_to)  # a missing wandb / tensorboard fails now, not after loading the model
-    process = PartialState(**engines.process_group_kwargs())  # the Accelerator below reuses this process group
-    if cfg.train.mixed_precision == "fp16" and process.device.type == "cpu":
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
         # accelerate runs fp16 as plain fp32 on CPU (no autocast, no GradScaler), so a float16 base would meet fp32
         # activations and fail in its first matmul. Checked before `Accelerator(...)`, which fixes the process's
         # mixed precision for good: a retry with bf16 in the same process must still work.
@@ -96,7 +95,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
             "train.mixed_precision=fp16 (also what `auto` picks for model.dtype=float16) needs a GPU; this run is on "
             "CPU. Use model.dtype=bfloat16 with train.mixed_precision bf16 or auto, or model.dtype=float32."
         )
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **engines.accelerator_kwargs())
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

@@ -7,6 +7,7 @@ under DeepSpeed (`engines.deepspeed`) they hand over to the engine.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,32 @@ import torch
 
 from flowtrain.train.engines import deepspeed as ds
 
+log = logging.getLogger(__name__)
 
-def process_group_kwargs() -> dict[str, Any]:
-    """kwargs for accelerate's `PartialState` (the process group), before the `Accelerator` is made."""
-    return ds.process_group_kwargs()
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """Extra kwargs for `Accelerator(...)` (the process group's backend); empty for one process and DDP."""
+    return ds.accelerator_kwargs()
 
 
 def configure(accelerator: Any, cfg: Any) -> None:
     """Before `accelerator.prepare`: tell the engine what the config decides (batch, clipping)."""
     if ds.active(accelerator):
         ds.configure(accelerator, batch_size=cfg.train.batch_size, max_grad_norm=cfg.train.max_grad_norm)
+
+
+def nonfinite_policy(accelerator: Any, policy: str) -> str:
+    """`train.nonfinite` as this engine can honour it. DeepSpeed steps inside the last micro-batch's backward,
+    before the loop sees the loss and gradient norm, so a non-finite step cannot be skipped: `skip` becomes `stop`
+    (the run stops before saving, so the last checkpoint stays good)."""
+    if ds.active(accelerator) and policy == "skip":
+        if accelerator.is_main_process:
+            log.warning(
+                "train.nonfinite=skip: under DeepSpeed the update is applied inside backward and cannot be skipped; "
+                "the run stops at the first non-finite step instead (train.nonfinite=stop)"
+            )
+        return "stop"
+    return policy
 
 
 def micro_batch(accelerator: Any, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:

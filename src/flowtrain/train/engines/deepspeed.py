@@ -46,11 +46,13 @@ def zero_stage(accelerator: Any) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def process_group_kwargs() -> dict[str, Any]:
-    """kwargs for accelerate's `PartialState`: gloo for DeepSpeed without a GPU (accelerate would start none and run
-    every process as a world of one), nothing otherwise."""
+def accelerator_kwargs() -> dict[str, Any]:
+    """kwargs for `Accelerator`: a gloo process group for DeepSpeed without a GPU (accelerate would start none and
+    run every process as a world of one), nothing otherwise."""
     if requested() and not torch.cuda.is_available():
-        return {"backend": "gloo"}
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {}
 
 
