@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through accelerate on 2 real CPU processes (gloo), LoRA and full fine-tune.
 
-For each engine and mode, against a 2-process DDP run of the same config and global batch:
+For each engine and mode, against a 2-process DDP run of the same config and global batch (2 micro-batches of 2
+rows per process and step, a linearly decaying lr):
 - the logged loss sequence matches (fp32: reductions differ in order, so within a tight tolerance, not bitwise);
 - checkpoints are DeepSpeed's own shards inside flowtrain's atomic folder (one optimizer partition per process,
   listed in COMPLETE; no trainable.safetensors / optimizer.pt), and DeepSpeed's zero_to_fp32 merges them into
@@ -66,7 +67,9 @@ def _train(engine: str, config: Path, *, resume: bool = False, timeout: float = 
 
 
 def _config(tmp: Path, name: str, pipeline: Path, cache: Path, mode: str, **extra) -> Path:
-    cfg = tiny_config_dict(pipeline, cache, tmp / name, max_steps=STEPS, batch_size=2)
+    # 2 micro-batches a step and a decaying lr: the engine must step once per optimizer step, with flowtrain's lr.
+    cfg = tiny_config_dict(pipeline, cache, tmp / name, max_steps=STEPS, batch_size=2, gradient_accumulation_steps=2)
+    cfg["lr_scheduler"] = {"name": "linear"}
     cfg["train_mode"] = mode
     cfg["checkpoint"] = {"every_steps": 2, "keep_last": None}
     for key, value in extra.items():

@@ -105,14 +105,21 @@ def whole_model(accelerator: Any, model: Any) -> Iterator[None]:
     """Within the block the unwrapped model is an ordinary module holding all its weights on every process, so one
     process can run forwards alone (validation sampling): under ZeRO-3 the weights are gathered (a collective) and
     the engine's per-layer fetch hooks, which would all-gather again inside each forward, are lifted meanwhile.
+    Models loaded inside (validation's text encoder) load whole on the process that loads them: transformers would
+    otherwise build them partitioned under ZeRO-3 (`zero.Init`, a collective the other processes never join).
     Costs the whole model's memory on every process for the duration."""
     if zero_stage(accelerator) != 3:
         yield
         return
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    from transformers.integrations import unset_hf_deepspeed_config
 
     with unwrap_model_for_generation(_engine(accelerator, model)):
-        yield
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # what accelerate had set up
 
 
 def _engine(accelerator: Any, model: Any) -> Any:
