@@ -10,7 +10,10 @@ Layout of `{output_dir}/checkpoint-{step}/`:
   loop-rank{r}.json       per-process loop counters (the partly accumulated logged loss) for exact logging
   state.json              step, data position (epoch, batch, shuffle seed), config essentials, counters
   pytorch_lora_weights.safetensors (LoRA) — usable directly with `load_lora_weights`
-  COMPLETE                written last: the size of every file above; a folder without it is never `latest`
+  deepspeed/              under DeepSpeed, instead of trainable.safetensors and optimizer.pt: the engine's own
+                          checkpoint, one shard per process (written by every process; see train/engines/deepspeed.py)
+  COMPLETE                written last: the size of every file above (sub-folders included); a folder without it
+                          is never `latest`
 
 Atomicity: everything goes into `.checkpoint-{step}.tmp/`, every file is fsynced, COMPLETE is written and fsynced,
 then the folder is renamed into place and the parent directory fsynced. A crash, SIGKILL or full disk mid-write
@@ -161,8 +164,8 @@ def write_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None,
     lr_scheduler: Any,
     state: dict[str, Any],
     rank: int = 0,
@@ -173,13 +176,15 @@ def write_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     scaler: Any = None,
     rank_state: dict[str, Any] | None = None,
+    shards: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write checkpoint-{step} atomically. Every process must call it (each saves its RNG state).
 
     `sync(failed_here) -> failed_anywhere` is a collective that also acts as a barrier; with it, an error on one
     process becomes a `CheckpointWriteError` on all of them. Without it, `barrier` is used and errors stay local
     (fine for one process). `extra_files(tmp_dir)` lets the caller add files (e.g. the diffusers LoRA file) before
-    the folder is sealed.
+    the folder is sealed. `shards(tmp_dir)` runs on every process (a sharding engine's own checkpoint); then
+    `trainable` / `optimizer` may be None (the shards hold them).
     """
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
@@ -210,6 +215,8 @@ def write_checkpoint(
     attempt(lambda: save_rng_state(tmp / f"rng-rank{rank}"))
     if rank_state is not None:
         attempt(lambda: (tmp / f"loop-rank{rank}.json").write_text(json.dumps(rank_state)))
+    if shards is not None:
+        attempt(lambda: shards(tmp))
     phase_done()
     if is_main:
         attempt(
@@ -228,8 +235,10 @@ def _fresh_dir(tmp: Path) -> None:
 
 
 def _write_main_files(tmp, step, trainable, optimizer, lr_scheduler, state, extra_files, ema, scaler, final, out):
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if trainable is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _test_hook_sleep()
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     if scaler is not None:
@@ -240,10 +249,12 @@ def _write_main_files(tmp, step, trainable, optimizer, lr_scheduler, state, extr
         extra_files(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     files = {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(tmp.rglob("*")):
         if f.is_file():
             _fsync_file(f)
-            files[f.name] = f.stat().st_size
+            files[f.relative_to(tmp).as_posix()] = f.stat().st_size
+    for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True):  # a sharding engine's sub-folders
+        _fsync_dir(d)
     (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(tmp)
@@ -331,8 +342,9 @@ def load_checkpoint(path: str | Path, *, rank: int = 0, world_size: int | None =
 
     state = read("state.json", lambda p: json.loads(p.read_text()))
     return {
-        "trainable": read("trainable.safetensors", lambda p: load_file(str(p))),
-        "optimizer": read("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
+        # Both None in a sharding engine's checkpoint (its `deepspeed/` folder holds them).
+        "trainable": optional("trainable.safetensors", lambda p: load_file(str(p))),
+        "optimizer": optional("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
         "lr_scheduler": read("lr_scheduler.pt", lambda p: torch.load(p, weights_only=True)),
         "scaler": optional("scaler.pt", lambda p: torch.load(p, weights_only=True)),
         "ema": optional("ema.safetensors", lambda p: load_file(str(p))),

@@ -7,7 +7,9 @@ The copy lives next to the weights or on the CPU (`ema.device: cpu`, saving acce
 device→host copy per update). Checkpoints store it as `ema.safetensors` (by parameter name); validation samples
 and the exported LoRA / transformer use it through `swapped_in`.
 
-Not supported with sharded parameters (FSDP / DeepSpeed ZeRO-3): each process would only see its shard.
+With DeepSpeed ZeRO-3 the caller gathers the trainable parameters around construction, `update` and `swapped_in`
+(`engines.full_parameters` / `engines.whole_model`, collectives): every process then keeps the same whole EMA.
+Not supported with FSDP yet: each process would only see its shard.
 """
 
 from __future__ import annotations

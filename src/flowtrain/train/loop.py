@@ -23,7 +23,7 @@ from flowtrain.data.loader import close_batches
 from flowtrain.track import finish_tracking
 from flowtrain.track.stats import TrainMeter
 from flowtrain.train import checkpoint as ckpt
-from flowtrain.train import faults
+from flowtrain.train import engines, faults
 from flowtrain.train.control import NonFiniteGuard, SaveClock, StopSignals, agree, determinism, nonfinite_flag
 from flowtrain.train.errors import CheckpointWriteError
 from flowtrain.train.failures import one_failure_stops_all
@@ -76,7 +76,8 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     meter = TrainMeter(device, samples_per_step=cfg.train.batch_size * ga * run.world)
     loss_acc = torch.tensor(loop_state.get("loss_acc", 0.0), device=device)
     steps_acc = loop_state.get("steps_acc", 0)
-    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_in_a_row,
+    policy = engines.nonfinite_policy(accelerator, cfg.train.nonfinite)
+    guard = NonFiniteGuard(policy, cfg.train.max_nonfinite_in_a_row,
                            **(run.restored_state.nonfinite if run.restored_state else {}))  # fmt: skip
     clock = SaveClock(cfg.checkpoint.every_minutes)
     # fp16: a GradScaler skips overflowing updates itself (and must see every step), so only the loss is checked.
@@ -98,7 +99,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             draw_rank, part = draws_for(cfg.train.random_draws, batch, accelerator.process_index, run.world)
             gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro, draw_rank))
             inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device, part=part)
-            sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
+            sync = engines.micro_batch(accelerator, model, last=micro == ga - 1)
             with sync:
                 with accelerator.autocast():
                     loss, logs = step_loss(model, family, inputs, run.loss_fn)
@@ -124,7 +125,8 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
         run.lr_scheduler.step()  # a skipped step still advances the schedule: lr stays a function of the step
         run.optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
-            run.ema.update(done)
+            with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: gathered meanwhile
+                run.ema.update(done)
         if not bad:
             loss_acc, steps_acc = loss_acc + step_acc, steps_acc + 1
         meter.end_step(ok=not bad)
@@ -175,9 +177,12 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     """Export the final weights (EMA weights when EMA is on), graphs and artifacts; end the run."""
     unwrapped = run.accelerator.unwrap_model(run.model)
     weights = None
-    if run.is_main and not result.interrupted:
-        with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
-            weights = export_weights(run, unwrapped)
+    if not result.interrupted:
+        # Sharded parameters (ZeRO-3) are gathered on every process for the main one to write them.
+        with engines.full_parameters(run.accelerator, run.model, trainable_only=run.lora_cfg is not None):
+            if run.is_main:
+                with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
+                    weights = export_weights(run, unwrapped)
     # graphs/ + final artifacts; an interrupted run is KILLED in MLflow until a resume continues it
     cfg = run.cfg
     finish_tracking(run.tracker, run.out, weights, log_weights=cfg.tracking.log_weights, graphs=cfg.tracking.graphs,
@@ -225,21 +230,29 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
 
     payload = state.to_json()
     del payload["step"]  # write_checkpoint records the step itself
-    ckpt.write_checkpoint(
-        run.out,
-        step,
-        trainable=trainable_state(unwrapped),
-        optimizer=run.optimizer,
-        lr_scheduler=run.lr_scheduler,
-        state=payload,
-        rank=accelerator.process_index,
-        is_main=run.is_main,
-        sync=_agree_failed(accelerator),
-        extra_files=extra,
-        scaler=accelerator.scaler,
-        rank_state=loop,
-        ema=run.ema.state_dict() if run.ema is not None else None,
-    )
+    # A sharding engine (DeepSpeed) writes weights and optimizer state itself, one shard per process.
+    sharded = engines.engine_checkpoint(accelerator)
+
+    def shards(d: Path) -> None:
+        engines.save_shards(accelerator, run.model, d, lora=run.lora_cfg is not None)
+
+    with engines.full_parameters(accelerator, run.model, trainable_only=True):  # the LoRA file needs whole adapters
+        ckpt.write_checkpoint(
+            run.out,
+            step,
+            trainable=None if sharded else trainable_state(unwrapped),
+            optimizer=None if sharded else run.optimizer,
+            lr_scheduler=run.lr_scheduler,
+            state=payload,
+            rank=accelerator.process_index,
+            is_main=run.is_main,
+            sync=_agree_failed(accelerator),
+            extra_files=extra,
+            scaler=accelerator.scaler,
+            rank_state=loop,
+            ema=run.ema.state_dict() if run.ema is not None else None,
+            shards=shards if sharded else None,
+        )
     if run.is_main:
         ckpt.prune_checkpoints(run.out, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
 

@@ -25,6 +25,7 @@ from flowtrain.losses import loss_from_config
 from flowtrain.models import ModelFamily, get_family
 from flowtrain.track import check_backends, open_tracking
 from flowtrain.train import checkpoint as ckpt
+from flowtrain.train import engines
 from flowtrain.train.ema import EMA, ema_for_run
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
 from flowtrain.train.perf import optimizer_step_fn
@@ -87,10 +88,14 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     if cfg.dataset.cache_dir is None:
         raise ValueError("dataset.cache_dir is not set: pass --precomputed_data_dir or set it in the config")
     check_backends(cfg.tracking.report_to)  # a missing wandb / tensorboard fails now, not after loading the model
-    # The process group is made here, first, with the collective timeout: the call Accelerator() would make (it
-    # then shares this state). Its InitProcessGroupKwargs handler would drop a timeout equal to its own default.
-    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
-                 timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))  # fmt: skip
+    # The process group is made here, first, with the collective timeout and the engine's backend: the call
+    # Accelerator() would make (it then shares this state). Its InitProcessGroupKwargs handler would drop a timeout
+    # equal to its own default.
+    PartialState(
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+        timeout=timedelta(minutes=cfg.train.collective_timeout_minutes),
+        **engines.process_group_kwargs(),
+    )
     if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
         # accelerate runs fp16 as plain fp32 on CPU (no autocast, no GradScaler), so a float16 base would meet fp32
         # activations and fail in its first matmul. Checked before `Accelerator(...)`, which fixes the process's
@@ -128,6 +133,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     # The scheduler is stepped by us once per optimizer step, so it is not handed to accelerate (which would
     # step it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.train.max_steps)
+    engines.configure(accelerator, cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     global_batch = cfg.train.batch_size * world
 
@@ -137,8 +143,16 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         restored = ckpt.load_checkpoint(resume_path, rank=rank, world_size=world)
         state = TrainState.from_json(restored["state"])
         check_resume(state, cfg, dataset.manifest.fingerprint["id"], transformer_id, resume_path)
-        load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
-        optimizer.load_state_dict(restored["optimizer"])
+        if engines.engine_checkpoint(accelerator):
+            engines.load_shards(accelerator, model, resume_path, lora=lora_cfg is not None)
+        elif restored["trainable"] is None or restored["optimizer"] is None:
+            raise ValueError(
+                f"{resume_path} holds a sharding engine's checkpoint (no trainable.safetensors / optimizer.pt): "
+                "resume it with the launch config (engine) that wrote it"
+            )
+        else:
+            load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
+            optimizer.load_state_dict(restored["optimizer"])
         lr_scheduler.load_state_dict(restored["lr_scheduler"])
         if restored["scaler"] is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(restored["scaler"])
@@ -149,7 +163,8 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, start_step, epoch, batch_pos)
     elif resume == "latest" and accelerator.is_main_process:
         log.info("no checkpoint in %s yet: starting from scratch", out)
-    ema = ema_for_run(cfg, accelerator.unwrap_model(model), restored)  # None unless ema.enabled
+    with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: the EMA starts from whole weights
+        ema = ema_for_run(cfg, accelerator.unwrap_model(model), restored)  # None unless ema.enabled
 
     sampler = ResumableSampler(
         len(dataset),

@@ -9,7 +9,8 @@ Sampling reuses the transformer being trained (no copy): the main process puts i
 no_grad with the pipeline's own sampler, and puts it back. The text encoder is loaded once, at the first
 validation, to embed the prompts (and the "" negative prompt for CFG), then freed; the VAE stays loaded and is
 moved to the device only while sampling. The global RNG state is saved and restored around sampling, so a run with
-validation trains exactly like one without. Other processes wait at a barrier meanwhile.
+validation trains exactly like one without. Other processes wait at a barrier meanwhile; under DeepSpeed ZeRO-3
+every process first gathers the whole transformer (`engines.whole_model`), so the main one can sample alone.
 
 A failure while sampling (e.g. out of memory) is logged with its traceback and turns validation off for the rest
 of the run: losing preview images must not kill a training run (or leave the other ranks waiting forever).
@@ -33,6 +34,7 @@ from flowtrain.config import FlowtrainConfig
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import ModelFamily
 from flowtrain.models.common import pad_rows
+from flowtrain.train import engines
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +132,21 @@ class Validator:
         if not self.due(step, start=start):
             return []
         paths: list[Path] = []
-        if accelerator.is_main_process:
-            if _sharded(accelerator):
-                log.warning("validation: sampling with sharded parameters (FSDP / ZeRO-3) is not supported; off")
-                self.enabled = False
-            else:
-                try:
-                    paths = self.run(
-                        step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast, weights
-                    )
-                except Exception:
-                    log.exception("validation failed at step %d; validation is off for the rest of this run", step)
+        with engines.whole_model(accelerator, model):  # DeepSpeed ZeRO-3: gathered on every process meanwhile
+            if accelerator.is_main_process:
+                if _sharded(accelerator):
+                    log.warning("validation: sampling with sharded parameters (FSDP) is not supported; off")
                     self.enabled = False
-                tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
-        accelerator.wait_for_everyone()
+                else:
+                    try:
+                        paths = self.run(
+                            step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast, weights
+                        )
+                    except Exception:
+                        log.exception("validation failed at step %d; validation is off for the rest of this run", step)
+                        self.enabled = False
+                    tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
+            accelerator.wait_for_everyone()
         return paths
 
     def run(
@@ -264,12 +267,8 @@ def _no_loading_bars() -> Iterator[None]:
 
 
 def _sharded(accelerator: Any) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: no process holds the whole transformer, so one process cannot sample alone."""
+    """FSDP: no process holds the whole transformer, so one process cannot sample alone. (DeepSpeed ZeRO-3 gathers
+    it for the time of sampling: `engines.whole_model`.)"""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        return getattr(plugin, "zero_stage", 0) == 3
-    return False
+    return accelerator.distributed_type == DistributedType.FSDP
