@@ -10,6 +10,8 @@ Layout of `{output_dir}/checkpoint-{step}/`:
   loop-rank{r}.json       per-process loop counters (the partly accumulated logged loss) for exact logging
   state.json              step, data position (epoch, batch, shuffle seed), config essentials, counters
   pytorch_lora_weights.safetensors (LoRA) — usable directly with `load_lora_weights`
+  .metadata, __{r}_0.distcp  sharded runs (FSDP) instead of trainable / optimizer / ema: every process's shards,
+                          written by torch.distributed.checkpoint (see `flowtrain.train.sharding`)
   COMPLETE                written last: the size of every file above; a folder without it is never `latest`
 
 Atomicity: everything goes into `.checkpoint-{step}.tmp/`, every file is fsynced, COMPLETE is written and fsynced,
@@ -159,8 +161,8 @@ def write_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None,
     lr_scheduler: Any,
     state: dict[str, Any],
     rank: int = 0,
@@ -171,13 +173,16 @@ def write_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     scaler: Any = None,
     rank_state: dict[str, Any] | None = None,
+    rank_files: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write checkpoint-{step} atomically. Every process must call it (each saves its RNG state).
 
     `sync(failed_here) -> failed_anywhere` is a collective that also acts as a barrier; with it, an error on one
     process becomes a `CheckpointWriteError` on all of them. Without it, `barrier` is used and errors stay local
     (fine for one process). `extra_files(tmp_dir)` lets the caller add files (e.g. the diffusers LoRA file) before
-    the folder is sealed.
+    the folder is sealed. `rank_files(tmp_dir)` runs on every process once the folder exists and every process's
+    RNG state is written (sharded runs write their shards there: a collective); pass `trainable` / `optimizer` as
+    None when it writes those.
     """
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
@@ -208,6 +213,9 @@ def write_checkpoint(
     if rank_state is not None:
         attempt(lambda: (tmp / f"loop-rank{rank}.json").write_text(json.dumps(rank_state)))
     phase_done()
+    if rank_files is not None:  # after a phase every process passed: a collective inside must not meet a no-show
+        attempt(lambda: rank_files(tmp))
+        phase_done()
     if is_main:
         attempt(
             lambda: _write_main_files(
@@ -225,8 +233,10 @@ def _fresh_dir(tmp: Path) -> None:
 
 
 def _write_main_files(tmp, step, trainable, optimizer, lr_scheduler, state, extra_files, ema, scaler, final, out):
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if trainable is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _test_hook_sleep()
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     if scaler is not None:
@@ -304,7 +314,9 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
     """Read a checkpoint back: trainable tensors, optimizer/scheduler state, state.json, and where the RNG is
     (pass `rng_stem` to `restore_rng_state` once the model is built, so building it cannot consume the stream).
 
-    Weights come only from safetensors; the optimizer / scheduler / scaler state with `weights_only=True`.
+    Weights come only from safetensors; the optimizer / scheduler / scaler state with `weights_only=True`. A sharded
+    checkpoint has no `trainable.safetensors` / `optimizer.pt`: those entries are None and `sharded` is True (the
+    caller reads the shards with `train.sharding.load_shards`, a collective).
     """
     path = Path(path)
     problem = verify_checkpoint(path)
@@ -326,9 +338,11 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
     def optional(name: str, fn: Callable[[Path], Any]) -> Any:
         return read(name, fn) if (path / name).exists() else None
 
+    sharded = (path / ".metadata").is_file()  # torch.distributed.checkpoint's index of the shards
     return {
-        "trainable": read("trainable.safetensors", lambda p: load_file(str(p))),
-        "optimizer": read("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
+        "sharded": sharded,
+        "trainable": None if sharded else read("trainable.safetensors", lambda p: load_file(str(p))),
+        "optimizer": None if sharded else read("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
         "lr_scheduler": read("lr_scheduler.pt", lambda p: torch.load(p, weights_only=True)),
         "scaler": optional("scaler.pt", lambda p: torch.load(p, weights_only=True)),
         "ema": optional("ema.safetensors", lambda p: load_file(str(p))),

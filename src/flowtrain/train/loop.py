@@ -23,6 +23,7 @@ from flowtrain.data.loader import close_batches
 from flowtrain.track import finish_tracking
 from flowtrain.track.stats import TrainMeter
 from flowtrain.train import checkpoint as ckpt
+from flowtrain.train import sharding
 from flowtrain.train.control import NonFiniteGuard, SaveClock, StopSignals, agree, determinism, nonfinite_flag
 from flowtrain.train.errors import CheckpointWriteError
 from flowtrain.train.resume import essentials
@@ -97,6 +98,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             meter.add(inputs.sigma, logs)
         max_norm = cfg.train.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(run.params, max_norm) if max_norm else None
+        grad_norm = sharding.whole(grad_norm)  # FSDP: the norm comes back as a DTensor
         done = step + 1
         # One host sync per step, agreed by all processes: skip this update? stop? time for a save?
         bad, stop_now, time_due = agree(
@@ -163,9 +165,14 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     """Export the final weights (EMA weights when EMA is on), graphs and artifacts; end the run."""
     unwrapped = run.accelerator.unwrap_model(run.model)
     weights = None
-    if run.is_main and not result.interrupted:
-        with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
-            weights = export_weights(run, unwrapped)
+    # Sharded (FSDP): every process takes part in gathering the weights; the main process writes them.
+    if (run.is_main or sharding.sharded(run.accelerator)) and not result.interrupted:
+        with (
+            run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext(),
+            sharding.full_weights(run.accelerator, unwrapped, trainable_only=run.lora_cfg is not None) as full,
+        ):
+            if run.is_main:
+                weights = export_weights(run, full)
     # graphs/ + final artifacts; an interrupted run is KILLED in MLflow until a resume continues it
     cfg = run.cfg
     finish_tracking(run.tracker, run.out, weights, log_weights=cfg.tracking.log_weights, graphs=cfg.tracking.graphs,
@@ -205,19 +212,30 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
         nonfinite=guard.state(),
     )
     extra = None
-    if run.lora_cfg is not None:
+    split = sharding.sharded(accelerator)
+    if run.lora_cfg is not None and split:
+        # The LoRA file needs the gathered LoRA weights: a collective, so here on every process (never the base).
+        with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
+            lora = sharding.gather_weights(unwrapped, trainable_only=True)
+
+        def extra(d: Path) -> None:
+            with sharding.state_dict_view(unwrapped, lora):
+                run.family.save_lora(d, unwrapped, run.lora_cfg)
+
+    elif run.lora_cfg is not None:
 
         def extra(d: Path) -> None:
             with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
                 run.family.save_lora(d, unwrapped, run.lora_cfg)
 
+    ema = run.ema.state_dict() if run.ema is not None else None
     payload = state.to_json()
     del payload["step"]  # write_checkpoint records the step itself
     ckpt.write_checkpoint(
         run.out,
         step,
-        trainable=trainable_state(unwrapped),
-        optimizer=run.optimizer,
+        trainable=None if split else trainable_state(unwrapped),
+        optimizer=None if split else run.optimizer,
         lr_scheduler=run.lr_scheduler,
         state=payload,
         rank=accelerator.process_index,
@@ -226,7 +244,8 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
         extra_files=extra,
         scaler=accelerator.scaler,
         rank_state=loop,
-        ema=run.ema.state_dict() if run.ema is not None else None,
+        ema=None if split else ema,
+        rank_files=(lambda d: sharding.save_shards(d, unwrapped, run.optimizer, ema)) if split else None,
     )
     if run.is_main:
         ckpt.prune_checkpoints(run.out, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
