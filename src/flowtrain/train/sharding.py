@@ -132,6 +132,19 @@ def load_shards(folder: Path, model: torch.nn.Module, optimizer: Any) -> dict[st
     return state.get("ema")
 
 
+def read_shards(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A sharded checkpoint consolidated into whole tensors on this one process (no process group needed):
+    {"model": trainable weights, "optimizer": {"state", "param_groups"}, "ema": EMA weights (when kept)}, each
+    keyed by parameter name. For inspecting or converting a checkpoint offline; holds it all in memory."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), f"{tmp}/whole.pt")
+        return torch.load(f"{tmp}/whole.pt", weights_only=True)
+
+
 def gather_weights(model: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict, on the CPU of the main process; other processes get an empty dict. A
     collective: every process calls it. `trainable_only`: just the trainable tensors (a LoRA: never the base)."""
@@ -159,8 +172,18 @@ def full_weights(accelerator: Any, model: torch.nn.Module, *, trainable_only: bo
     if not sharded(accelerator):
         yield model
         return
-    with state_dict_view(model, gather_weights(model, trainable_only=trainable_only)):
-        yield model
+    from torch.distributed.fsdp import FSDPModule
+
+    full = gather_weights(model, trainable_only=trainable_only)
+    fsdp_cls = type(model)
+    # fully_shard made the model an instance of a generated `FSDP<Model>` class; diffusers records the class name
+    # in config.json (`_class_name`), so the writers see the model's own class for the block.
+    model.__class__ = next(c for c in fsdp_cls.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        with state_dict_view(model, full):
+            yield model
+    finally:
+        model.__class__ = fsdp_cls
 
 
 @torch.no_grad()
