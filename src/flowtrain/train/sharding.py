@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes next to the shards; marks a sharded checkpoint
-
 
 def prepare_accelerator_state() -> None:
     """Call before `Accelerator(...)`. When the launcher asked for FSDP (ACCELERATE_USE_FSDP) on CPU processes,
@@ -75,11 +73,13 @@ def whole(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if t is not None and is_shard(t) else t
 
 
-def _options(full: bool = False) -> Any:
+def _options(*, loading: bool = False) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Frozen base weights are not checkpointed: they come from the model files (as in single-process checkpoints).
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+    # Loading just the trainable ones is therefore not strict; that every one of them is in the checkpoint is
+    # checked by `dcp.load`, which fails on a requested key the checkpoint lacks.
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -97,10 +97,6 @@ def save_shards(folder: Path, model: torch.nn.Module, optimizer: Any, ema: dict[
     if ema is not None:
         state["ema"] = ema
     dcp.save(state, checkpoint_id=str(folder))
-
-
-def is_sharded_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / DCP_METADATA).is_file()
 
 
 def check_unsharded_resume(accelerator: Any, folder: Path) -> None:
@@ -128,7 +124,7 @@ def load_shards(folder: Path, model: torch.nn.Module, optimizer: Any) -> dict[st
         state["ema"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options())  # fmt: skip
+                   options=_options(loading=True))  # fmt: skip
     return state.get("ema")
 
 
