@@ -6,9 +6,9 @@ import pytest
 
 from flowtrain.config import load_config
 
-ROOT = Path(__file__).parents[1] / "configs"
-# configs/accelerate/: `accelerate launch --config_file` files, not training ones (test_accelerate_configs.py)
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.relative_to(ROOT).parts[0] != "accelerate")
+# configs/accelerate/ holds `accelerate launch --config_file` files, not training configs (checked below).
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+LAUNCH_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "accelerate").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
@@ -42,6 +42,13 @@ def test_shipped_config_validates(path):
     load_config(path)
 
 
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_launch_configs_load_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(path)).num_machines >= 1
+
+
 def test_klein4b_lora_matches_reference_settings():
     cfg = load_config(Path(__file__).parents[1] / "configs/klein4b/lora.yaml")
     assert cfg.model.pretrained.endswith("FLUX.2-klein-base-4B")  # base, not distilled
@@ -66,3 +73,16 @@ def test_qwen_image_configs_match_the_pipeline_and_the_tiny_model():
     assert tiny.model.family == "qwen_image" and tiny.model.dtype == "float32"
     assert {k: getattr(tiny.model, k) for k in family.tiny_options} == dict(family.tiny_options)
     assert [list(s) for s in tiny.validation.sizes] == [[family.tiny_resolution] * 2]
+
+
+def test_fsdp2_launch_config_is_fsdp_version_2_with_sharded_checkpoints():
+    """What docs/distributed-fsdp2.md describes (tests/dist/test_fsdp2_cpu.py launches with this file)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    cfg = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp2.yaml"))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.mixed_precision == "bf16"
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # one unit per block (_no_split_modules)
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"

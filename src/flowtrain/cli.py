@@ -490,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "launch",
+        help="accelerate launch, exiting with the training processes' own exit code (75 after a preemption)",
+        description="Takes exactly the arguments of `accelerate launch` (e.g. `flowtrain launch --multi_gpu "
+        "--num_processes 8 -m flowtrain train cfg.yaml`) and runs it, but exits with the code of the process "
+        "that caused a failure (see docs/reliability.md) instead of accelerate's 1 for any failure.",
+        add_help=False,
+    )
+    s.set_defaults(func=None)
     return p
 
 
@@ -508,6 +518,12 @@ def _default_openmp_waiting() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb_at = 1 if argv[:1] == ["--debug"] else 0
+    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
+        from flowtrain.launch import launch
+
+        return launch(argv[verb_at + 1 :])
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)

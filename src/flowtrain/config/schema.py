@@ -88,6 +88,15 @@ class TrainConfig(Section):
         description="torch deterministic algorithms (+ cuDNN / cuBLAS settings): same seed + config → identical "
         "losses, at some speed cost on GPU.",
     )
+    random_draws: Literal["global", "per_process"] = Field(
+        "per_process",
+        description="With several processes, how σ, noise, caption dropout and posterior samples are drawn. "
+        "`per_process`: each process draws only its rows, from a stream keyed by its rank (cheap at any scale; the "
+        "numbers depend on the process count). `global`: every process draws them for the whole global micro-batch "
+        "and keeps its rows, so N processes × batch b train like 1 × N·b (within fp32 tolerance) and a resume on "
+        "another process count continues the same numbers; the CPU draw costs N times one process's share "
+        "(benchmarks/distributed.py). One process: both are the same.",
+    )
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps (means over those steps).")
     caption_dropout: float = Field(
         0.0,
@@ -103,6 +112,13 @@ class TrainConfig(Section):
     )
     max_nonfinite_in_a_row: int = Field(
         5, gt=0, description="With nonfinite=skip: stop (exit code 3) after this many non-finite steps in a row."
+    )
+    collective_timeout_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Distributed runs: how long a process waits in a collective for the others before it stops "
+        "(exit code 76). Only a stuck process needs it (one that fails stops the others at once); keep it above "
+        "the longest wait of a healthy run, e.g. the main process writing a full checkpoint.",
     )
 
 

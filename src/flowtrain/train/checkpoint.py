@@ -23,7 +23,8 @@ deletion cannot leave a half-deleted folder that still looks complete.
 
 Test hook: `FLOWTRAIN_TEST_CHECKPOINT_SLEEP=<seconds>` makes `write_checkpoint` sleep after the weights and the
 optimizer state are written and before the checkpoint is sealed. It exists only so the kill-9 tests
-(tests/reliability) can reliably kill a process in the middle of a write; it has no other use.
+(tests/reliability) can reliably kill a process in the middle of a write; it has no other use. The
+`FLOWTRAIN_TEST_FAULT` hook (`flowtrain.train.faults`) can make one process's part of a write fail.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowtrain.train import faults
 from flowtrain.train.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -209,6 +211,7 @@ def write_checkpoint(
     if is_main:
         attempt(lambda: _fresh_dir(tmp))
     phase_done()
+    attempt(lambda: faults.at_checkpoint(rank, step))  # test hook (train.faults); a no-op unless set
     attempt(lambda: save_rng_state(tmp / f"rng-rank{rank}"))
     if rank_state is not None:
         attempt(lambda: (tmp / f"loop-rank{rank}.json").write_text(json.dumps(rank_state)))
@@ -310,9 +313,10 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int | None, keep_every:
     return deleted + [p for p in stale if p.name.endswith(".tmp")]
 
 
-def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, rank: int = 0, world_size: int | None = None) -> dict[str, Any]:
     """Read a checkpoint back: trainable tensors, optimizer/scheduler state, state.json, and where the RNG is
     (pass `rng_stem` to `restore_rng_state` once the model is built, so building it cannot consume the stream).
+    `world_size`: the resuming run's process count, when it may differ from the saved one (see `_loop_state`).
 
     Weights come only from safetensors; the optimizer / scheduler / scaler state with `weights_only=True`. A sharded
     checkpoint has no `trainable.safetensors` / `optimizer.pt`: those entries are None and `sharded` is True (the
@@ -325,7 +329,6 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
     rng_stem = path / f"rng-rank{rank}"
     if not Path(f"{rng_stem}.json").exists():  # resuming on more processes than saved: use rank 0's stream
         rng_stem = path / "rng-rank0"
-    loop_state = path / f"loop-rank{rank}.json"
 
     def read(name: str, fn: Callable[[Path], Any]) -> Any:
         try:
@@ -339,6 +342,7 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
         return read(name, fn) if (path / name).exists() else None
 
     sharded = (path / ".metadata").is_file()  # torch.distributed.checkpoint's index of the shards
+    state = read("state.json", lambda p: json.loads(p.read_text()))
     return {
         "sharded": sharded,
         "trainable": None if sharded else read("trainable.safetensors", lambda p: load_file(str(p))),
@@ -346,7 +350,21 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
         "lr_scheduler": read("lr_scheduler.pt", lambda p: torch.load(p, weights_only=True)),
         "scaler": optional("scaler.pt", lambda p: torch.load(p, weights_only=True)),
         "ema": optional("ema.safetensors", lambda p: load_file(str(p))),
-        "loop": json.loads(loop_state.read_text()) if loop_state.exists() else None,
+        "loop": _loop_state(path, rank, world_size, state.get("world_size", 1)),
         "rng_stem": rng_stem,
-        "state": read("state.json", lambda p: json.loads(p.read_text())),
+        "state": state,
     }
+
+
+def _loop_state(path: Path, rank: int, world_size: int | None, saved_world: int) -> dict[str, Any] | None:
+    """The partly accumulated log window this process continues: its own file when the process count is the
+    saved one. On another count, every process takes the mean of the saved processes' partial loss sums (the
+    logged loss is a mean over processes, and every process counts the same steps), so the first logged value
+    after the change is the one the unchanged run logs, within float rounding."""
+    own = path / f"loop-rank{rank}.json"
+    if world_size is None or world_size == saved_world:
+        return json.loads(own.read_text()) if own.exists() else None
+    saved = [json.loads(p.read_text()) for p in sorted(path.glob("loop-rank*.json"))]
+    if not saved:
+        return None
+    return {"loss_acc": sum(d["loss_acc"] for d in saved) / len(saved), "steps_acc": saved[0]["steps_acc"]}

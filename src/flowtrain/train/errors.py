@@ -9,6 +9,7 @@ EXIT_USER_ERROR = 2  # bad config, missing files, incompatible cache: fix the in
 EXIT_NONFINITE = 3  # the loss/gradients went NaN/inf: resuming as is would diverge again
 EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR: a checkpoint could not be written (disk full, ...); the previous one is intact
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; resume with `latest`
+EXIT_PEER_FAILED = 76  # EX_PROTOCOL: another process of a distributed run failed (its message says why) or hung
 
 
 class TrainingAborted(RuntimeError):
@@ -27,3 +28,9 @@ class CheckpointWriteError(TrainingAborted):
     """A checkpoint could not be written; nothing of it was published and the previous checkpoint is intact."""
 
     exit_code = EXIT_CHECKPOINT_WRITE
+
+
+class PeerFailedError(TrainingAborted):
+    """A collective failed because another process of the run failed or stopped answering (see train.failures)."""
+
+    exit_code = EXIT_PEER_FAILED

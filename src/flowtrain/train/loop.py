@@ -23,13 +23,14 @@ from flowtrain.data.loader import close_batches
 from flowtrain.track import finish_tracking
 from flowtrain.track.stats import TrainMeter
 from flowtrain.train import checkpoint as ckpt
-from flowtrain.train import sharding
+from flowtrain.train import faults, sharding
 from flowtrain.train.control import NonFiniteGuard, SaveClock, StopSignals, agree, determinism, nonfinite_flag
 from flowtrain.train.errors import CheckpointWriteError
+from flowtrain.train.failures import one_failure_stops_all
 from flowtrain.train.resume import essentials
 from flowtrain.train.run import Run, build_run
 from flowtrain.train.state import DataPosition, TrainState
-from flowtrain.train.step import make_inputs, step_loss, step_seed
+from flowtrain.train.step import draws_for, make_inputs, step_loss, step_seed
 from flowtrain.train.trainable import trainable_state
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,15 @@ def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = T
     A first SIGTERM / SIGINT finishes the current step, writes a checkpoint and returns with `interrupted` set (the
     CLI exits with EXIT_INTERRUPTED); a second one aborts at once. Raises `NonFiniteLossError` /
     `CheckpointWriteError` (see `flowtrain.train.errors`) when the run cannot go on; the last checkpoint is intact.
+    Under DDP, an exception on one process stops all of them (`flowtrain.train.failures`).
     """
-    with StopSignals() as stop, determinism(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
+    with (
+        StopSignals() as stop,
+        determinism(cfg.train.deterministic),
+        contextlib.ExitStack() as cleanup,
+        # innermost: a failing process leaves the process group before any other cleanup runs
+        one_failure_stops_all(Path(cfg.output_dir), cfg.train.collective_timeout_minutes),
+    ):
         return run_loop(build_run(cfg, resume, cleanup), stop, progress)
 
 
@@ -80,13 +88,16 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     for step in range(run.start_step, cfg.train.max_steps):
         if not model.training:  # validation restores the mode itself; a full .train() walk costs ~0.5 ms a step
             model.train()
+        faults.at_step(accelerator.process_index, step + 1)  # test hook (train.faults); a no-op unless set
         step_acc, rows = torch.zeros((), device=device), []
         for micro in range(ga):
             batch = meter.next_batch(run.batches)
             consumed += 1
             rows += batch["index"].tolist()
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro, accelerator.process_index))
-            inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device)
+            # `global` draws: one stream (rank 0's) for the global micro-batch, each process keeps its rows
+            draw_rank, part = draws_for(cfg.train.random_draws, batch, accelerator.process_index, run.world)
+            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, micro, draw_rank))
+            inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device, part=part)
             sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():

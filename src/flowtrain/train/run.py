@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,15 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     """Build the run from `cfg`, resumed from `resume` ('latest' or a checkpoint path) if given. `cleanup` gets
     the callbacks that must run however the run ends (the batch prefetch thread)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import parse_flag_from_env, set_seed
 
     if cfg.dataset.cache_dir is None:
         raise ValueError("dataset.cache_dir is not set: pass --precomputed_data_dir or set it in the config")
     check_backends(cfg.tracking.report_to)  # a missing wandb / tensorboard fails now, not after loading the model
+    # The process group is made here, first, with the collective timeout: the call Accelerator() would make (it
+    # then shares this state). Its InitProcessGroupKwargs handler would drop a timeout equal to its own default.
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                 timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))  # fmt: skip
     if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
         # accelerate runs fp16 as plain fp32 on CPU (no autocast, no GradScaler), so a float16 base would meet fp32
         # activations and fail in its first matmul. Checked before `Accelerator(...)`, which fixes the process's
@@ -132,7 +137,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     start_step, epoch, batch_pos, shuffle_seed, restored, state = 0, 0, 0, cfg.train.seed, None, None
     resume_path = ckpt.resolve_resume(out, resume)
     if resume_path is not None:
-        restored = ckpt.load_checkpoint(resume_path, rank=rank)
+        restored = ckpt.load_checkpoint(resume_path, rank=rank, world_size=world)
         state = TrainState.from_json(restored["state"])
         check_resume(state, cfg, dataset.manifest.fingerprint["id"], transformer_id, resume_path)
         if restored["sharded"]:  # every process reads its own shards (FSDP)

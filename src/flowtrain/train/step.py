@@ -6,7 +6,7 @@ randomness and applies the one flow-matching convention (`flowtrain.flow`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,60 @@ from flowtrain.models import ModelFamily
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Seed of the generator for one micro-batch: noise, σ and dropout depend only on (seed, step, micro, rank),
-    so a resumed run draws exactly what an uninterrupted one would."""
+    so a resumed run draws exactly what an uninterrupted one would. `rank` is 0 on every process with
+    `train.random_draws: global` (see `make_inputs`), the process's rank with `per_process`."""
     return (((seed * 1_000_003 + step) * 1_009 + micro) * 97 + rank) % (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """Where one process's rows sit in the global micro-batch: every process's rows, instance rows in rank order,
+    then (DreamBooth) class rows in rank order, which is the batch one process with the global batch size reads.
+
+    rows: (B,) int64 positions of this process's batch rows in it; total: its number of rows.
+    """
+
+    rows: torch.Tensor
+    total: int
+
+
+def batch_part(batch: Mapping[str, torch.Tensor], rank: int, world: int) -> BatchPart | None:
+    """This process's `BatchPart` (None for one process: its batch is the global one). Every process holds as many
+    instance rows, and as many class rows, as the others (the sampler gives each the same batch size)."""
+    if world == 1:
+        return None
+    n = len(batch["index"])  # instance rows; merged class rows follow them (data.prior)
+    c = len(batch["is_prior"]) - n if "is_prior" in batch else 0
+    rows = torch.cat([rank * n + torch.arange(n), world * n + rank * c + torch.arange(c)])
+    return BatchPart(rows=rows, total=world * (n + c))
+
+
+def draws_for(mode: str, batch: Mapping[str, torch.Tensor], rank: int, world: int) -> tuple[int, BatchPart | None]:
+    """`train.random_draws` → (the rank that keys this process's `step_seed`, its `BatchPart` or None)."""
+    if mode == "per_process":
+        return rank, None
+    return 0, batch_part(batch, rank, world)
+
+
+class _GlobalRows(Mapping):
+    """A batch seen as the global micro-batch: a column read from it has `part.total` rows, this process's rows at
+    `part.rows` and zeros elsewhere. Columns are filled only when read, so only the latents a family samples from
+    are widened (not the text embeddings)."""
+
+    def __init__(self, batch: Mapping[str, torch.Tensor], part: BatchPart):
+        self._batch, self._part = batch, part
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._batch[key]
+        full = t.new_zeros((self._part.total, *t.shape[1:]))
+        full[self._part.rows] = t
+        return full
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._batch)
+
+    def __len__(self) -> int:
+        return len(self._batch)
 
 
 @dataclass
@@ -81,14 +133,26 @@ def make_inputs(
     empty: dict[str, torch.Tensor] | None,
     generator: torch.Generator,
     device: torch.device,
+    part: BatchPart | None = None,
 ) -> StepInputs:
     """Draw everything random for a micro-batch from `generator` (CPU), in a fixed order, then move to device.
 
     norm: the cache's latent statistics as tensors; empty: the empty prompt's conditioning (caption dropout).
+    part: with several processes and `train.random_draws: global`, where this process's rows sit in the global
+    micro-batch: every draw is made for the whole global batch and this process keeps its rows, so each row gets
+    the numbers one process with the global batch would give it (same `generator` seed on every process).
     """
     sample_gen = generator if cfg.dataset.latent_sampling == "sample" else None
-    x0, shape = family.training_latents(batch, norm, sample_gen)
-    b = x0.shape[0]
+    if part is not None and sample_gen is not None:  # the posterior draw is sized by the batch: draw the global one
+        x0, shape = family.training_latents(_GlobalRows(batch, part), norm, sample_gen)
+        x0 = x0[part.rows]
+    else:
+        x0, shape = family.training_latents(batch, norm, sample_gen)
+    b = x0.shape[0] if part is None else part.total  # rows drawn for: this batch, or the global one
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return t if part is None else t[part.rows]
+
     t = cfg.timesteps
     sigma = sample_sigmas(
         b,
@@ -99,12 +163,13 @@ def make_inputs(
         mode_scale=t.mode_scale,
         shift=sigma_shift(cfg, family, x0.shape[1]),
     )
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    sigma = mine(sigma)
+    noise = mine(torch.randn((b, *x0.shape[1:]), generator=generator, dtype=x0.dtype))
     cond = family.conditioning(batch, cfg.model)
     if cfg.train.caption_dropout > 0:
         if empty is None:
             raise ValueError("train.caption_dropout > 0 needs the cache's empty-prompt conditioning")
-        drop = torch.rand(b, generator=generator) < cfg.train.caption_dropout
+        drop = mine(torch.rand(b, generator=generator) < cfg.train.caption_dropout)
         cond = family.drop_captions(cond, empty, drop)
     # New random draws go here, after the existing ones: golden losses and exact resume depend on that order.
     mask, is_prior = batch_mask(batch, x0.shape[1]), batch.get("is_prior")
