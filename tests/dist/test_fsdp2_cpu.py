@@ -162,11 +162,12 @@ def test_fsdp2_lora_equals_ddp_with_sharded_checkpoints_ema_and_validation(lora_
 
 def test_fsdp2_lora_resume_after_kill_9_mid_write_is_exact(lora_runs, tiny_pipeline_dir, tiny_cache, tmp_path):
     """SIGKILL to the launcher's whole process group while checkpoint-3 is being written (the shards are on disk,
-    the folder is not sealed); the resumed run ends exactly where the uninterrupted one did."""
+    the folder is not sealed); the resumed run ends exactly where the uninterrupted one did. The test hook holds
+    every checkpoint write open for 5 s after the shards are written, so the kill lands inside one."""
     config = _config(tmp_path, "killed", tiny_pipeline_dir, tiny_cache[1], **LORA)
     out = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("wb")
-    proc = subprocess.Popen(_command(config, "fsdp2"), env=_env(**{TEST_SLEEP_ENV: "30"}), stdout=log,
+    proc = subprocess.Popen(_command(config, "fsdp2"), env=_env(**{TEST_SLEEP_ENV: "5"}), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     tmp_ckpt = out / ".checkpoint-3.tmp"
     deadline = time.monotonic() + TIMEOUT
