@@ -77,3 +77,16 @@ def test_shipped_launch_config_loads_in_accelerate(path):
     assert launch.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
     if launch.distributed_type.value == "DEEPSPEED":  # the stage the file name promises
         assert f"zero{launch.deepspeed_config['zero_stage']}" == path.stem
+
+
+def test_fsdp2_launch_config_is_fsdp_version_2_with_sharded_checkpoints():
+    """What docs/distributed-fsdp2.md describes (tests/dist/test_fsdp2_cpu.py launches with this file)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    cfg = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp2.yaml"))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.mixed_precision == "bf16"
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # one unit per block (_no_split_modules)
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"

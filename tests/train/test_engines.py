@@ -26,7 +26,7 @@ def test_a_sharded_checkpoint_lists_its_engine_files_and_loads_without_trainable
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     state = {"data": {"epoch": 0, "batch": 2, "seed": 0}}
     path = ckpt.write_checkpoint(
-        tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state=state, shards=_engine_shards
+        tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state=state, rank_files=_engine_shards
     )
     files = json.loads((path / ckpt.COMPLETE).read_text())["files"]
     assert files["deepspeed/state/zero_pp_rank_0_optim_states.pt"] == 100 and "deepspeed/latest" in files
@@ -47,7 +47,7 @@ def test_a_failed_shard_write_keeps_nothing(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left"):
-        ckpt.write_checkpoint(tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state={}, shards=broken)
+        ckpt.write_checkpoint(tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state={}, rank_files=broken)
     assert list(tmp_path.iterdir()) == []
 
 

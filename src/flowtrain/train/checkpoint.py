@@ -12,6 +12,8 @@ Layout of `{output_dir}/checkpoint-{step}/`:
   pytorch_lora_weights.safetensors (LoRA) — usable directly with `load_lora_weights`
   deepspeed/              under DeepSpeed, instead of trainable.safetensors and optimizer.pt: the engine's own
                           checkpoint, one shard per process (written by every process; see train/engines/deepspeed.py)
+  .metadata, __{r}_0.distcp  under FSDP, instead of trainable / optimizer / ema: every process's shards, written by
+                          torch.distributed.checkpoint (see `flowtrain.train.engines.fsdp`)
   COMPLETE                written last: the size of every file above (sub-folders included); a folder without it
                           is never `latest`
 
@@ -176,15 +178,16 @@ def write_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     scaler: Any = None,
     rank_state: dict[str, Any] | None = None,
-    shards: Callable[[Path], Any] | None = None,
+    rank_files: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write checkpoint-{step} atomically. Every process must call it (each saves its RNG state).
 
     `sync(failed_here) -> failed_anywhere` is a collective that also acts as a barrier; with it, an error on one
     process becomes a `CheckpointWriteError` on all of them. Without it, `barrier` is used and errors stay local
     (fine for one process). `extra_files(tmp_dir)` lets the caller add files (e.g. the diffusers LoRA file) before
-    the folder is sealed. `shards(tmp_dir)` runs on every process (a sharding engine's own checkpoint); then
-    `trainable` / `optimizer` may be None (the shards hold them).
+    the folder is sealed. `rank_files(tmp_dir)` runs on every process once the folder exists and every process's
+    RNG state is written (a sharding engine writes its shards there: a collective); pass `trainable` / `optimizer`
+    as None when it writes those.
     """
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
@@ -215,9 +218,10 @@ def write_checkpoint(
     attempt(lambda: save_rng_state(tmp / f"rng-rank{rank}"))
     if rank_state is not None:
         attempt(lambda: (tmp / f"loop-rank{rank}.json").write_text(json.dumps(rank_state)))
-    if shards is not None:
-        attempt(lambda: shards(tmp))
     phase_done()
+    if rank_files is not None:  # after a phase every process passed: a collective inside must not meet a no-show
+        attempt(lambda: rank_files(tmp))
+        phase_done()
     if is_main:
         attempt(
             lambda: _write_main_files(
@@ -319,7 +323,9 @@ def load_checkpoint(path: str | Path, *, rank: int = 0, world_size: int | None =
     (pass `rng_stem` to `restore_rng_state` once the model is built, so building it cannot consume the stream).
     `world_size`: the resuming run's process count, when it may differ from the saved one (see `_loop_state`).
 
-    Weights come only from safetensors; the optimizer / scheduler / scaler state with `weights_only=True`.
+    Weights come only from safetensors; the optimizer / scheduler / scaler state with `weights_only=True`. A sharded
+    checkpoint has no `trainable.safetensors` / `optimizer.pt`: those entries are None and `sharded` is True (the
+    caller reads the shards with `train.engines.fsdp.load_shards`, a collective).
     """
     path = Path(path)
     problem = verify_checkpoint(path)
@@ -340,9 +346,11 @@ def load_checkpoint(path: str | Path, *, rank: int = 0, world_size: int | None =
     def optional(name: str, fn: Callable[[Path], Any]) -> Any:
         return read(name, fn) if (path / name).exists() else None
 
+    sharded = (path / ".metadata").is_file()  # torch.distributed.checkpoint's index of the shards
     state = read("state.json", lambda p: json.loads(p.read_text()))
     return {
-        # Both None in a sharding engine's checkpoint (its `deepspeed/` folder holds them).
+        "sharded": sharded,
+        # None in a sharding engine's checkpoint (FSDP's shards or DeepSpeed's `deepspeed/` folder hold them).
         "trainable": optional("trainable.safetensors", lambda p: load_file(str(p))),
         "optimizer": optional("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
         "lr_scheduler": read("lr_scheduler.pt", lambda p: torch.load(p, weights_only=True)),

@@ -9,7 +9,8 @@ and the exported LoRA / transformer use it through `swapped_in`.
 
 With DeepSpeed ZeRO-3 the caller gathers the trainable parameters around construction, `update` and `swapped_in`
 (`engines.full_parameters` / `engines.whole_model`, collectives): every process then keeps the same whole EMA.
-Not supported with FSDP yet: each process would only see its shard.
+With FSDP the parameters are shards (DTensors), and so is the EMA: each process averages its own rows, and the
+full EMA weights exist only when a checkpoint or export gathers them (see `train.engines.fsdp`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from flowtrain.config.schema import EmaConfig
+from flowtrain.train.engines.fsdp import copy_into_shards, is_shard, local_parts
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,12 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after optimizer step `step` (1-based: the number of optimizer steps done)."""
-        shadow = list(self.shadow.values())
+        # FSDP: the elementwise update runs on each process's own rows (DTensor has no foreach copy).
+        shadow = local_parts(list(self.shadow.values()))
         if step <= self.start_step:
-            torch._foreach_copy_(shadow, self._sources())
+            torch._foreach_copy_(shadow, local_parts(self._sources()))
         elif (step - self.start_step) % self.update_every == 0:
-            torch._foreach_lerp_(shadow, self._sources(), 1.0 - self.decay)
+            torch._foreach_lerp_(shadow, local_parts(self._sources()), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{parameter name: EMA tensor} (what `ema.safetensors` holds)."""
@@ -93,6 +96,15 @@ class EMA:
             tracked = {id(p) for p in self.params.values()}
             if not any(id(p) in tracked for p in model.parameters()):
                 raise ValueError("ema.swapped_in: this is not the model the EMA was made for (pass the unwrapped one)")
+        if any(is_shard(p) for p in self.params.values()):
+            # FSDP all-gathers from the shards' own storage, so the EMA is copied in (and the weights back).
+            params = list(self.params.values())
+            trained = copy_into_shards(params, list(self.shadow.values()))
+            try:
+                yield
+            finally:
+                copy_into_shards(params, trained)
+            return
         originals = {n: p.data for n, p in self.params.items()}
         try:
             for n, p in self.params.items():

@@ -25,6 +25,7 @@ from flowtrain.track.stats import TrainMeter
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import engines, faults
 from flowtrain.train.control import NonFiniteGuard, SaveClock, StopSignals, agree, determinism, nonfinite_flag
+from flowtrain.train.engines import fsdp
 from flowtrain.train.errors import CheckpointWriteError
 from flowtrain.train.failures import one_failure_stops_all
 from flowtrain.train.resume import essentials
@@ -110,6 +111,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             meter.add(inputs.sigma, logs)
         max_norm = cfg.train.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(run.params, max_norm) if max_norm else None
+        grad_norm = fsdp.whole(grad_norm)  # FSDP: the norm comes back as a DTensor
         done = step + 1
         # One host sync per step, agreed by all processes: skip this update? stop? time for a save?
         bad, stop_now, time_due = agree(
@@ -178,11 +180,17 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     unwrapped = run.accelerator.unwrap_model(run.model)
     weights = None
     if not result.interrupted:
-        # Sharded parameters (ZeRO-3) are gathered on every process for the main one to write them.
+        # Sharded weights are gathered on every process (a collective) for the main process to write them: ZeRO-3's
+        # in place (`engines.full_parameters`), FSDP's into a view of the model (`sharding.full_weights`).
+        split = fsdp.sharded(run.accelerator)
         with engines.full_parameters(run.accelerator, run.model, trainable_only=run.lora_cfg is not None):
-            if run.is_main:
-                with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
-                    weights = export_weights(run, unwrapped)
+            if run.is_main or split:
+                with (
+                    run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext(),
+                    fsdp.full_weights(run.accelerator, unwrapped, trainable_only=run.lora_cfg is not None) as full,
+                ):
+                    if run.is_main:
+                        weights = export_weights(run, full)
     # graphs/ + final artifacts; an interrupted run is KILLED in MLflow until a resume continues it
     cfg = run.cfg
     finish_tracking(run.tracker, run.out, weights, log_weights=cfg.tracking.log_weights, graphs=cfg.tracking.graphs,
@@ -222,26 +230,38 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
         nonfinite=guard.state(),
     )
     extra = None
-    if run.lora_cfg is not None:
+    split = fsdp.sharded(accelerator)
+    if run.lora_cfg is not None and split:
+        # The LoRA file needs the gathered LoRA weights: a collective, so here on every process (never the base).
+        with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
+            lora = fsdp.gather_weights(unwrapped, trainable_only=True)
+
+        def extra(d: Path) -> None:
+            with fsdp.state_dict_view(unwrapped, lora):
+                run.family.save_lora(d, unwrapped, run.lora_cfg)
+
+    elif run.lora_cfg is not None:
 
         def extra(d: Path) -> None:
             with run.ema.swapped_in(unwrapped) if run.ema is not None else contextlib.nullcontext():
                 run.family.save_lora(d, unwrapped, run.lora_cfg)
 
+    ema = run.ema.state_dict() if run.ema is not None else None
     payload = state.to_json()
     del payload["step"]  # write_checkpoint records the step itself
-    # A sharding engine (DeepSpeed) writes weights and optimizer state itself, one shard per process.
-    sharded = engines.engine_checkpoint(accelerator)
-
-    def shards(d: Path) -> None:
-        engines.save_shards(accelerator, run.model, d, lora=run.lora_cfg is not None)
-
-    with engines.full_parameters(accelerator, run.model, trainable_only=True):  # the LoRA file needs whole adapters
+    # A sharding engine writes the weights and optimizer state itself, one shard per process (a collective): FSDP
+    # through torch.distributed.checkpoint (its EMA too), DeepSpeed its own checkpoint.
+    rank_files = None
+    if split:
+        rank_files = lambda d: fsdp.save_shards(d, unwrapped, run.optimizer, ema)  # noqa: E731
+    elif engines.engine_checkpoint(accelerator):
+        rank_files = lambda d: engines.save_shards(accelerator, run.model, d, lora=run.lora_cfg is not None)  # noqa: E731
+    with engines.full_parameters(accelerator, run.model, trainable_only=True):  # ZeRO-3: the LoRA file's adapters
         ckpt.write_checkpoint(
             run.out,
             step,
-            trainable=None if sharded else trainable_state(unwrapped),
-            optimizer=None if sharded else run.optimizer,
+            trainable=None if rank_files else trainable_state(unwrapped),
+            optimizer=None if rank_files else run.optimizer,
             lr_scheduler=run.lr_scheduler,
             state=payload,
             rank=accelerator.process_index,
@@ -250,8 +270,8 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
             extra_files=extra,
             scaler=accelerator.scaler,
             rank_state=loop,
-            ema=run.ema.state_dict() if run.ema is not None else None,
-            shards=shards if sharded else None,
+            ema=None if split else ema,
+            rank_files=rank_files,
         )
     if run.is_main:
         ckpt.prune_checkpoints(run.out, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)

@@ -27,6 +27,7 @@ from flowtrain.track import check_backends, open_tracking
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import engines
 from flowtrain.train.ema import EMA, ema_for_run
+from flowtrain.train.engines import fsdp
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
 from flowtrain.train.perf import optimizer_step_fn
 from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position, transformer_identity
@@ -104,6 +105,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
             "train.mixed_precision=fp16 (also what `auto` picks for model.dtype=float16) needs a GPU; this run is on "
             "CPU. Use model.dtype=bfloat16 with train.mixed_precision bf16 or auto, or model.dtype=float32."
         )
+    fsdp.prepare_accelerator_state()  # an FSDP launch on CPU processes gets FSDP, not silently DDP
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -128,13 +130,14 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     dataset, class_dataset = caches[0], (caches[1] if len(caches) > 1 else None)
 
     transformer_id = transformer_identity(cfg.model)  # what resume compares, by content (train.resume)
-    params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(transformer.named_parameters(), cfg.optimizer, cfg.train.learning_rate)
     # The scheduler is stepped by us once per optimizer step, so it is not handed to accelerate (which would
     # step it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.train.max_steps)
     engines.configure(accelerator, cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    # Taken after prepare: FSDP replaces the parameters by sharded ones (DDP keeps them).
+    params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
     global_batch = cfg.train.batch_size * world
 
     start_step, epoch, batch_pos, shuffle_seed, restored, state = 0, 0, 0, cfg.train.seed, None, None
@@ -143,14 +146,17 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         restored = ckpt.load_checkpoint(resume_path, rank=rank, world_size=world)
         state = TrainState.from_json(restored["state"])
         check_resume(state, cfg, dataset.manifest.fingerprint["id"], transformer_id, resume_path)
-        if engines.engine_checkpoint(accelerator):
+        if engines.engine_checkpoint(accelerator):  # DeepSpeed: the engine reads its own shards
             engines.load_shards(accelerator, model, resume_path, lora=lora_cfg is not None)
+        elif restored["sharded"]:  # FSDP: every process reads its own shards
+            restored["ema"] = fsdp.load_shards(resume_path, accelerator.unwrap_model(model), optimizer)
         elif restored["trainable"] is None or restored["optimizer"] is None:
             raise ValueError(
                 f"{resume_path} holds a sharding engine's checkpoint (no trainable.safetensors / optimizer.pt): "
                 "resume it with the launch config (engine) that wrote it"
             )
         else:
+            fsdp.check_unsharded_resume(accelerator, resume_path)
             load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
             optimizer.load_state_dict(restored["optimizer"])
         lr_scheduler.load_state_dict(restored["lr_scheduler"])

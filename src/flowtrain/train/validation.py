@@ -9,8 +9,10 @@ Sampling reuses the transformer being trained (no copy): the main process puts i
 no_grad with the pipeline's own sampler, and puts it back. The text encoder is loaded once, at the first
 validation, to embed the prompts (and the "" negative prompt for CFG), then freed; the VAE stays loaded and is
 moved to the device only while sampling. The global RNG state is saved and restored around sampling, so a run with
-validation trains exactly like one without. Other processes wait at a barrier meanwhile; under DeepSpeed ZeRO-3
-every process first gathers the whole transformer (`engines.whole_model`), so the main one can sample alone.
+validation trains exactly like one without. Other processes wait at a barrier meanwhile. Under DeepSpeed ZeRO-3
+every process first gathers the whole transformer (`engines.whole_model`), so the main one can sample alone. With
+FSDP no process holds the whole transformer and every forward pass all-gathers it (a collective): there every
+process samples the same prompts with the same seeds, and only the main process writes images.
 
 A failure while sampling (e.g. out of memory) is logged with its traceback and turns validation off for the rest
 of the run: losing preview images must not kill a training run (or leave the other ranks waiting forever).
@@ -35,6 +37,7 @@ from flowtrain.dtypes import torch_dtype
 from flowtrain.models import ModelFamily
 from flowtrain.models.common import pad_rows
 from flowtrain.train import engines
+from flowtrain.train.engines import fsdp
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +135,16 @@ class Validator:
         if not self.due(step, start=start):
             return []
         paths: list[Path] = []
+        main, everywhere = accelerator.is_main_process, fsdp.sharded(accelerator)
         with engines.whole_model(accelerator, model):  # DeepSpeed ZeRO-3: gathered on every process meanwhile
-            if accelerator.is_main_process:
-                if _sharded(accelerator):
-                    log.warning("validation: sampling with sharded parameters (FSDP) is not supported; off")
+            if main or everywhere:  # FSDP: every process samples (each forward all-gathers); the main one writes
+                try:
+                    paths = self.run(step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast,
+                                     weights, write=main)  # fmt: skip
+                except Exception:
+                    log.exception("validation failed at step %d; validation is off for the rest of this run", step)
                     self.enabled = False
-                else:
-                    try:
-                        paths = self.run(
-                            step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast, weights
-                        )
-                    except Exception:
-                        log.exception("validation failed at step %d; validation is off for the rest of this run", step)
-                        self.enabled = False
+                if main:
                     tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
             accelerator.wait_for_everyone()
         return paths
@@ -156,11 +156,14 @@ class Validator:
         device: torch.device,
         autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
         weights: Callable[[], AbstractContextManager] | None = None,
+        *,
+        write: bool = True,
     ) -> list[Path]:
-        """Sample every prompt at every size with `transformer`; returns the PNGs written (images, then grid)."""
+        """Sample every prompt at every size with `transformer`; returns the PNGs written (images, then grid).
+        `write=False`: sample only (an FSDP process other than the main one, taking part in the all-gathers)."""
         t0 = time.perf_counter()
         if self._pipe is None:
-            self._load(device)
+            self._load(device, write=write)
         pipe, v = self._pipe, self.v
         dtype = getattr(transformer, "dtype", torch.float32)
         was_training = transformer.training
@@ -169,7 +172,8 @@ class Validator:
         pipe.vae.to(device)
         rows: list[list[Image.Image]] = []
         paths: list[Path] = []
-        self.out.mkdir(parents=True, exist_ok=True)
+        if write:
+            self.out.mkdir(parents=True, exist_ok=True)
         cuda = [device.index or 0] if device.type == "cuda" else []
         try:
             transformer.eval()
@@ -195,8 +199,9 @@ class Validator:
                             generator=torch.Generator("cpu").manual_seed(seed),
                         )
                         path = self.out / image_name(step, i, seed, size if len(self.sizes) > 1 else None)
-                        image.save(path)
-                        paths.append(path)
+                        if write:
+                            image.save(path)
+                            paths.append(path)
                         row.append(image)
                     rows.append(row)
         finally:
@@ -205,6 +210,8 @@ class Validator:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if not write:
+            return []
         grid_path = self.out / f"step{step:06d}_grid.png"
         grid(rows).save(grid_path)
         paths.append(grid_path)
@@ -213,7 +220,7 @@ class Validator:
         )
         return paths
 
-    def _load(self, device: torch.device) -> None:
+    def _load(self, device: torch.device, *, write: bool = True) -> None:
         """Load the encoders (the pipeline without its transformer), encode the prompts once, and free the text
         encoders."""
         m = self.cfg.model
@@ -236,12 +243,16 @@ class Validator:
         pipe.register_modules(**{k: None for k in pipe.components if k.startswith(("text_encoder", "tokenizer"))})
         pipe.vae.to("cpu")
         self._pipe = pipe
-        self.out.mkdir(parents=True, exist_ok=True)
-        listing = "".join(f"{i:02d}\t{self.v.seed + i}\t{p}\n" for i, p in enumerate(self.prompts))
-        (self.out / "prompts.txt").write_text(listing)  # index, seed, prompt of the image names
+        if write:
+            self._write_prompts()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _write_prompts(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        listing = "".join(f"{i:02d}\t{self.v.seed + i}\t{p}\n" for i, p in enumerate(self.prompts))
+        (self.out / "prompts.txt").write_text(listing)  # index, seed, prompt of the image names
 
 
 def _to(cond: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -264,11 +275,3 @@ def _no_loading_bars() -> Iterator[None]:
         for lib, was in states:
             if was:
                 lib.enable_progress_bar()
-
-
-def _sharded(accelerator: Any) -> bool:
-    """FSDP: no process holds the whole transformer, so one process cannot sample alone. (DeepSpeed ZeRO-3 gathers
-    it for the time of sampling: `engines.whole_model`.)"""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP

@@ -1,7 +1,8 @@
 """Engine-neutral calls the run, the loop and checkpoints make; each engine's specifics live in its own module.
 
 With one process or DDP every call here does what flowtrain always did (so those runs are unchanged bitwise);
-under DeepSpeed (`engines.deepspeed`) they hand over to the engine.
+under DeepSpeed (`engines.deepspeed`) they hand over to the engine. FSDP2 (`engines.fsdp`) is called directly where
+its steps differ (sharded checkpoints, gathered exports, the EMA on shards).
 """
 
 from __future__ import annotations
