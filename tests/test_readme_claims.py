@@ -8,17 +8,21 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# How a test launches each backend, and the directories pytest does not collect: none since tests/dist is collected
-# (tests/test_collection.py fails if any test file is not).
-LAUNCHES = {"DDP": "--multi_gpu", "FSDP": "--use_fsdp", "DeepSpeed": "--use_deepspeed"}
+# How a test launches each backend (a flag of `accelerate launch`, or a shipped launch config), and the directories
+# pytest does not collect: none since tests/dist is collected (tests/test_collection.py fails if any test file is not).
+LAUNCHES = {
+    "DDP": r"--multi_gpu|ddp\.yaml",
+    "FSDP": r"--use_fsdp|fsdp2\.yaml",
+    "DeepSpeed": r"--use_deepspeed|zero[23]\.yaml|\"zero[23]\"",
+}
 UNCOLLECTED: tuple[str, ...] = ()
 
 
-def _collected_tests_that_launch(flag: str) -> list[Path]:
+def _collected_tests_that_launch(pattern: str) -> list[Path]:
     return [
         p
         for p in (REPO / "tests").rglob("test_*.py")
-        if not set(p.relative_to(REPO / "tests").parts[:-1]) & set(UNCOLLECTED) and flag in p.read_text()
+        if not set(p.relative_to(REPO / "tests").parts[:-1]) & set(UNCOLLECTED) and re.search(pattern, p.read_text())
     ]
 
 

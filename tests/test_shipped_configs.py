@@ -80,7 +80,7 @@ def test_shipped_launch_config_loads_in_accelerate(path):
 
 
 def test_fsdp2_launch_config_is_fsdp_version_2_with_sharded_checkpoints():
-    """What docs/distributed-fsdp2.md describes (tests/dist/test_fsdp2_cpu.py launches with this file)."""
+    """What docs/distributed.md#fsdp2 describes (tests/dist/test_fsdp2_cpu.py launches with this file)."""
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 

@@ -107,10 +107,21 @@ def ddp_runs(tiny_pipeline_dir, tiny_cache, tmp_path_factory) -> dict[str, Path]
     return runs
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+@pytest.mark.parametrize(
+    ("engine", "mode"),
+    # ZeRO-3 LoRA (parameters sharded too) runs in `make test`; the other three are slow (`make test-all`).
+    [
+        ("zero3", "lora"),
+        pytest.param("zero3", "full", marks=SLOW),
+        pytest.param("zero2", "lora", marks=SLOW),
+        pytest.param("zero2", "full", marks=SLOW),
+    ],
+    ids=["zero3-lora", "zero3-full", "zero2-lora", "zero2-full"],
+)
 def test_deepspeed_matches_ddp_shards_checkpoints_and_resumes_exactly(
     engine, mode, ddp_runs, tiny_pipeline_dir, tiny_cache, tmp_path
 ):
@@ -158,16 +169,18 @@ def test_deepspeed_matches_ddp_shards_checkpoints_and_resumes_exactly(
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_zero3_ema_and_validation_match_ddp(tiny_pipeline_dir, tiny_cache, tmp_path):
-    """Under ZeRO-3 no process holds a whole parameter: the EMA and the validation sampler gather them. The EMA,
-    the exported (EMA) LoRA and the validation images equal those of the same run under DDP."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_ema_and_validation_match_ddp(engine, tiny_pipeline_dir, tiny_cache, tmp_path):
+    """Under ZeRO-3 no process holds a whole parameter: the EMA and the validation sampler gather them (under ZeRO-2
+    the parameters are whole, the optimizer state is not). The EMA, the exported (EMA) LoRA and the validation
+    images equal those of the same run under DDP."""
     extra = {
         "ema": {"enabled": True, "decay": 0.5},
         "validation": {"every_steps": 2, "prompts": ["a photo number 1"], "num_inference_steps": 2},
     }
-    for engine in ("ddp", "zero3"):
-        _train(engine, _config(tmp_path, engine, tiny_pipeline_dir, tiny_cache[1], "lora", **extra))
-    ddp, z3 = tmp_path / "ddp", tmp_path / "zero3"
+    for name in ("ddp", engine):
+        _train(name, _config(tmp_path, name, tiny_pipeline_dir, tiny_cache[1], "lora", **extra))
+    ddp, z3 = tmp_path / "ddp", tmp_path / engine
     _close(
         load_file(str(z3 / "checkpoint-4" / "ema.safetensors")),
         load_file(str(ddp / "checkpoint-4" / "ema.safetensors")),
@@ -183,14 +196,15 @@ def test_zero3_ema_and_validation_match_ddp(tiny_pipeline_dir, tiny_cache, tmp_p
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_zero3_resume_after_kill_9_mid_checkpoint_is_exact(tiny_pipeline_dir, tiny_cache, tmp_path):
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_resume_after_kill_9_mid_checkpoint_is_exact(engine, tiny_pipeline_dir, tiny_cache, tmp_path):
     """kill -9 of every process while checkpoint-4 is being written (DeepSpeed shards on disk, not sealed): the
     half-written folder is never used, resume from checkpoint-2 reaches the straight run's weights bitwise."""
     straight_cfg = _config(tmp_path, "straight", tiny_pipeline_dir, tiny_cache[1], "lora")
-    _train("zero3", straight_cfg)
+    _train(engine, straight_cfg)
     killed_cfg = _config(tmp_path, "killed", tiny_pipeline_dir, tiny_cache[1], "lora")
     out = tmp_path / "killed"
-    cmd, extra = _command("zero3", killed_cfg, resume=False)
+    cmd, extra = _command(engine, killed_cfg, resume=False)
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115  closed below
     # The test hook pauses each write after the shards are saved and before the folder is sealed.
     proc = subprocess.Popen(cmd, env=_env({**extra, "FLOWTRAIN_TEST_CHECKPOINT_SLEEP": "10"}), stdout=log,
@@ -209,7 +223,7 @@ def test_zero3_resume_after_kill_9_mid_checkpoint_is_exact(tiny_pipeline_dir, ti
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     assert not (out / "checkpoint-4").exists()
-    _train("zero3", killed_cfg, resume=True)
+    _train(engine, killed_cfg, resume=True)
     assert _losses(out) == _losses(tmp_path / "straight")
     a, b = _exported(out, "lora"), _exported(tmp_path / "straight", "lora")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

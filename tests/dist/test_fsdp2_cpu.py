@@ -33,7 +33,8 @@ from flowtrain.testing.data import tiny_config_dict
 from flowtrain.train.checkpoint import COMPLETE, TEST_SLEEP_ENV, list_checkpoints, verify_checkpoint
 from flowtrain.train.engines.fsdp import read_shards
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+# The LoRA comparison runs in `make test` (one FSDP2 and one DDP launch); the others are slow (`make test-all`).
+pytestmark = [pytest.mark.dist]
 
 REPO = Path(__file__).resolve().parents[2]
 FSDP2_CONFIG = REPO / "configs" / "accelerate" / "fsdp2.yaml"
@@ -160,6 +161,7 @@ def test_fsdp2_lora_equals_ddp_with_sharded_checkpoints_ema_and_validation(lora_
         assert (a - b).abs().max().item() <= 1, name
 
 
+@pytest.mark.slow
 def test_fsdp2_lora_resume_after_kill_9_mid_write_is_exact(lora_runs, tiny_pipeline_dir, tiny_cache, tmp_path):
     """SIGKILL to the launcher's whole process group while checkpoint-3 is being written (the shards are on disk,
     the folder is not sealed); the resumed run ends exactly where the uninterrupted one did. The test hook holds
@@ -191,6 +193,7 @@ def test_fsdp2_lora_resume_after_kill_9_mid_write_is_exact(lora_runs, tiny_pipel
     assert not [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]  # the stale write is gone
 
 
+@pytest.mark.slow
 def test_fsdp2_full_finetune_equals_ddp_and_resumes_exactly(tiny_pipeline_dir, tiny_cache, tmp_path):
     full = {"train_mode": "full", "train": {"max_steps": 4, "learning_rate": 1e-4},
             "checkpoint": {"every_steps": 2, "keep_last": None}}  # fmt: skip
@@ -215,6 +218,7 @@ def test_fsdp2_full_finetune_equals_ddp_and_resumes_exactly(tiny_pipeline_dir, t
     _assert_equal(load_file(str(resumed / "transformer" / "diffusion_pytorch_model.safetensors")), wa)
 
 
+@pytest.mark.slow
 def test_fsdp2_lora_with_rank_holding_only_frozen_values_does_not_hang(tiny_pipeline_dir, tiny_cache, tmp_path):
     """Why this could hang: under FSDP every collective (all-gather, reduce-scatter, the grad-norm all-reduce, the
     checkpoint's shard write, the export's gather) must be entered by every rank. Code that decides per rank

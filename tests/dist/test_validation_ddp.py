@@ -21,6 +21,7 @@ def test_two_processes_track_and_sample_once(tiny_pipeline_dir, tiny_cache, tmp_
     out = tmp_path / "run"
     cfg = tiny_config_dict(tiny_pipeline_dir, tiny_cache[1], out, max_steps=4, batch_size=2)
     cfg["validation"] = {"every_steps": 2, "prompts": ["a photo number 1"], "num_inference_steps": 2}
+    cfg["tracking"] = {"report_to": ["jsonl", "mlflow"], "graphs": False}  # the tiny default tracks JSONL only
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -47,7 +47,9 @@ def test_a_failed_shard_write_keeps_nothing(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left"):
-        ckpt.write_checkpoint(tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state={}, rank_files=broken)
+        ckpt.write_checkpoint(
+            tmp_path, 2, trainable=None, optimizer=None, lr_scheduler=sched, state={}, rank_files=broken
+        )
     assert list(tmp_path.iterdir()) == []
 
 
