@@ -72,8 +72,8 @@ class TrainConfig(Section):
     compile: bool = Field(
         False,
         description="torch.compile the transformer (`flowtrain.train.perf`): static shapes, so a fixed resolution "
-        "compiles once (the first step is slow) and never recompiles across steps; variable-length text (e.g. "
-        "Qwen-Image's) is then padded to the family's maximum length, so every batch has one shape.",
+        "compiles once (the first step is slow) and never recompiles across steps; a family's variable-length "
+        "text columns are then padded to their declared maximum length, so every batch has one shape.",
     )
     compile_backend: str = Field(
         "inductor", description="torch.compile backend with train.compile (inductor; aot_eager / eager to debug)."
