@@ -251,17 +251,20 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
     del payload["step"]  # write_checkpoint records the step itself
     # A sharding engine writes the weights and optimizer state itself, one shard per process (a collective): FSDP
     # through torch.distributed.checkpoint (its EMA too), DeepSpeed its own checkpoint.
-    rank_files = None
-    if split:
-        rank_files = lambda d: fsdp.save_shards(d, unwrapped, run.optimizer, ema)  # noqa: E731
-    elif engines.engine_checkpoint(accelerator):
-        rank_files = lambda d: engines.save_shards(accelerator, run.model, d, lora=run.lora_cfg is not None)  # noqa: E731
+    engine_writes = split or engines.engine_checkpoint(accelerator)
+
+    def rank_files(d: Path) -> None:
+        if split:
+            fsdp.save_shards(d, unwrapped, run.optimizer, ema)
+        else:
+            engines.save_shards(accelerator, run.model, d, lora=run.lora_cfg is not None)
+
     with engines.full_parameters(accelerator, run.model, trainable_only=True):  # ZeRO-3: the LoRA file's adapters
         ckpt.write_checkpoint(
             run.out,
             step,
-            trainable=None if rank_files else trainable_state(unwrapped),
-            optimizer=None if rank_files else run.optimizer,
+            trainable=None if engine_writes else trainable_state(unwrapped),
+            optimizer=None if engine_writes else run.optimizer,
             lr_scheduler=run.lr_scheduler,
             state=payload,
             rank=accelerator.process_index,
@@ -271,7 +274,7 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
             scaler=accelerator.scaler,
             rank_state=loop,
             ema=None if split else ema,
-            rank_files=rank_files,
+            rank_files=rank_files if engine_writes else None,
         )
     if run.is_main:
         ckpt.prune_checkpoints(run.out, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
