@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flowtrain.openmp import choose_wait_policy
+
 EXIT_USER_ERROR = 2
 # OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
 _PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
@@ -503,21 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_openmp_waiting() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose an OpenMP wait policy; must run before torch loads OpenMP.
-
-    With GNU OpenMP's default spin-waiting, torch's threads slow down 3-50× whenever another process wants the
-    cores: the tiny model trained at 0.48 s/step instead of 0.024 on a shared 2-core machine, a demo step took
-    1.5-6.5 s instead of 80 ms. Sleeping waiters cost nothing measurable on a 1.5 s step and 1.2-1.5x on a toy
-    model's 25 ms step when a core is idle (benchmarks/README.md, "OpenMP wait policy"). A user's own
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-    """
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# Verbs that never run torch's OpenMP: no need to look at the machine's load for them.
+_NO_TORCH_COMPUTE = frozenset({"check", "plot"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
     argv = sys.argv[1:] if argv is None else list(argv)
     verb_at = 1 if argv[:1] == ["--debug"] else 0
     if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
@@ -532,7 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    # Before any verb imports torch (parsing above does not): OpenMP reads its wait policy once, when torch loads.
+    openmp = None if args.verb in _NO_TORCH_COMPUTE else choose_wait_policy()
     _setup_logging(getattr(args, "quiet", False))
+    if openmp is not None:  # said when it matters: other processes compete for the cores this run will use
+        level = logging.INFO if openmp.startswith("PASSIVE") else logging.DEBUG
+        logging.getLogger("flowtrain").log(level, "OpenMP wait policy %s", openmp)
     if args.debug:
         return args.func(args)
     from flowtrain.config import ConfigError

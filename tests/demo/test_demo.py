@@ -118,5 +118,5 @@ def test_full_demo_meets_its_adherence_target(tmp_path):
     subprocess.run([sys.executable, "-m", "flowtrain", "demo", "--out", str(out), "--quiet"], env=env, check=True)
     rep = json.loads((out / "demo_report.json").read_text())
     _check_run(out, per_digit=rep["samples"]["per_digit"], mlflow=True)
-    assert rep["omp_wait_policy"] == "PASSIVE"
+    assert rep["omp_wait_policy"] in ("PASSIVE", "default")  # chosen by the CLI from the load it saw
     assert rep["prompt_adherence"] >= 0.9, rep["per_digit_adherence"]

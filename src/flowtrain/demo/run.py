@@ -256,7 +256,8 @@ def run_demo(
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # the CLI sets PASSIVE (see docs/demo.md)
+        # the CLI's choice for this machine's load at start, or the user's (see docs/demo.md)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "config": str(config),
         "paths": {
             "samples": str(out / "samples.png"),
