@@ -18,6 +18,7 @@ or GOMP_SPINCOUNT always wins. This module must not import torch.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 # Other processes' load, in cores, from which waiting turns passive. An idle machine measures 0.00-0.05 here; one
@@ -84,6 +85,8 @@ def choose_wait_policy() -> str:
     """
     if any(k in os.environ for k in USER_KEYS):
         return "set by the user"
+    if "torch" in sys.modules:  # OpenMP has read its settings already (e.g. `main()` called from Python)
+        return "fixed already: torch was loaded before flowtrain's command line ran"
     cores = thread_cores(dict(os.environ), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     if cores == 1:
         return "not needed: one OpenMP thread never waits for another"
