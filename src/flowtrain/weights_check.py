@@ -141,6 +141,13 @@ def load_errors(model: str, lora: str | Path | None = None) -> Iterator[None]:
         # diffusers points at "the stacktrace above", which the CLI does not show
         why = " ".join(str(e).replace("Please check out the root cause in the stacktrace above.", "").split())
         raise FileNotFoundError(f"could not load {model!r}: {why}") from e
+    except ValueError as e:  # peft's NoMatchingPeftModuleError: not one module of the file exists in the model
+        if lora is None or "not found in the base model" not in str(e):
+            raise
+        raise ValueError(
+            f"LoRA {lora} does not fit the model {model}: none of its modules exists in the model ({e}); it was "
+            "trained for another model"
+        ) from e
     except RuntimeError as e:
         m = _MISMATCH.search(str(e))
         if lora is None or m is None:
@@ -152,3 +159,22 @@ def load_errors(model: str, lora: str | Path | None = None) -> Iterator[None]:
         ) from e
     finally:
         peft_log.setLevel(level)
+
+
+def lora_modules(keys: list[str]) -> set[str]:
+    """The modules a diffusers-format LoRA file adapts: `transformer.X.lora_A.weight` → `X`. Empty for files in
+    other formats (kohya, original), whose names diffusers converts while loading."""
+    suffix = ".lora_A.weight"
+    return {k[len("transformer.") : -len(suffix)] for k in keys if k.startswith("transformer.") and k.endswith(suffix)}
+
+
+def check_lora_applied(lora: str | Path, model: str, wanted: set[str], adapted: set[str]) -> None:
+    """Every module a diffusers-format LoRA file names must have been adapted: peft skips names the model lacks
+    (a LoRA for a variant with other blocks) without a word, which leaves part of the LoRA silently unused."""
+    missing = sorted(wanted - adapted)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(
+            f"LoRA {lora} does not fit the model {model}: {len(missing)} of its {len(wanted)} modules do not exist "
+            f"in the model ({shown}); it was trained for another model (or a changed architecture)"
+        )

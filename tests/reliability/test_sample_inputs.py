@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from flowtrain.cli import main
 from flowtrain.testing.data import TINY_RES, TINY_SEQ
@@ -126,3 +126,25 @@ def test_model_that_is_neither_a_folder_nor_cached_is_one_message(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("flowtrain sample: error: could not load 'no-such-org/no-such-model'")
     assert "Traceback" not in err and "stacktrace above" not in err
+
+
+def _with_foreign_modules(lora: Path, out: Path, *, keep_own: bool) -> Path:
+    """`lora` plus (or instead of) a module the tiny transformer lacks: a block index beyond its last."""
+    tensors = load_file(str(lora)) if keep_own else {}
+    tensors["transformer.transformer_blocks.99.attn.to_q.lora_A.weight"] = torch.zeros(4, 128)
+    tensors["transformer.transformer_blocks.99.attn.to_q.lora_B.weight"] = torch.zeros(128, 4)
+    save_file(tensors, str(out))
+    return out
+
+
+@pytest.mark.parametrize("keep_own", [True, False], ids=["partly-foreign", "all-foreign"])
+def test_lora_modules_the_model_lacks_are_refused(tmp_path, tiny_pipeline_dir, lora_file, keep_own, capsys):
+    """peft drops LoRA modules the model does not have without a word; a LoRA for another variant would then be
+    applied in part, silently. One message instead, naming the file and what does not exist."""
+    bad = _with_foreign_modules(lora_file, tmp_path / "foreign.safetensors", keep_own=keep_own)
+    assert main([*_sample_args(tiny_pipeline_dir, tmp_path / "out"), "--lora", str(bad)]) == 2
+    first = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("flowtrain sample: error: "))
+    assert str(bad) in first and "does not fit the model" in first
+    assert "transformer_blocks.99.attn.to_q" in first
+    assert ("1 of its" in first) if keep_own else ("none of its modules exists" in first)
+    assert not (tmp_path / "out").exists()

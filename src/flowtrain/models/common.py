@@ -82,7 +82,7 @@ def sampling_pipeline(family: Any, pipeline_cls: Any, model: Any, *, dtype: torc
     parts = {} if weights is None else {"transformer": family.load_transformer(model, dtype=dtype, weights=weights)}
     pipe = load_pipeline(pipeline_cls, model, dtype=dtype, example=example, **parts)
     if lora is not None:
-        load_lora(pipe, lora)
+        load_lora(pipe, lora, model.pretrained)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -355,9 +355,17 @@ def transformer_in(pipe: Any, transformer: torch.nn.Module) -> Iterator[Any]:
         pipe.register_modules(transformer=None)
 
 
-def load_lora(pipe: Any, path: str) -> None:
-    """Load a LoRA file (or a folder holding one) into `pipe`; the caller has checked the path."""
+def load_lora(pipe: Any, path: str, model: str = "") -> None:
+    """Load a LoRA file (or a folder holding one) into `pipe`; the caller has checked the path. Refuses a
+    diffusers-format file that names modules the transformer lacks (peft would drop them silently)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from flowtrain.weights_check import check_lora_applied, lora_file, lora_modules, safetensors_keys
+
     pipe.load_lora_weights(path, use_safetensors=True)
+    wanted = lora_modules(safetensors_keys(lora_file(path), "--lora"))
+    adapted = {name for name, m in pipe.transformer.named_modules() if isinstance(m, BaseTunerLayer)}
+    check_lora_applied(path, model, wanted, adapted)
 
 
 # ---- tiny pipelines -----------------------------------------------------------------------------------------------
