@@ -296,3 +296,13 @@ class TrainsAutoencoder(Protocol):
     def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
         """Train it; returns a result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
         ...
+
+
+@runtime_checkable
+class ExportsOriginal(Protocol):
+    """A family whose weights `flowtrain export` can write in the checkpoint's original layout (docs/export.md):
+    optional. The layout is a table (`flowtrain.export.Layout`) declared in the family's `export.py`."""
+
+    name: str
+    export_layout: Any
+    """`flowtrain.export.Layout`: its diffusers → original module table."""
