@@ -302,10 +302,9 @@ def _pattern_value(module: str, patterns: Mapping[str, float], default: float) -
     return default
 
 
-def read_lora(path: str | Path) -> dict[str, LoraModule]:
-    """A flowtrain / diffusers LoRA file → {diffusers module: LoraModule}, alphas from its adapter metadata (none:
-    alpha = rank, as diffusers loads it). Raises ExportError for a file that is not one or a kind other than
-    plain LoRA."""
+def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(tensors, adapter metadata, kind) of a flowtrain / diffusers adapter file; ExportError for a file that is
+    not one."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -314,11 +313,19 @@ def read_lora(path: str | Path) -> dict[str, LoraModule]:
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
         raise ExportError(f"{path}: not a safetensors file ({e}); give a LoRA file or a run folder") from None
     keys = list(state)
-    meta = _metadata(path)
     if not any(k.startswith(DIFFUSERS_PREFIX) and ".lora" in k for k in keys):
         raise ExportError(f"{path}: not a flowtrain / diffusers LoRA (no `transformer.*.lora_A/B` keys; found e.g. "
                           f"{keys[:2]}); give the pytorch_lora_weights.safetensors a training run wrote")  # fmt: skip
-    kind = lora_kind(keys, meta)
+    meta = _metadata(path)
+    return state, meta, lora_kind(keys, meta)
+
+
+def read_lora(path: str | Path) -> dict[str, LoraModule]:
+    """A flowtrain / diffusers LoRA file → {diffusers module: LoraModule}, alphas from its adapter metadata (none:
+    alpha = rank, as diffusers loads it). Raises ExportError for a file that is not one or a kind other than
+    plain LoRA."""
+    path = Path(path)
+    state, meta, kind = load_lora_file(path)
     if kind != "LoRA":
         raise ExportError(f"{path} is a {kind} adapter; the comfyui and original formats hold plain LoRA (A, B, "
                           "alpha) only: export it with --format diffusers")  # fmt: skip
@@ -419,13 +426,13 @@ def export(
     target = Path(out) if out is not None else default_out(kind, src, fmt)
     if target.resolve() == src.resolve():
         if kind == "lora":
-            read_lora(src)  # still refuse a file that is no flowtrain LoRA
+            load_lora_file(src)  # still refuse a file that is no flowtrain / diffusers LoRA
         log.info("%s is already in %s format", src, fmt)
         return src
     if target.exists() and not overwrite:
         raise ExportError(f"--out {target} exists; give another --out or pass --overwrite to replace it")
     if kind == "lora" and fmt == "diffusers":
-        read_lora(src)  # the same checks as the other formats: a file that is no flowtrain LoRA is refused
+        load_lora_file(src)  # any adapter kind diffusers wrote; a file that is no such adapter is refused
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
         return target

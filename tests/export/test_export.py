@@ -164,11 +164,21 @@ def test_diffusers_loads_the_export_like_its_own_format(lora, fmt, tmp_path):
     """diffusers' `load_lora_weights` reads Klein's `original` and both Qwen-Image forms; the weights it merges
     equal those of the diffusers-format file (Klein: except the final modulation, see the next test)."""
     name, pipeline, path, t = lora
+    cls = _pipeline_cls(name)
     if name == "flux1" or (name == "flux2_klein" and fmt == "comfyui"):
-        pytest.skip("diffusers does not load this form on a tiny model (docs/export.md, 'Loading back')")
+        # docs/export.md, "Loading back": diffusers 0.42.1 loads nothing of these forms (FLUX.1 comfyui: its
+        # converter's FLUX.1-dev widths fail on a tiny model). If this starts to load, extend the test and docs.
+        out = ex.export(path, fmt, tmp_path / f"{fmt}.safetensors")
+        pipe = cls.from_pretrained(pipeline, torch_dtype=torch.float32)
+        try:
+            pipe.load_lora_weights(str(out))
+        except AssertionError:
+            assert (name, fmt) == ("flux1", "comfyui")
+            return
+        assert not any("lora_B" in n for n, _ in pipe.transformer.named_parameters())
+        return
     src = _copy(path, tmp_path / "d", drop="norm_out" if name == "flux2_klein" else None)
     out = ex.export(src, fmt, tmp_path / f"{fmt}.safetensors", family=name)
-    cls = _pipeline_cls(name)
     ref = cls.from_pretrained(pipeline, torch_dtype=torch.float32)
     ref.load_lora_weights(str(src))
     exp = cls.from_pretrained(pipeline, torch_dtype=torch.float32)
@@ -237,9 +247,18 @@ def _layout_rows(layout: ex.Layout) -> set[tuple[str, str, str]]:
     return {(", ".join(m.diffusers), m.original, m.how) for m in layout.modules}
 
 
+def _doc_params(family: str) -> dict[str, str]:
+    """The family's full-fine-tune parameter table in docs/export.md: {diffusers: original}."""
+    block = DOC.read_text(encoding="utf-8").split(f"<!-- params:{family} -->", 1)[1].split("<!-- /table -->", 1)[0]
+    cells = [[c.strip().strip("`") for c in ln.strip().strip("|").split("|")] for ln in block.splitlines() if "`" in ln]
+    return dict(cells)
+
+
 @pytest.mark.parametrize("name", ["flux2_klein", "flux1"])
 def test_docs_table_is_the_mapping(name):
-    assert _doc_table(name) == _layout_rows(ex.layout_of(name))
+    layout = ex.layout_of(name)
+    assert _doc_table(name) == _layout_rows(layout)
+    assert _doc_params(name) == dict(layout.params)
 
 
 def test_exported_keys_are_named_in_the_docs_table(lora, tmp_path):
