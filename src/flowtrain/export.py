@@ -389,8 +389,11 @@ def _save(state: Mapping[str, torch.Tensor], out: Path, metadata: dict[str, str]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(dict(state), str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    try:
+        save_file(dict(state), str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _source(path: Path) -> tuple[str, Path]:
@@ -424,6 +427,8 @@ def export(
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     kind, src = _source(Path(source))
     target = Path(out) if out is not None else default_out(kind, src, fmt)
+    if out is not None and target.is_dir() and not (kind == "full" and fmt == "diffusers"):
+        target = target / default_out(kind, src, fmt).name  # --out an existing folder: the default name in it
     if target.resolve() == src.resolve():
         if kind == "lora":
             load_lora_file(src)  # still refuse a file that is no flowtrain / diffusers LoRA
@@ -434,7 +439,9 @@ def export(
     if kind == "lora" and fmt == "diffusers":
         load_lora_file(src)  # any adapter kind diffusers wrote; a file that is no such adapter is refused
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
         return target
     if kind == "full" and fmt == "diffusers":
         tmp = target.with_name(f".{target.name}.tmp")
@@ -458,12 +465,13 @@ def export(
 def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
     """A diffusers model folder's weights (one or several .safetensors shards) as one state dict."""
     from safetensors.torch import load_file
+    from tqdm.auto import tqdm
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ExportError(f"{folder}: no .safetensors weights; export needs the safetensors a run writes")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in tqdm(files, desc="export: reading weights", unit="file", disable=len(files) < 2):
         state.update(load_file(str(f)))
     return state
 

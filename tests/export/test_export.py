@@ -36,16 +36,36 @@ def _transformer(pipeline: Path) -> torch.nn.Module:
     return cls.from_pretrained(sub, torch_dtype=torch.float32)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def lora(request, tmp_path_factory):
-    """(family, pipeline dir, LoRA file, the LoRA transformer) with every `all`-preset Linear adapted."""
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Family name → (family, pipeline dir, LoRA file, the LoRA transformer), each made once per module: every
+    `all`-preset Linear adapted, alpha ≠ rank, random A and B."""
+    made: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in made:
+            made[name] = _make_lora(name, tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def lora(request, loras):
+    return loras(request.param)
+
+
+@pytest.fixture
+def klein(loras):
+    return loras("flux2_klein")
+
+
+def _make_lora(name: str, root: Path) -> tuple:
     from peft import LoraConfig
 
     from flowtrain.train.trainable import lora_target_regex
 
-    name = request.param
     family = get_family(name)
-    root = tmp_path_factory.mktemp(name)
     pipeline = family.save_tiny_pipeline(root / "pipeline")
     t = _transformer(pipeline)
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
@@ -191,10 +211,8 @@ def test_diffusers_loads_the_export_like_its_own_format(lora, fmt, tmp_path):
         assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
 
 
-def test_klein_forward_after_diffusers_loads_original(lora, tmp_path):
-    name, pipeline, path, _ = lora
-    if name != "flux2_klein":
-        pytest.skip("Klein only")
+def test_klein_forward_after_diffusers_loads_original(klein, tmp_path):
+    name, pipeline, path, _ = klein
     from flowtrain.testing.data import TINY_SEQ
 
     src = _copy(path, tmp_path / "d", drop="norm_out")
@@ -211,14 +229,12 @@ def test_klein_forward_after_diffusers_loads_original(lora, tmp_path):
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
 
 
-def test_diffusers_flux2_lora_converter_keeps_final_layer_rows(lora, tmp_path):
+def test_diffusers_flux2_lora_converter_keeps_final_layer_rows(klein, tmp_path):
     """The finding docs/export.md reports: diffusers' checkpoint converter swaps the final modulation's halves,
     its Flux2 LoRA converter does not. Our `original` file is in the true BFL row order (what ComfyUI applies to
     BFL weights), so diffusers loads that one module with its halves exchanged. If this test fails, diffusers
     has started swapping: update docs/export.md."""
-    name, _, path, _ = lora
-    if name != "flux2_klein":
-        pytest.skip("Klein only")
+    _, _, path, _ = klein
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_flux2_lora_to_diffusers
 
     out = ex.export(path, "original", tmp_path / "o.safetensors")

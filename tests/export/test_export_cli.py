@@ -53,6 +53,11 @@ def test_cli_writes_next_to_the_run_and_refuses_clearly(tiny_pipeline_dir, tmp_p
     # earlier output is not replaced unless asked
     assert "pass --overwrite" in _error(capsys, ["export", str(run), "--format", "comfyui"])
     assert main(["export", str(run), "--format", "comfyui", "--overwrite"]) == 0
+    # --out an existing folder: the default name inside it
+    (tmp_path / "loras").mkdir()
+    assert main(["export", str(run), "--format", "original", "--out", str(tmp_path / "loras")]) == 0
+    assert (tmp_path / "loras" / "pytorch_lora_weights.original.safetensors").is_file()
+    assert not list(tmp_path.glob("loras/.*"))  # no temporary file left behind
     # diffusers: what training wrote already is
     assert main(["export", str(run), "--format", "diffusers"]) == 0
     assert str(run / ex.LORA_FILE) in capsys.readouterr().out

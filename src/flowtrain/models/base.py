@@ -9,7 +9,7 @@ below. Everything that differs from one model family to the next lives behind it
     precompute     prompts → named conditioning tensors, images → VAE moments; the cache columns it declares
     training       a cached batch → tokens x0 (B, N, C) + a token-grid shape of any rank; caption dropout;
                    `predict`; the resolution-dependent timestep shift
-    weights        LoRA presets, LoRA / full-weights export
+    weights        LoRA presets, LoRA / full-weights export; optionally its original layout (`ExportsOriginal`)
     sampling       validation images from cached conditioning; `flowtrain sample` from prompt strings
     compatibility  which cache fits which model (`check_cache`), in one place
     tiny           a randomly initialised pipeline folder for tests and demos (no downloads)
