@@ -124,6 +124,17 @@ def test_delta_in_original_layout_equals_diffusers_delta(lora, fmt, tmp_path):
     assert set(got) == set(want), set(got) ^ set(want)
     for k in want:
         assert (got[k] - want[k]).abs().max().item() <= 1e-6, k
+    if name == "flux1":
+        # Independently of the table (diffusers' FLUX.1 converter needs FLUX.1-dev's width): the rows diffusers'
+        # checkpoint converter splits, written out by hand.
+        s = "single_transformer_blocks.0"
+        rows = [want_d[f"{s}.attn.to_{c}.weight"] for c in "qkv"] + [want_d[f"{s}.proj_mlp.weight"]]
+        torch.testing.assert_close(got["single_blocks.0.linear1.weight"], torch.cat(rows), atol=1e-6, rtol=0)
+        qkv = [want_d[f"transformer_blocks.0.attn.add_{c}_proj.weight"] for c in "qkv"]
+        torch.testing.assert_close(got["double_blocks.0.txt_attn.qkv.weight"], torch.cat(qkv), atol=1e-6, rtol=0)
+        scale, shift = want_d["norm_out.linear.weight"].chunk(2)
+        torch.testing.assert_close(got["final_layer.adaLN_modulation.1.weight"], torch.cat([shift, scale]),
+                                   atol=1e-6, rtol=0)  # fmt: skip
     if name == "flux2_klein":
         # Independently of our table: diffusers' own BFL → diffusers checkpoint converter takes the exported
         # original-layout ΔW back to the diffusers layout, where it must equal the diffusers-format LoRA's ΔW.
@@ -211,22 +222,27 @@ def test_diffusers_loads_the_export_like_its_own_format(lora, fmt, tmp_path):
         assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
 
 
-def test_klein_forward_after_diffusers_loads_original(klein, tmp_path):
-    name, pipeline, path, _ = klein
-    from flowtrain.testing.data import TINY_SEQ
+def test_flowtrain_sample_with_klein_original_equals_the_diffusers_file(klein, tmp_path):
+    """`flowtrain sample`'s pipeline (diffusers' `load_lora_weights` inside) with the exported `original` file draws
+    the image it draws with the diffusers-format LoRA (2 steps, CFG, fp32)."""
+    import numpy as np
 
+    from flowtrain.sample import generate, load_sampling_pipeline
+    from flowtrain.testing.data import TINY_RES, TINY_SEQ, tiny_model
+
+    _, pipeline, path, _ = klein
     src = _copy(path, tmp_path / "d", drop="norm_out")
-    out = ex.export(src, "original", tmp_path / "o.safetensors", family=name)
-    family = get_family(name)
-    g = torch.Generator().manual_seed(0)
-    x, txt = torch.randn(1, 64, 16, generator=g), torch.randn(1, TINY_SEQ, 96, generator=g)
-    outs = []
+    out = ex.export(src, "original", tmp_path / "o.safetensors", family="flux2_klein")
+    model = tiny_model(pipeline, max_sequence_length=TINY_SEQ)
+    images = []
     for f in (src, out):
-        pipe = _pipeline_cls(name).from_pretrained(pipeline, torch_dtype=torch.float32)
-        pipe.load_lora_weights(str(f))
-        with torch.no_grad():
-            outs.append(family.predict(pipe.transformer, x, torch.tensor([0.4]), {"text_embeds": txt}, (8, 8)))
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+        pipe = load_sampling_pipeline(model, lora=str(f), device="cpu")
+        images.append(generate(pipe, ["a photo number 3"], model, seed=3, steps=2, guidance_scale=3.0,
+                               height=TINY_RES, width=TINY_RES, output_type="np")[0])  # fmt: skip
+    base = generate(load_sampling_pipeline(model, device="cpu"), ["a photo number 3"], model, seed=3, steps=2,
+                    guidance_scale=3.0, height=TINY_RES, width=TINY_RES, output_type="np")[0]  # fmt: skip
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+    assert np.abs(images[0] - base).max() > 1e-3  # the LoRA changes the image
 
 
 def test_diffusers_flux2_lora_converter_keeps_final_layer_rows(klein, tmp_path):
