@@ -24,6 +24,7 @@ bare original names, as the model makers publish their checkpoints) besides its 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -155,11 +156,10 @@ class Layout:
         return None
 
 
+@functools.cache
 def _regex(pattern: str) -> re.Pattern[str]:
-    return _compiled.setdefault(pattern, re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)")))
-
-
-_compiled: dict[str, re.Pattern[str]] = {}
+    """A table name with `{i}` → a regex whose group `i` is the block index."""
+    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)"))
 
 
 def _name(pattern: str, i: str | None) -> str:
@@ -198,8 +198,9 @@ def lora_to_original(modules: Mapping[str, LoraModule], layout: Layout) -> dict[
 
 def weights_to_original(state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """A full diffusers transformer state dict → the original layout's (the inverse of diffusers' single-file
-    checkpoint converter for the family): renamed, q/k/v (and FLUX.1's MLP input) concatenated by rows, the final
-    modulation's halves swapped, norm scales renamed."""
+    checkpoint converter for the family): renamed, q/k/v (and FLUX.1's MLP input) concatenated by rows (weights
+    (out_i, in) → (Σ out_i, in), biases (out_i,) → (Σ out_i,)), the final modulation's halves swapped, norm scales
+    renamed. Tensors that are only renamed are the same objects (no copy)."""
     import torch
 
     if layout.identity:
