@@ -15,6 +15,7 @@ from typing import Any
 from flowtrain.openmp import choose_wait_policy
 
 EXIT_USER_ERROR = 2
+EXPORT_FORMATS = ("diffusers", "comfyui", "original")  # flowtrain.export.FORMATS, without importing it for --help
 # OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
 _PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
@@ -310,6 +311,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from flowtrain.export import export
+
+    path = export(args.source, args.format, args.out, family=args.family, overwrite=args.overwrite)
+    print(f"export: {args.format} → {path}")
+    return 0
+
+
 def _run_model_near(path: str | None) -> dict | None:
     """The `model:` section of the config.yaml of the run a LoRA / transformer came from, if there is one. Only
     that section: sampling needs nothing else, and a run written by an older flowtrain may hold keys this one no
@@ -463,6 +472,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run_dir", type=_path, help="a training output_dir")
     s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser(
+        "export",
+        help="write a trained LoRA or full fine-tune in diffusers, ComfyUI or the original layout",
+        description="Write the final weights of a training run (or a LoRA file) in another format: `comfyui` "
+        "(original module names under diffusion_model., lora_down/lora_up and an .alpha per module), `original` "
+        "(original names, lora_A/lora_B with alpha folded in: what diffusers' converters read) or `diffusers` "
+        "(what training writes). A full fine-tune becomes one .safetensors in the original layout. q/k/v LoRAs "
+        "are fused exactly. Mapping tables, sources and limits: docs/export.md.",
+    )
+    s.add_argument("source", type=_path, help="a training run folder (its output_dir) or a LoRA .safetensors file")
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the format to write")
+    s.add_argument("--out", type=_path, help="the file to write (default: next to the source, e.g. "
+                   "pytorch_lora_weights.comfyui.safetensors or transformer.original.safetensors)")  # fmt: skip
+    s.add_argument("--family", help="the model family (default: from the run's config.yaml next to the source)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused without it)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
         "autoencoder",

@@ -434,6 +434,16 @@ def resolve_family(model: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
+class ExportConfig(Section):
+    """Extra formats of the final weights, written at the end of training (`flowtrain export`, docs/export.md)."""
+
+    formats: list[Literal["diffusers", "comfyui", "original"]] = Field(
+        default_factory=list,
+        description="Also write the final LoRA / full fine-tune in these formats, next to the diffusers output "
+        "(`comfyui`: ComfyUI's keys with `.alpha`; `original`: the model's original layout; docs/export.md).",
+    )
+
+
 class FlowtrainConfig(Section):
     """The whole run: one YAML file (after `extends` and overrides) validates into this."""
 
@@ -452,6 +462,7 @@ class FlowtrainConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     output_dir: str = Field("runs/default", description="Run folder: checkpoints, logs, exported weights, samples.")
 
     @field_validator("model", mode="before")

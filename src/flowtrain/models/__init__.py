@@ -13,7 +13,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from flowtrain.models.base import Column, ModelFamily, ModelPathError, TrainsAutoencoder
+from flowtrain.models.base import Column, ExportsOriginal, ModelFamily, ModelPathError, TrainsAutoencoder
 
 if TYPE_CHECKING:
     from flowtrain.config.model import ModelOptions
@@ -90,6 +90,7 @@ def detect_family(
 __all__ = [
     "FAMILY_PACKAGES",
     "Column",
+    "ExportsOriginal",
     "ModelFamily",
     "ModelPathError",
     "TrainsAutoencoder",

@@ -9,7 +9,7 @@ below. Everything that differs from one model family to the next lives behind it
     precompute     prompts → named conditioning tensors, images → VAE moments; the cache columns it declares
     training       a cached batch → tokens x0 (B, N, C) + a token-grid shape of any rank; caption dropout;
                    `predict`; the resolution-dependent timestep shift
-    weights        LoRA presets, LoRA / full-weights export
+    weights        LoRA presets, LoRA / full-weights export; optionally its original layout (`ExportsOriginal`)
     sampling       validation images from cached conditioning; `flowtrain sample` from prompt strings
     compatibility  which cache fits which model (`check_cache`), in one place
     tiny           a randomly initialised pipeline folder for tests and demos (no downloads)
@@ -296,3 +296,13 @@ class TrainsAutoencoder(Protocol):
     def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
         """Train it; returns a result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
         ...
+
+
+@runtime_checkable
+class ExportsOriginal(Protocol):
+    """A family whose weights `flowtrain export` can write in the checkpoint's original layout (docs/export.md):
+    optional. The layout is a table (`flowtrain.export.Layout`) declared in the family's `export.py`."""
+
+    name: str
+    export_layout: Any
+    """`flowtrain.export.Layout`: its diffusers → original module table."""

@@ -304,4 +304,8 @@ def export_weights(run: Run, transformer: torch.nn.Module) -> Path:
         os.replace(tmp / name, path)
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s", path)
+    if run.cfg.export.formats:  # `export.formats`: the same final weights in other tools' layouts
+        from flowtrain.export import export_run
+
+        export_run(out, run.cfg.export.formats, run.cfg.model.family)
     return path

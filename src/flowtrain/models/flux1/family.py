@@ -28,6 +28,7 @@ from flowtrain.models import common
 from flowtrain.models.base import Column
 from flowtrain.models.flux1 import PIPELINE_CLASSES
 from flowtrain.models.flux1 import latents as L
+from flowtrain.models.flux1.export import LAYOUT as EXPORT_LAYOUT
 from flowtrain.models.flux1.options import Flux1Options
 from flowtrain.models.flux1.tiny import TINY_RESOLUTION, TINY_SEQ
 
@@ -113,6 +114,7 @@ class Flux1:
     pipeline_classes = PIPELINE_CLASSES
     options = Flux1Options
     lora_presets = LORA_PRESETS
+    export_layout = EXPORT_LAYOUT  # `flowtrain export`'s diffusers → original table (export.py)
     # FluxPipeline.__call__'s num_inference_steps / guidance_scale (FLUX.1-dev's). guidance_scale: the value fed to the
     # guidance embedding of guidance-distilled checkpoints (no unconditional pass); schnell ignores it (and samples in
     # about 4 steps).

@@ -25,6 +25,7 @@ from flowtrain.models import common
 from flowtrain.models.base import Column
 from flowtrain.models.flux2_klein import PIPELINE_CLASSES
 from flowtrain.models.flux2_klein import latents as L
+from flowtrain.models.flux2_klein.export import LAYOUT as EXPORT_LAYOUT
 from flowtrain.models.flux2_klein.options import Flux2KleinOptions
 from flowtrain.models.flux2_klein.shift import resolution_shift
 
@@ -61,6 +62,7 @@ class Flux2Klein:
     pipeline_classes = PIPELINE_CLASSES
     options = Flux2KleinOptions
     lora_presets = LORA_PRESETS
+    export_layout = EXPORT_LAYOUT  # `flowtrain export`'s diffusers → original table (export.py)
     # Flux2KleinPipeline.__call__'s num_inference_steps / guidance_scale. guidance_scale: real classifier-free
     # guidance against the empty prompt (> 1 runs the unconditional pass; the base models have no guidance embedding).
     sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 4.0})

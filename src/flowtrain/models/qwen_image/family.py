@@ -28,6 +28,7 @@ from flowtrain.models import common
 from flowtrain.models.base import Column
 from flowtrain.models.qwen_image import PIPELINE_CLASSES
 from flowtrain.models.qwen_image import latents as L
+from flowtrain.models.qwen_image.export import LAYOUT as EXPORT_LAYOUT
 from flowtrain.models.qwen_image.options import QwenImageOptions
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class QwenImage:
     pipeline_classes = PIPELINE_CLASSES
     options = QwenImageOptions
     lora_presets = LORA_PRESETS
+    export_layout = EXPORT_LAYOUT  # `flowtrain export`'s diffusers → original table (export.py)
     # QwenImagePipeline.__call__'s num_inference_steps / true_cfg_scale. guidance_scale is the pipeline's
     # `true_cfg_scale`: real CFG against the empty negative prompt (> 1 runs it), the guided velocity rescaled to the
     # conditional one's norm; the pipeline's own `guidance_scale` is for guidance-distilled variants and unused here.
