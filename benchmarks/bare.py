@@ -44,6 +44,7 @@ def setup(
     from flowtrain.data.cache import CacheDataset
     from flowtrain.models.flux2_klein.family import LORA_PRESETS
     from flowtrain.models.flux2_klein.latents import latent_ids, text_ids, training_latents
+
     torch.manual_seed(cfg["train"].get("seed", 0))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["model"]["dtype"]]
     model = Flux2Transformer2DModel.from_pretrained(

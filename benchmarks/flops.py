@@ -100,20 +100,21 @@ def simple_flops(n_params: int, n_trainable: int, tokens: int) -> float:
 # ---- peak dense bf16 tensor-core FLOP/s ------------------------------------------------------------------------------
 # (regex searched in torch.cuda.get_device_name(), TFLOP/s dense, source). Dense = without 2:4 sparsity: the datasheets
 # quote sparse numbers ("with sparsity") at twice these. The first match wins, so variants come before their family.
+_DC = "https://www.nvidia.com/en-us/data-center/"  # NVIDIA's product pages, each linking its datasheet
 PEAK_BF16_TFLOPS: list[tuple[str, float, str]] = [
-    (r"\bGH200\b", 989.0, "NVIDIA GH200 datasheet: its Hopper GPU, BF16 1,979 TFLOPS sparse"),
-    (r"\bH200 NVL\b", 835.0, "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): H200 NVL BF16 1,671 TFLOPS sparse"),
-    (r"\bH200\b", 989.0, "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): H200 SXM BF16 1,979 TFLOPS sparse"),
-    (r"\bH100 NVL\b", 835.0, "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): H100 NVL BF16 1,671 TFLOPS sparse"),
-    (r"\bH100 PCIe\b", 756.0, "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): H100 PCIe BF16 1,513 TFLOPS sparse"),
-    (r"\bH100 (SXM|80GB HBM3)", 989.0, "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): H100 SXM BF16 1,979 "
-     "TFLOPS sparse ('H100 80GB HBM3' is the SXM part's device name)"),
-    (r"\bB200\b", 2250.0, "NVIDIA HGX B200 datasheet (nvidia.com/en-us/data-center/hgx): per GPU BF16 4.5 PFLOPS sparse"),
-    (r"\bA100\b", 312.0, "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): BF16 312 TFLOPS dense, SXM and PCIe"),
-    (r"\bL40S\b", 362.05, "NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s): BF16 733 TFLOPS sparse"),
-    (r"\bRTX 4090$", 165.2, "NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090: BF16 with FP32 accumulate "
-     "165.2 TFLOPS dense (330.3 sparse; torch accumulates bf16 matmuls in FP32)"),
-    (r"\bL4$", 121.0, "NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4): BF16 242 TFLOPS sparse"),
+    (r"\bGH200\b", 989.0, f"{_DC}grace-hopper-superchip/ datasheet: its H100/H200 GPU, BF16 1,979 TFLOPS sparse"),
+    (r"\bH200 NVL\b", 835.0, f"{_DC}h200/ datasheet: H200 NVL, BF16 1,671 TFLOPS sparse"),
+    (r"\bH200\b", 989.0, f"{_DC}h200/ datasheet: H200 SXM, BF16 1,979 TFLOPS sparse"),
+    (r"\bH100 NVL\b", 835.0, f"{_DC}h100/ datasheet: H100 NVL, BF16 1,671 TFLOPS sparse"),
+    (r"\bH100 PCIe\b", 756.0, f"{_DC}h100/ datasheet: H100 PCIe, BF16 1,513 TFLOPS sparse"),
+    (r"\bH100 (SXM|80GB HBM3)", 989.0, f"{_DC}h100/ datasheet: H100 SXM, BF16 1,979 TFLOPS sparse ('H100 80GB HBM3' "
+     "is the SXM part's device name)"),
+    (r"\bB200\b", 2250.0, f"{_DC}hgx/ HGX B200 datasheet: BF16 4.5 PFLOPS sparse per GPU"),
+    (r"\bA100\b", 312.0, f"{_DC}a100/ datasheet: BF16 312 TFLOPS dense (SXM and PCIe)"),
+    (r"\bL40S\b", 362.05, f"{_DC}l40s/ datasheet: BF16 733 TFLOPS sparse"),
+    (r"\bRTX 4090$", 165.2, "NVIDIA Ada GPU architecture whitepaper (GeForce RTX 4090): BF16 with FP32 accumulate "
+     "165.2 TFLOPS dense, 330.3 sparse (torch accumulates bf16 matmuls in FP32)"),
+    (r"\bL4$", 121.0, f"{_DC}l4/ datasheet: BF16 242 TFLOPS sparse"),
 ]  # fmt: skip
 
 

@@ -37,6 +37,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,10 +165,8 @@ def run_flowtrain(cfg_dict: dict, cuda: bool, total: int, warmup: int, max_s: fl
         model = run.accelerator.unwrap_model(run.model)
         timer = StepTimer(run.batches, cuda, total, warmup, max_s)
         run.batches = timer
-        try:
+        with contextlib.suppress(Enough):  # the timer's end of the run, after the measured steps
             run_loop(run, stop, progress=False)
-        except Enough:
-            pass
         run.tracker.close("FINISHED")
         facts = _model_facts(model)
         del run, model
@@ -254,8 +253,6 @@ def measure(c: dict, shape: common.Shape, args: argparse.Namespace, device: str)
         "wall_s": time.perf_counter() - t0,
         **facts,
     }
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     gc.collect()
     return row
@@ -315,25 +312,30 @@ def cuda_test_files() -> list[str]:
     return sorted(str(p) for p in root.rglob("test_*.py") if "pytest.mark.cuda" in p.read_text())
 
 
-def run_tests(timeout: float) -> dict:
-    """`pytest -m cuda` over those files, in a subprocess; counts from its JUnit XML."""
-    files = cuda_test_files()
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", f"--junitxml={xml}", *files]
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1.0), cwd=common.ROOT,
-                                  check=False)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"status": "skipped: time budget (killed)", "files": files}
-        res = {"status": "ran", "files": files, "exit_code": proc.returncode, "duration_s": time.perf_counter() - t0,
-               "tail": proc.stdout.strip().splitlines()[-1:] }  # fmt: skip
-        if not xml.exists():
-            return {**res, "status": f"failed: no report: {proc.stderr[-500:]}"}
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+def start_tests(tmp: Path) -> tuple[subprocess.Popen, list[str], Path, float]:
+    """Start `pytest -m cuda` over the files holding `cuda`-marked tests, in a subprocess writing JUnit XML."""
+    files, xml = cuda_test_files(), tmp / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", f"--junitxml={xml}", *files]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=common.ROOT)
+    return proc, files, xml, time.perf_counter()
+
+
+def finish_tests(started: tuple[subprocess.Popen, list[str], Path, float], timeout: float) -> dict:
+    """Wait for the tests (killed after `timeout` s); pass / fail / error / skip counts from the JUnit XML."""
+    proc, files, xml, t0 = started
+    try:
+        stdout, stderr = proc.communicate(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"status": "skipped: time budget (killed)", "files": files}
+    res = {"status": "ran", "files": files, "exit_code": proc.returncode, "duration_s": time.perf_counter() - t0,
+           "summary": (stdout.strip().splitlines() or [""])[-1]}  # fmt: skip
+    if not xml.exists():
+        return {**res, "status": f"failed: no JUnit report: {stderr[-500:]}"}
+    suite = ET.parse(xml).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return {**res, "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": n["failures"],
             "errors": n["errors"], "skipped": n["skipped"]}  # fmt: skip
 
@@ -383,10 +385,17 @@ def targets(rows: list[dict], shape: common.Shape, device_mem_gib: float | None)
         return {"target": name, "goal": goal, "value": value, "met": met, "note": note}
 
     out = []
-    mfu = lora.get("mfu") if lora else None
+    # The best flowtrain LoRA cell at this resolution (eager / compiled, checkpointing on / off) is what a user can get.
+    tried = [r for r in rows if r.get("status") == "ok" and r["kind"] == "flowtrain" and r["mode"] == "lora"
+             and r["resolution"] == hi and r.get("mfu") is not None]  # fmt: skip
+    best = max(tried, key=lambda r: r["mfu"], default=None)
+    mfu = best["mfu"] if best else None
+    if best:
+        note = f"best: {best['id']}; baseline (eager, ckpt on): {lora['mfu']:.1%}" if lora else f"best: {best['id']}"
+    else:
+        note = (lora or {}).get("mfu_note", "the LoRA cell did not run")
     out.append(verdict(f"LoRA {hi}px MFU", f">= {TARGETS['lora_mfu']:.0%}", mfu,
-                       None if mfu is None else mfu >= TARGETS["lora_mfu"],
-                       None if mfu is not None else (lora or {}).get("mfu_note", "LoRA cell did not run")))  # fmt: skip
+                       None if mfu is None else mfu >= TARGETS["lora_mfu"], note))  # fmt: skip
     ov = lora["ms_per_step"] / bare["ms_per_step"] if lora and bare else None
     out.append(verdict("framework overhead (LoRA, flowtrain / bare)", f"<= {TARGETS['overhead']}", ov,
                        None if ov is None else ov <= TARGETS["overhead"]))  # fmt: skip
@@ -432,7 +441,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default runs/bench/gpu[-quick].json)")
     p.add_argument("--quick", action="store_true", help="CPU plumbing check with a tiny Klein-shaped model")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget for everything (default 420; quick 240)")
+    p.add_argument(
+        "--budget-s", type=float, help="wall-clock budget for everything, weights included (default 400; quick 240)"
+    )
     p.add_argument("--steps", type=int, help="measured steps per cell after warm-up (default 8; quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out first (compile: one more)")
     p.add_argument("--cell-max-s", type=float, default=25.0, help="stop a flowtrain cell's timed steps after this")
@@ -447,19 +458,20 @@ def main() -> None:
         child(args)
         return
     t_start = time.time()
-    budget = args.budget_s or (240.0 if args.quick else 420.0)
+    budget = args.budget_s or (240.0 if args.quick else 400.0)
     import torch
 
     if not args.quick and not torch.cuda.is_available():
         p.error("no CUDA device here: this benchmark needs a GPU (use --quick for the CPU plumbing check)")
     shape = common.TINY_SHAPE if args.quick else common.KLEIN4B
     out_path = args.out or common.bench_dir() / ("gpu-quick.json" if args.quick else "gpu.json")
-    # The model and caches are built here, once, before the clock matters for any cell.
-    print(f"building {shape.name} weights and caches under {common.bench_dir()} ...", flush=True)
-    common.shaped_pipeline(shape, "cpu" if args.quick else "cuda")
-    for res in shape.resolutions:
-        common.shaped_cache(shape, res)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not args.quick:  # built here once, on the GPU (seconds; minutes on a CPU), before any cell's clock starts
+        print(f"building {shape.name} weights and caches under {common.bench_dir()} ...", flush=True)
+        common.shaped_pipeline(shape, "cuda")
+        for res in shape.resolutions:
+            common.shaped_cache(shape, res)
+        torch.cuda.empty_cache()
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     todo = plan(shape)
     if args.quick:  # the plumbing: every kind of cell once (both sides, both modes, compile, checkpointing off)
         todo = todo[:7]
@@ -468,11 +480,12 @@ def main() -> None:
     estimate = dict(QUICK_ESTIMATE_S if args.quick else GPU_ESTIMATE_S)
     rows: list[dict] = []
     tests: dict = {"status": "not run"}
-    if args.quick:  # one process for every cell: imports once (tiny cells take a second each)
+    if args.quick:  # one process for every cell (imports once; tiny cells take a second each), tests alongside
+        started = start_tests(tmp)
         cells = [c for c in todo if c != "tests"]
-        left = budget - (time.time() - t_start) - estimate["tests"]
-        rows = run_cells(cells, args, deadline=time.time() + left, timeout=left + 60)
-        tests = run_tests(timeout=max(budget - (time.time() - t_start), 30))
+        left = budget - (time.time() - t_start)
+        rows = run_cells(cells, args, deadline=time.time() + left - 30, timeout=left)
+        tests = finish_tests(started, timeout=budget - (time.time() - t_start))
     else:
         for c in todo:
             left = budget - (time.time() - t_start)
@@ -486,7 +499,7 @@ def main() -> None:
                 continue
             t0 = time.time()
             if c == "tests":
-                tests = run_tests(timeout=left)
+                tests = finish_tests(start_tests(tmp), timeout=left)
                 print(f"tests: {tests}", flush=True)
             else:
                 rows += run_cells([c], args, deadline=math.inf, timeout=left)
@@ -502,11 +515,23 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
         "machine": info,
-        "model": {"shape": shape.name, "transformer": shape.transformer, "text_len": shape.text_len,
-                  "resolutions": list(shape.resolutions), "batch_size": 1, "lora": "rank 16, preset all, AdamW",
-                  "full": "fp32 master weights, adamw8bit", "precision": "bf16 autocast"},  # fmt: skip
-        "settings": {"steps": args.steps, "warmup": args.warmup, "budget_s": budget, "cell_max_s": args.cell_max_s,
-                     "compile_backend": args.compile_backend},  # fmt: skip
+        "model": {
+            "shape": shape.name,
+            "transformer": shape.transformer,
+            "text_len": shape.text_len,
+            "resolutions": list(shape.resolutions),
+            "batch_size": 1,
+            "lora": "rank 16, preset all, AdamW",
+            "full": "fp32 master weights, adamw8bit",
+            "precision": "bf16 autocast",
+        },  # fmt: skip
+        "settings": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "budget_s": budget,
+            "cell_max_s": args.cell_max_s,
+            "compile_backend": args.compile_backend,
+        },  # fmt: skip
         "flops_formula": FLOPS_FORMULA,
         "peak": {"bf16_flops": peak, "source" if peak else "reason": source},
         "memory_savers": MEMORY_SAVERS,
@@ -516,6 +541,7 @@ def main() -> None:
         "targets": targets(rows, shape, info.get("device_mem_gib")),
         "elapsed_s": time.time() - t_start,
     }
+    shutil.rmtree(tmp, ignore_errors=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
     print_table(result)

@@ -121,6 +121,7 @@ def test_fp16_grad_scaler_resumes_exactly(tiny_pipeline_dir, tiny_cache, tmp_pat
 
     with fresh_accelerator_state():
         assert_resume_exact(cfg("straight"), cfg("resumed"), stop=2)
+
     def scaler(name: str, step: int) -> dict:
         return torch.load(tmp_path / name / f"checkpoint-{step}" / "scaler.pt", weights_only=True)
 
