@@ -117,3 +117,57 @@ def test_peak_lookup_names_its_source_and_never_guesses():
     assert peak is None and "PEAK_BF16_TFLOPS" in why
     assert flops.peak_bf16_flops(None)[0] is None
     assert all("datasheet" in src or "whitepaper" in src for _, _, src in flops.PEAK_BF16_TFLOPS)
+
+
+def test_budget_skips_what_would_not_fit_and_keeps_going():
+    """The GPU run's scheduler: an item runs only when its kind's estimate fits the time left; the estimate becomes
+    what the kind took; a skipped item is recorded and a cheaper one after it still runs."""
+    gpu = _load("gpu")
+    now = [0.0]
+    took = {"eager": 40.0, "compile": 100.0}
+
+    def run_cell(c, left):
+        assert left > 0
+        now[0] += took["compile" if c["compile"] else "eager"]
+        return {**c, "status": "ok", "ms_per_step": 1.0}
+
+    def run_tests(left):
+        now[0] += 20.0
+        return {"status": "ran", "passed": 2}
+
+    todo = [gpu.cell("flowtrain", "lora", 1024), gpu.cell("bare", "lora", 1024), "tests",
+            gpu.cell("flowtrain", "lora", 1024, compiled=True), gpu.cell("flowtrain", "lora", 512)]  # fmt: skip
+    rows, tests = gpu.run_plan(todo, 130.0, {"eager": 30.0, "compile": 120.0, "tests": 15.0}, run_cell, run_tests,
+                               clock=lambda: now[0])  # fmt: skip
+    # 0 → 40 → 80 (eager now estimated 40 s) → tests 100 → compile needs 120, 30 left: skipped → eager 40 > 30: skipped
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped: time budget", "skipped: time budget"]
+    assert tests == {"status": "ran", "passed": 2} and now[0] == 100.0
+
+
+def test_ratios_and_targets_from_gpu_rows():
+    gpu = _load("gpu")
+    common = sys.modules["common"]  # imported by gpu.py from benchmarks/
+
+    def row(kind, mode, res, ms, gc=True, compiled=False, **kw):
+        return {**gpu.cell(kind, mode, res, gc=gc, compiled=compiled), "status": "ok", "ms_per_step": ms, **kw}
+
+    rows = [
+        row("flowtrain", "lora", 1024, 250.0, mfu=0.31, peak_mem_gib=20.0),
+        row("bare", "lora", 1024, 240.0, mfu=0.325),
+        row("flowtrain", "lora", 1024, 180.0, compiled=True, mfu=0.43),
+        row("flowtrain", "lora", 1024, 200.0, gc=False, mfu=0.39, peak_mem_gib=50.0),
+        row("flowtrain", "full", 1024, 400.0, peak_mem_gib=61.5),
+        {**gpu.cell("bare", "full", 1024), "status": "failed: OutOfMemoryError"},
+    ]
+    ratios = {r["ratio"]: r["value"] for r in gpu.ratios(rows, common.KLEIN4B)}
+    assert ratios["overhead lora 1024px"] == pytest.approx(250 / 240)
+    assert ratios["compile lora 1024px"] == pytest.approx(250 / 180)
+    assert ratios["ckpt off speed lora 1024px"] == pytest.approx(250 / 200)
+    assert ratios["ckpt off memory lora 1024px"] == pytest.approx(2.5)
+    assert "overhead full 1024px" not in ratios  # its bare cell failed
+    mfu, overhead, comp, fits = gpu.targets(rows, common.KLEIN4B, device_mem_gib=139.8)
+    assert mfu["met"] is True and mfu["value"] == 0.43 and "lora-1024-compile-gc-flowtrain" in mfu["note"]
+    assert overhead["met"] is False and comp["met"] is True
+    assert fits["met"] is True and fits["value"] == 61.5 and "61.5 GiB of 139.8 GiB" in fits["note"]
+    none = gpu.targets([], common.KLEIN4B, device_mem_gib=139.8)
+    assert [t["met"] for t in none] == [None] * 4
