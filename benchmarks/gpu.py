@@ -13,9 +13,9 @@ step time. The bare side is benchmarks/bare.py on the same weights, cache, optim
 
 Every measurement runs in its own subprocess (clean peak-memory counters; an out-of-memory stays in its cell), in
 priority order: the headline numbers first (LoRA 1024 px eager: flowtrain and bare; full fine-tune 1024 px: memory),
-then the CUDA-only tests (pytest, tests marked `cuda`), then 512 px, `train.compile` (regional), gradient
-checkpointing off. A time budget (`--budget-s`) is tracked throughout: a measurement that would not fit is recorded as
-"skipped: time budget" instead of run.
+then the CUDA-only tests (pytest, tests marked `cuda`), LoRA `train.compile` (regional) and gradient checkpointing
+off, then 512 px and the full fine-tune's variants (`plan`). A time budget (`--budget-s`) is tracked throughout: a
+measurement that would not fit is recorded as "skipped: time budget" instead of run (`run_plan`).
 
 MFU = model FLOPs per step (benchmarks/flops.py states the formula; recomputation by gradient checkpointing is not
 model FLOPs) / (step time × the GPU's dense bf16 peak, looked up from `torch.cuda.get_device_name()`; an unknown GPU
@@ -24,8 +24,8 @@ gets MFU null with the reason).
     .venv/bin/python benchmarks/gpu.py --out runs/bench/gpu.json          # on a GPU machine; `make gpu-bench`
     .venv/bin/python benchmarks/gpu.py --quick                            # the plumbing on CPU, tiny shape, < 1 min
 
-`--quick` runs the same cells on the CPU with a Klein-shaped model at test-suite size (`common.TINY_SHAPE`), all in
-one subprocess, with perf_counter timing, `train.compile` on the `eager` backend (traced, not code-generated: the
+`--quick` runs the plan's first cells (each kind once) on the CPU with a Klein-shaped model at test-suite size
+(`common.TINY_SHAPE`), all in one subprocess, with perf_counter timing, `train.compile` on the `eager` backend (traced, not code-generated: the
 plumbing, in seconds) and MFU null; tests/perf/test_gpu_bench.py runs it.
 """
 
