@@ -25,8 +25,8 @@ gets MFU null with the reason).
     .venv/bin/python benchmarks/gpu.py --quick                            # the plumbing on CPU, tiny shape, < 1 min
 
 `--quick` runs the plan's first cells (each kind once) on the CPU with a Klein-shaped model at test-suite size
-(`common.TINY_SHAPE`), all in one subprocess, with perf_counter timing, `train.compile` on the `eager` backend (traced, not code-generated: the
-plumbing, in seconds) and MFU null; tests/perf/test_gpu_bench.py runs it.
+(`common.TINY_SHAPE`), all in one subprocess, with perf_counter timing, `train.compile` on the `eager` backend
+(traced, not code-generated: the plumbing, in seconds) and MFU null; tests/perf/test_gpu_bench.py runs it.
 """
 
 from __future__ import annotations
@@ -309,7 +309,8 @@ def run_cells(cells: list[dict], args: argparse.Namespace, deadline: float, time
 def cuda_test_files() -> list[str]:
     """Test files holding tests marked `cuda` (those that skip without a GPU)."""
     root = common.ROOT / "tests"
-    return sorted(str(p) for p in root.rglob("test_*.py") if "pytest.mark.cuda" in p.read_text())
+    marked = re.compile(r"^\s*@pytest\.mark\.cuda\s*$", re.M)
+    return sorted(str(p) for p in root.rglob("test_*.py") if marked.search(p.read_text()))
 
 
 def start_tests(tmp: Path) -> tuple[subprocess.Popen, list[str], Path, float]:

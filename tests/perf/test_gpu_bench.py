@@ -171,3 +171,23 @@ def test_ratios_and_targets_from_gpu_rows():
     assert fits["met"] is True and fits["value"] == 61.5 and "61.5 GiB of 139.8 GiB" in fits["note"]
     none = gpu.targets([], common.KLEIN4B, device_mem_gib=139.8)
     assert [t["met"] for t in none] == [None] * 4
+
+
+def test_cuda_only_tests_carry_the_cuda_marker():
+    """gpu.py runs `pytest -m cuda` over the files that hold the marker: a test that skips without CUDA but is not
+    marked would never run on the GPU either."""
+    import re
+
+    gpu = _load("gpu")
+    tests = Path(__file__).resolve().parents[1]
+    skipping = [
+        p for p in tests.rglob("test_*.py") if re.search(r"skipif\(\s*not torch\.cuda\.is_available\(\)", p.read_text())
+    ]
+    assert skipping, "no CUDA-only test found (the fp16 GradScaler tests skip without CUDA)"
+    for p in skipping:  # each skip decorator (direct, or through a name like `needs_cuda`) has a marker beside it
+        text = p.read_text()
+        names = re.findall(r"^(\w+) = pytest\.mark\.skipif\(\s*not torch\.cuda", text, flags=re.M)
+        skips = len(re.findall(r"@pytest\.mark\.skipif\(\s*not torch\.cuda", text))
+        skips += sum(text.count(f"@{n}\n") for n in names)
+        assert text.count("@pytest.mark.cuda\n") >= skips >= 1, p
+    assert {str(p) for p in skipping} <= set(gpu.cuda_test_files())
