@@ -480,7 +480,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default runs/bench/gpu[-quick].json)")
     p.add_argument("--quick", action="store_true", help="CPU plumbing check with a tiny Klein-shaped model")
     p.add_argument(
-        "--budget-s", type=float, help="wall-clock budget for everything, weights included (default 440; quick 240)"
+        "--budget-s", type=float, help="wall-clock budget for everything, weights included (default 400; quick 240)"
     )
     p.add_argument("--steps", type=int, help="measured steps per cell after warm-up (default 8; quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out first (compile: one more)")
@@ -496,7 +496,7 @@ def main() -> None:
         child(args)
         return
     t_start = time.time()
-    budget = args.budget_s or (240.0 if args.quick else 440.0)
+    budget = args.budget_s or (240.0 if args.quick else 400.0)
     import torch
 
     if not args.quick and not torch.cuda.is_available():
