@@ -95,8 +95,9 @@ def config_dict(shape: common.Shape, c: dict, pipeline: Path, cache: Path, out: 
     return {
         "model": {"family": "flux2_klein", "pretrained": str(pipeline), "max_sequence_length": shape.text_len,
                   "dtype": "bfloat16"},
-        # a synthetic cache: no encoder wrote it, so its encoder identity cannot match the pipeline's
-        "dataset": {"cache_dir": str(cache), "allow_other_weights": True},
+        # A synthetic cache: no encoder wrote it, so its encoder identity cannot match the pipeline's. The prefetch
+        # thread is what `auto` picks on a GPU; set here so a --quick run on the CPU goes through it too.
+        "dataset": {"cache_dir": str(cache), "allow_other_weights": True, "prefetch": True},
         "train": {"max_steps": steps + 1, "batch_size": 1, "learning_rate": 1e-4 if lora else 1e-5,
                   "mixed_precision": "bf16", "max_grad_norm": 1.0, "gradient_checkpointing": c["grad_ckpt"],
                   "compile": c["compile"], "compile_backend": backend, "log_every": 1, "seed": 0},
