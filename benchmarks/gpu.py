@@ -161,14 +161,16 @@ def run_flowtrain(cfg_dict: dict, cuda: bool, total: int, warmup: int, max_s: fl
 
     cfg = FlowtrainConfig.model_validate(cfg_dict)
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        t0 = time.perf_counter()
         run = build_run(cfg, None, cleanup)
+        setup_s = time.perf_counter() - t0
         model = run.accelerator.unwrap_model(run.model)
         timer = StepTimer(run.batches, cuda, total, warmup, max_s)
         run.batches = timer
         with contextlib.suppress(Enough):  # the timer's end of the run, after the measured steps
             run_loop(run, stop, progress=False)
         run.tracker.close("FINISHED")
-        facts = _model_facts(model)
+        facts = {**_model_facts(model), "setup_s": setup_s}
         del run, model
     rows = read_metrics(Path(cfg.output_dir) / "logs" / "metrics.jsonl")
     facts["losses_finite"] = all(math.isfinite(r["loss"]) for r in rows) and bool(rows)
@@ -180,13 +182,15 @@ def run_flowtrain(cfg_dict: dict, cuda: bool, total: int, warmup: int, max_s: fl
 def run_bare(cfg_dict: dict, c: dict, device: str, total: int) -> tuple[dict, list[float]]:
     import bare
 
+    t0 = time.perf_counter()
     s = bare.setup(cfg_dict, mode=c["mode"], gradient_checkpointing=c["grad_ckpt"], device=device)
+    setup_s = time.perf_counter() - t0
     if c["compile"]:
         from flowtrain.train.perf import compile_transformer
 
         compile_transformer(s.model, backend=cfg_dict["train"]["compile_backend"], regional=True)
     times = bare.run(s, total)
-    facts = _model_facts(s.model)
+    facts = {**_model_facts(s.model), "setup_s": setup_s}
     del s
     return facts, times
 
