@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all lint format clean gpu-bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# GPU readiness (benchmarks/gpu.py): Klein-4B-shaped step time, MFU, memory, compile, the CUDA-only tests. Needs a CUDA
+# GPU (on a Linux GPU machine the torch pin above installs the CUDA build; bitsandbytes comes with the dev extra);
+# ≤ 8 minutes on one H200. Options: make gpu-bench GPU_BENCH_ARGS="--budget-s 300".
+gpu-bench: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python benchmarks/gpu.py --out runs/bench/gpu.json $(GPU_BENCH_ARGS)
+
+# Wheels into .whl/ for a GPU machine without network access whose python3 has a CUDA torch (benchmarks/README.md).
+gpu-wheels: $(STAMP)
+	bash benchmarks/gpu_wheels.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

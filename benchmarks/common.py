@@ -115,6 +115,85 @@ def bench70m_fixture(n_images: int = 16) -> Fixture:
     return Fixture("bench70m", pipe, cache, s["seq"], "bfloat16", "bf16")
 
 
+# ---- Klein-shaped transformers for benchmarks/gpu.py --------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """A FLUX.2 Klein transformer's architecture (`Flux2Transformer2DModel` kwargs), its text length and VAE latent
+    channels, and the two training resolutions measured."""
+
+    name: str
+    transformer: dict
+    text_len: int
+    latent_channels: int  # the VAE's; the transformer sees 4× that after the 2×2 patchify
+    resolutions: tuple[int, int]
+
+
+# FLUX.2 Klein 4B (black-forest-labs/FLUX.2-klein-base-4B, transformer/config.json): 5 double-stream + 20 single-stream
+# blocks, 24 heads × 128 = 3072 wide, MLP ratio 3, RoPE axes 4 × 32, no guidance embedding (base model). Text: Qwen3-4B
+# hidden states of layers (9, 18, 27) stacked, 3 × 2560 = 7680 wide, padded to 512 tokens (docs/models/flux2_klein.md,
+# configs/klein4b/base.yaml). VAE: 32 latent channels, 8× down, so 128 channels and (px / 16)² image tokens.
+KLEIN4B = Shape(
+    name="klein4b",
+    transformer={
+        "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+        "axes_dims_rope": (32, 32, 32, 32), "guidance_embeds": False,
+    },
+    text_len=512,
+    latent_channels=32,
+    resolutions=(512, 1024),
+)  # fmt: skip
+# The same code path at test-suite size (`gpu.py --quick`): 16 / 64 image tokens, 32 text tokens.
+TINY_SHAPE = Shape(
+    name="tiny-shape",
+    transformer={
+        "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+        "num_attention_heads": 2, "joint_attention_dim": 96, "timestep_guidance_channels": 32, "mlp_ratio": 3.0,
+        "axes_dims_rope": (4, 4, 4, 4), "guidance_embeds": False,
+    },
+    text_len=32,
+    latent_channels=4,
+    resolutions=(64, 128),
+)  # fmt: skip
+
+
+def shaped_pipeline(shape: Shape, device: str = "cpu") -> Path:
+    """A pipeline folder holding only `shape`'s transformer, randomly initialised (seed 0) and saved in bf16, and a
+    model_index.json naming it: all that training from a latent cache loads. Built on `device` (a 4B model's random
+    init takes seconds on a GPU, minutes on CPU), written once under runs/bench/ and reused."""
+    root = bench_dir() / f"{shape.name}-pipeline"
+    if (root / "model_index.json").exists():
+        return root
+    import diffusers
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = Flux2Transformer2DModel(**shape.transformer)
+    transformer.to("cpu", torch.bfloat16).save_pretrained(root / "transformer")
+    del transformer
+    index = {"_class_name": "Flux2KleinPipeline", "_diffusers_version": diffusers.__version__, "is_distilled": False,
+             "transformer": ["diffusers", "Flux2Transformer2DModel"]}  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))  # last: marks the folder complete
+    return root
+
+
+def shaped_cache(shape: Shape, resolution: int, rows: int = 4) -> Path:
+    """A synthetic latent cache (`flowtrain.testing.synthetic`: precompute's writer, Gaussian values) of `rows`
+    rows at `resolution` px for `shape`: posterior moments (2C, px/8, px/8) float32, text (text_len, width) bf16."""
+    from flowtrain.testing.synthetic import write_synthetic_cache
+
+    side = resolution // 8
+    return write_synthetic_cache(
+        bench_dir() / f"{shape.name}-cache-{resolution}-{rows}",
+        rows,
+        latent_shape=(2 * shape.latent_channels, side, side),
+        text_shape=(shape.text_len, shape.transformer["joint_attention_dim"]),
+        text_dtype="bfloat16",
+    )
+
+
 def fixture(name: str) -> Fixture:
     return {"tiny": tiny_fixture, "bench70m": bench70m_fixture}[name]()
 
@@ -175,17 +254,22 @@ def machine() -> str:
 
 def report(name: str, rows: list[dict], extra: dict | None = None) -> None:
     """Print a table and append a JSON record to runs/bench/results.jsonl (the README table is made from it)."""
-    print(f"\n== {name} — {machine()} — {time.strftime('%Y-%m-%d %H:%M')}")
+    print_rows(f"{name} — {machine()} — {time.strftime('%Y-%m-%d %H:%M')}", rows)
+    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "rows": rows}
+    record.update(extra or {})
+    with open(bench_dir() / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    """Print `rows` (dicts with the first row's keys) as an aligned table under `title`."""
+    print(f"\n== {title}")
     if rows:
         keys = list(rows[0])
         widths = [max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys]
         print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
         for r in rows:
             print("  ".join(_fmt(r.get(k)).ljust(w) for k, w in zip(keys, widths, strict=True)))
-    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "rows": rows}
-    record.update(extra or {})
-    with open(bench_dir() / "results.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def _fmt(v: object) -> str:

@@ -82,9 +82,13 @@ def test_full_finetune_keeps_fp32_master_weights(tiny_pipeline_dir):
     assert all(p.requires_grad and p.dtype == torch.float32 for p in transformer.parameters())
 
 
-@pytest.mark.skipif(
+needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="fp16 autocast + GradScaler need CUDA (refused on CPU, see below)"
 )
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_fp16_uses_a_grad_scaler(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
     from flowtrain.testing.training import fresh_accelerator_state, train_config
     from flowtrain.train.loop import train
@@ -98,6 +102,33 @@ def test_fp16_uses_a_grad_scaler(tiny_pipeline_dir, tiny_cache, tmp_path, monkey
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert (ckpt / "scaler.pt").exists()
     assert all(t.dtype == torch.float32 for t in load_file(str(ckpt / "trainable.safetensors")).values())
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fp16_grad_scaler_resumes_exactly(tiny_pipeline_dir, tiny_cache, tmp_path):
+    """fp16 end to end on a GPU: 4 steps straight equal 2 steps, a checkpoint, and 2 resumed steps (losses and
+    weights bitwise), and the GradScaler comes back from scaler.pt: both runs end with the same scale and growth
+    tracker. A resume that dropped scaler.pt would restart the tracker at 0 and end on another state."""
+    from flowtrain.testing.training import assert_resume_exact, fresh_accelerator_state, train_config
+
+    def cfg(name: str):
+        return train_config(
+            tiny_pipeline_dir, tiny_cache[1], tmp_path / name, model={"dtype": "float16"},
+            train={"max_steps": 4, "mixed_precision": "fp16", "deterministic": True},
+            checkpoint={"every_steps": 2, "keep_last": None},
+        )  # fmt: skip
+
+    with fresh_accelerator_state():
+        assert_resume_exact(cfg("straight"), cfg("resumed"), stop=2)
+
+    def scaler(name: str, step: int) -> dict:
+        return torch.load(tmp_path / name / f"checkpoint-{step}" / "scaler.pt", weights_only=True)
+
+    fresh = torch.amp.GradScaler("cuda").state_dict()  # 65536, tracker 0: what a resume without scaler.pt starts at
+    mid = scaler("resumed", 2)
+    assert (mid["scale"], mid["_growth_tracker"]) != (fresh["scale"], fresh["_growth_tracker"])
+    assert scaler("straight", 4) == scaler("resumed", 4)
 
 
 def test_gradient_checkpointing_recomputes_and_matches(tiny_pipeline_dir):
