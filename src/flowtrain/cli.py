@@ -68,7 +68,7 @@ def _is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from flowtrain.data.prepare import prepare
+    from flowtrain.data.prepare import prepare, summary
     from flowtrain.outputs import output_slot
 
     with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
@@ -79,9 +79,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             min_size=args.min_size,
             progress=not args.quiet,
+            keep_duplicates=args.keep_duplicates,
         )
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
-        print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
+        print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
     return 0
 
 
@@ -357,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per shard (default 1000)")
     s.add_argument(
         "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
+    )
+    s.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="keep byte-identical copies of an image (e.g. one image listed with two captions); by default each "
+        "copy after the first is skipped as `duplicate of KEY` and the summary says how many",
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
