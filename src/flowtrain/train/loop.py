@@ -149,7 +149,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             loss_acc, steps_acc = torch.zeros((), device=device), 0
 
         every = cfg.checkpoint.every_steps
-        if (every and done % every == 0) or time_due or stop_now or done == cfg.train.max_steps:
+        due = bool(every and done % every == 0) or time_due or stop_now
+        if done == cfg.train.max_steps:  # a stop there promises a checkpoint to resume (and export) from
+            due = cfg.checkpoint.final or stop_now
+        if due:
             try:
                 save_checkpoint(run, done, run.sampler.position_after(consumed), guard,
                                 loop={"loss_acc": loss_acc.item(), "steps_acc": steps_acc})  # fmt: skip
