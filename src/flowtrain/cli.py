@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 2
+PRECOMPUTE_RESOLUTION = 512  # `precompute --resolution`'s default, and `train --from`'s
 # OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
 _PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
@@ -165,6 +166,45 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir))
 
 
+def _from_source(args: argparse.Namespace, cfg: Any) -> None:
+    """`train --from SRC`: run `prepare` and `precompute` as their verbs would, in this process, into the folders
+    the run trains from, each skipped when its output is already current (flowtrain.chain)."""
+    from flowtrain import chain
+
+    if cfg.dataset.cache_dir is None:
+        raise ValueError("train --from needs dataset.cache_dir (or --precomputed_data_dir): where the cache goes")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "train --from runs in one process: prepare and precompute first (or run `flowtrain train --from` once "
+            "without a launcher), then launch the training processes"
+        )
+    shared = (["--overwrite"] if args.overwrite else []) + (["--quiet"] if args.quiet else [])
+    src, cache = args.from_source, str(cfg.dataset.cache_dir)
+    if chain.is_prepared(src):
+        raw = src
+        print(f"prepare: {src} is prepared already: using it")
+    else:
+        raw = args.raw_dir or str(chain.default_raw_dir(cache))
+        dups = ["--keep-duplicates"] if args.keep_duplicates else []
+        prep = parse_args(["prepare", src, "--out", raw, *dups, *shared])
+        settings = {"resolution": prep.resolution, "min_size": prep.min_size, "keep_duplicates": prep.keep_duplicates}
+        current, why = chain.raw_is_current(raw, src, settings)
+        if current:
+            print(f"prepare: reusing {raw} ({why})")
+        else:
+            prep.func(prep)
+    from flowtrain.data.precompute import cache_fingerprint
+
+    resolution = str(args.resolution or PRECOMPUTE_RESOLUTION)
+    pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", resolution,
+                      *args.overrides, *shared])  # fmt: skip
+    current, why = chain.cache_is_current(cache, raw, cache_fingerprint(cfg.model, pre.resolution)["id"])
+    if current:
+        print(f"precompute: reusing {cache} ({why})")
+    else:
+        pre.func(pre)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from flowtrain.outputs import output_slot, resumes_in_place
 
@@ -172,6 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume_from_checkpoint
     if resume is not None and args.overwrite:
         raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
+    if args.from_source is None and (args.raw_dir is not None or args.keep_duplicates or args.resolution):
+        raise ValueError("--raw-dir, --keep-duplicates and --resolution are for `train --from SRC`; give --from")
     if resume not in (None, "latest"):  # checked now, not after the model has loaded
         from flowtrain.train.checkpoint import resolve_resume
 
@@ -186,7 +228,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_partial=_has_checkpoint,  # a failed run that wrote a checkpoint can be resumed: keep it
         enabled=_is_main_process(),  # one process claims the folder; the others write into it later
     )
-    with slot as claimed:
+    with slot as claimed:  # claimed first: a refused output_dir costs no preparing; a failed stage restores it
+        if args.from_source is not None:
+            _from_source(args, cfg)
         from flowtrain.train.loop import train
 
         result = train(cfg, resume=resume, progress=not args.quiet)
@@ -335,6 +379,23 @@ def _overwrite_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
     )
 
 
+def _chain_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "from images in one command",
+        "--from SRC runs `prepare` and `precompute` before training, in this process: the raw shards go to --raw-dir, "
+        "the cache to dataset.cache_dir, each written exactly as its verb writes it. A stage whose output is already "
+        "current is reused (the same source and settings; a cache of the same fingerprint made from those shards), "
+        "and the message says so. See docs/training.md, 'From images in one command'.",
+    )
+    g.add_argument("--from", dest="from_source", type=_path, metavar="SRC",
+                   help="images + captions as `flowtrain prepare` reads them (folder, .tsv, .jsonl, .parquet), or a "
+                   "prepared raw folder")  # fmt: skip
+    g.add_argument("--raw-dir", type=_path, help="where --from writes raw shards (default: dataset.cache_dir + '-raw')")
+    g.add_argument("--resolution", type=_positive_int,
+                   help=f"precompute's square resolution (default {PRECOMPUTE_RESOLUTION})")  # fmt: skip
+    g.add_argument("--keep-duplicates", action="store_true", help="prepare keeps byte-identical copies of an image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowtrain",
@@ -383,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", type=_path, help="training config to take model settings from")
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
-    s.add_argument("--resolution", type=_positive_int, default=512, help="square training resolution (default 512)")
+    s.add_argument(
+        "--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
+        help=f"square training resolution (default {PRECOMPUTE_RESOLUTION})",
+    )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")
     s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
@@ -421,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
         )
         if verb == "train":
-            _overwrite_flag(s, " (not with --resume_from_checkpoint)")
+            _overwrite_flag(s, " (not with --resume_from_checkpoint); with --from also the raw shards and cache, "
+                            "where they are not current")  # fmt: skip
+            _chain_flags(s)
         s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
         s.set_defaults(func=func)
 
@@ -523,14 +589,8 @@ def _default_openmp_waiting() -> None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
-def main(argv: list[str] | None = None) -> int:
-    _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verb_at = 1 if argv[:1] == ["--debug"] else 0
-    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
-        from flowtrain.launch import launch
-
-        return launch(argv[verb_at + 1 :])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`flowtrain ARGV` parsed; also how `train --from` builds the arguments of the verbs it runs."""
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)
@@ -539,6 +599,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    _default_openmp_waiting()  # first: nothing above imports torch, and every verb below may
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb_at = 1 if argv[:1] == ["--debug"] else 0
+    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
+        from flowtrain.launch import launch
+
+        return launch(argv[verb_at + 1 :])
+    args = parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     if args.debug:
         return args.func(args)

@@ -281,6 +281,12 @@ def source_signature(src: str | Path) -> str:
     return hasher.hexdigest()
 
 
+def raw_digest(raw_dir: str | Path) -> str:
+    """A digest of the raw manifest (shards, row counts, creation time): which prepared data a cache was made from.
+    Every prepare run writes a new manifest, so re-prepared shards never pass for the ones a cache was made of."""
+    return hashlib.sha256((Path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
 def reason_kind(reason: str) -> str:
     """Group reasons for the summary: 'duplicate of a/b' -> 'duplicate', 'cannot decode image: ...' -> prefix."""
     return "duplicate" if reason.startswith("duplicate of ") else re.split(r"[:(]", reason, maxsplit=1)[0].strip()
