@@ -203,6 +203,11 @@ def _from_source(args: argparse.Namespace, cfg: Any) -> None:
         print(f"precompute: reusing {cache} ({why})")
     else:
         pre.func(pre)
+        # The encoders are garbage now; collected before the transformer loads, not whenever a reference cycle
+        # among their modules happens to be found: their memory is the transformer's to use.
+        import gc
+
+        gc.collect()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
