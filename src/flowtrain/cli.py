@@ -166,50 +166,6 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir))
 
 
-def _from_source(args: argparse.Namespace, cfg: Any) -> None:
-    """`train --from SRC`: run `prepare` and `precompute` as their verbs would, in this process, into the folders
-    the run trains from, each skipped when its output is already current (flowtrain.chain)."""
-    from flowtrain import chain
-
-    if cfg.dataset.cache_dir is None:
-        raise ValueError("train --from needs dataset.cache_dir (or --precomputed_data_dir): where the cache goes")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "train --from runs in one process: prepare and precompute first (or run `flowtrain train --from` once "
-            "without a launcher), then launch the training processes"
-        )
-    shared = (["--overwrite"] if args.overwrite else []) + (["--quiet"] if args.quiet else [])
-    src, cache = args.from_source, str(cfg.dataset.cache_dir)
-    if chain.is_prepared(src):
-        raw = src
-        print(f"prepare: {src} is prepared already: using it")
-    else:
-        raw = args.raw_dir or str(chain.default_raw_dir(cache))
-        dups = ["--keep-duplicates"] if args.keep_duplicates else []
-        prep = parse_args(["prepare", src, "--out", raw, *dups, *shared])
-        settings = {"resolution": prep.resolution, "min_size": prep.min_size, "keep_duplicates": prep.keep_duplicates}
-        current, why = chain.raw_is_current(raw, src, settings)
-        if current:
-            print(f"prepare: reusing {raw} ({why})")
-        else:
-            prep.func(prep)
-    from flowtrain.data.precompute import cache_fingerprint
-
-    resolution = str(args.resolution or PRECOMPUTE_RESOLUTION)
-    pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", resolution,
-                      *args.overrides, *shared])  # fmt: skip
-    current, why = chain.cache_is_current(cache, raw, cache_fingerprint(cfg.model, pre.resolution)["id"])
-    if current:
-        print(f"precompute: reusing {cache} ({why})")
-    else:
-        pre.func(pre)
-        # The encoders are garbage now; collected before the transformer loads, not whenever a reference cycle
-        # among their modules happens to be found: their memory is the transformer's to use.
-        import gc
-
-        gc.collect()
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from flowtrain.outputs import output_slot, resumes_in_place
 
@@ -235,7 +191,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     with slot as claimed:  # claimed first: a refused output_dir costs no preparing; a failed stage restores it
         if args.from_source is not None:
-            _from_source(args, cfg)
+            from flowtrain.chain import prepare_and_precompute
+
+            prepare_and_precompute(args, cfg)
         from flowtrain.train.loop import train
 
         result = train(cfg, resume=resume, progress=not args.quiet)
@@ -396,8 +354,8 @@ def _chain_flags(parser: argparse.ArgumentParser) -> None:
                    help="images + captions as `flowtrain prepare` reads them (folder, .tsv, .jsonl, .parquet), or a "
                    "prepared raw folder")  # fmt: skip
     g.add_argument("--raw-dir", type=_path, help="where --from writes raw shards (default: dataset.cache_dir + '-raw')")
-    g.add_argument("--resolution", type=_positive_int,
-                   help=f"precompute's square resolution (default {PRECOMPUTE_RESOLUTION})")  # fmt: skip
+    g.add_argument("--resolution", type=_positive_int, help="precompute's square resolution (default: the existing "
+                   f"cache's in dataset.cache_dir, else {PRECOMPUTE_RESOLUTION})")  # fmt: skip
     g.add_argument("--keep-duplicates", action="store_true", help="prepare keeps byte-identical copies of an image")
 
 

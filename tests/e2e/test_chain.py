@@ -61,9 +61,10 @@ def test_from_images_in_one_process_then_reused(work, monkeypatch, capsys):
     assert (cache / "manifest.json").exists() and (run / "pytorch_lora_weights.safetensors").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in [*raw.iterdir(), *cache.iterdir()]}
 
-    # Again, into another run folder: both stages are current, reused (nothing rewritten), and it says so.
+    # Again, into another run folder and without --resolution (the cache's is taken): both stages are current,
+    # reused (nothing rewritten), and it says so.
     monkeypatch.chdir(work)
-    assert main([*chain, "--output_dir", "runs/b"]) == 0
+    assert main(["train", "tiny.yaml", "--from", "src", "--quiet", "--output_dir", "runs/b"]) == 0
     out = capsys.readouterr().out
     assert "prepare: reusing data/cache-raw" in out and "precompute: reusing data/cache" in out
     assert {p.name: p.stat().st_mtime_ns for p in [*raw.iterdir(), *cache.iterdir()]} == stamps
