@@ -99,3 +99,29 @@ def test_from_flags_need_from(work, monkeypatch, capsys):
     monkeypatch.chdir(work)
     assert main(["train", "tiny.yaml", "--raw-dir", "somewhere"]) == 2
     assert "give --from" in capsys.readouterr().err
+
+
+def test_encoders_are_freed_before_the_transformer_loads(work, monkeypatch):
+    """One process must not hold the text encoder and VAE while it trains: their memory is the transformer's."""
+    import weakref
+
+    from flowtrain.models.flux2_klein.family import Flux2Klein
+
+    encoders: list[weakref.ref] = []
+    alive_when_transformer_loads: list[list[bool]] = []
+    real_encoders, real_transformer = Flux2Klein.load_encoders, Flux2Klein.load_transformer
+
+    def recording(self, *args, **kwargs):  # observes; the real loading runs
+        pipe = real_encoders(self, *args, **kwargs)
+        encoders.extend([weakref.ref(pipe.text_encoder), weakref.ref(pipe.vae)])
+        return pipe
+
+    def checking(self, *args, **kwargs):
+        alive_when_transformer_loads.append([ref() is not None for ref in encoders])
+        return real_transformer(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Klein, "load_encoders", recording)
+    monkeypatch.setattr(Flux2Klein, "load_transformer", checking)
+    monkeypatch.chdir(work)
+    assert main(["train", "tiny.yaml", "--from", "src", "--resolution", str(TINY_RES), "--quiet"]) == 0
+    assert alive_when_transformer_loads == [[False, False]]
