@@ -17,7 +17,6 @@ seconds).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -58,8 +57,7 @@ def encode(pipeline: str, folder: Path, resolution: int, seq: int) -> tuple[torc
         text, _ = pipe.encode_prompt(captions, max_sequence_length=seq, text_encoder_out_layers=(9, 18, 27))
     bn = pipe.vae.bn
     norm = {"mean": bn.running_mean.float(), "std": torch.sqrt(bn.running_var.float() + pipe.vae.config.batch_norm_eps)}
-    del pipe  # the encoders are not needed for training
-    gc.collect()
+    del pipe  # the encoders are not needed for training (freed by reference counting)
     return moments, text.float(), norm
 
 
