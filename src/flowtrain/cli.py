@@ -16,6 +16,7 @@ from flowtrain.openmp import choose_wait_policy
 
 EXIT_USER_ERROR = 2
 EXPORT_FORMATS = ("diffusers", "comfyui", "original")  # flowtrain.export.FORMATS, without importing it for --help
+PRECOMPUTE_RESOLUTION = 512  # `precompute --resolution`'s default, and `train --from`'s
 # OSErrors that come from a path the user gave (an --out under a file, an unwritable folder), not from the machine
 _PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
@@ -71,7 +72,7 @@ def _is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from flowtrain.data.prepare import prepare
+    from flowtrain.data.prepare import prepare, summary
     from flowtrain.outputs import output_slot
 
     with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
@@ -82,9 +83,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             min_size=args.min_size,
             progress=not args.quiet,
+            keep_duplicates=args.keep_duplicates,
         )
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
-        print(f"prepare: wrote {report.written}, skipped {report.skipped} → {args.out}")
+        print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
     return 0
 
 
@@ -174,6 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume_from_checkpoint
     if resume is not None and args.overwrite:
         raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
+    if args.from_source is None and (args.raw_dir is not None or args.keep_duplicates or args.resolution):
+        raise ValueError("--raw-dir, --keep-duplicates and --resolution are for `train --from SRC`; give --from")
     if resume not in (None, "latest"):  # checked now, not after the model has loaded
         from flowtrain.train.checkpoint import resolve_resume
 
@@ -188,7 +192,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_partial=_has_checkpoint,  # a failed run that wrote a checkpoint can be resumed: keep it
         enabled=_is_main_process(),  # one process claims the folder; the others write into it later
     )
-    with slot as claimed:
+    with slot as claimed:  # claimed first: a refused output_dir costs no preparing; a failed stage restores it
+        if args.from_source is not None:
+            from flowtrain.chain import prepare_and_precompute
+
+            prepare_and_precompute(args, cfg)
         from flowtrain.train.loop import train
 
         result = train(cfg, resume=resume, progress=not args.quiet)
@@ -345,6 +353,23 @@ def _overwrite_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
     )
 
 
+def _chain_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "from images in one command",
+        "--from SRC runs `prepare` and `precompute` before training, in this process: the raw shards go to --raw-dir, "
+        "the cache to dataset.cache_dir, each written exactly as its verb writes it. A stage whose output is already "
+        "current is reused (the same source and settings; a cache of the same fingerprint made from those shards), "
+        "and the message says so. See docs/training.md, 'From images in one command'.",
+    )
+    g.add_argument("--from", dest="from_source", type=_path, metavar="SRC",
+                   help="images + captions as `flowtrain prepare` reads them (folder, .tsv, .jsonl, .parquet), or a "
+                   "prepared raw folder")  # fmt: skip
+    g.add_argument("--raw-dir", type=_path, help="where --from writes raw shards (default: dataset.cache_dir + '-raw')")
+    g.add_argument("--resolution", type=_positive_int, help="precompute's square resolution (default: the existing "
+                   f"cache's in dataset.cache_dir, else {PRECOMPUTE_RESOLUTION})")  # fmt: skip
+    g.add_argument("--keep-duplicates", action="store_true", help="prepare keeps byte-identical copies of an image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowtrain",
@@ -369,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
     )
+    s.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="keep byte-identical copies of an image (e.g. one image listed with two captions); by default each "
+        "copy after the first is skipped as `duplicate of KEY` and the summary says how many",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 
@@ -387,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", type=_path, help="training config to take model settings from")
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
-    s.add_argument("--resolution", type=_positive_int, default=512, help="square training resolution (default 512)")
+    s.add_argument(
+        "--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
+        help=f"square training resolution (default {PRECOMPUTE_RESOLUTION})",
+    )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")
     s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
@@ -425,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder",
         )
         if verb == "train":
-            _overwrite_flag(s, " (not with --resume_from_checkpoint)")
+            _overwrite_flag(s, " (not with --resume_from_checkpoint); with --from also the raw shards and cache, "
+                            "where they are not current")  # fmt: skip
+            _chain_flags(s)
         s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
         s.set_defaults(func=func)
 
@@ -535,13 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 _NO_TORCH_COMPUTE = frozenset({"check", "plot"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verb_at = 1 if argv[:1] == ["--debug"] else 0
-    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
-        from flowtrain.launch import launch
-
-        return launch(argv[verb_at + 1 :])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`flowtrain ARGV` parsed; also how `train --from` builds the arguments of the verbs it runs."""
     parser = build_parser()
     # Overrides (key=value) may stand anywhere among the options, which plain argparse positionals can't do.
     args, extra = parser.parse_known_args(argv)
@@ -550,7 +581,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    # Before any verb imports torch (parsing above does not): OpenMP reads its wait policy once, when torch loads.
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb_at = 1 if argv[:1] == ["--debug"] else 0
+    if argv[verb_at : verb_at + 1] == ["launch"]:  # the arguments after it are `accelerate launch`'s, unparsed here
+        from flowtrain.launch import launch
+
+        return launch(argv[verb_at + 1 :])
+    args = parse_args(argv)
+    # Before any verb imports torch (parsing does not): OpenMP reads its wait policy once, when torch loads.
     openmp = None if args.verb in _NO_TORCH_COMPUTE else choose_wait_policy()
     _setup_logging(getattr(args, "quiet", False))
     if openmp is not None:  # said when it matters: other processes compete for the cores this run will use

@@ -320,4 +320,55 @@ def test_rerun_replaces_stale_shards_and_prints_summary(tmp_path, capsys):
     report = prepare(tmp_path / "src", tmp_path / "out", shard_size=10, progress=True)
     assert sorted(p.name for p in (tmp_path / "out").glob("raw-*")) == ["raw-00000.parquet"]
     assert report.shards == ["raw-00000.parquet"]
-    assert "prepare: wrote 3, skipped 1 (see prepare_report.json)" in capsys.readouterr().out
+    assert "prepare: wrote 3, skipped 1 (duplicates dropped: 0) →" in capsys.readouterr().out
+
+
+def _three_with_a_copy(src: Path) -> None:
+    """a.png and its byte-identical copy b.png under another caption, and one other image."""
+    same = encode(noise(20, 20))
+    put(src, "a.png", same, caption="a red square")
+    put(src, "b.png", same, caption="the same square, another caption")
+    put(src, "c.png", encode(noise(20, 20)))
+
+
+def test_duplicates_dropped_by_default_and_counted_in_the_summary(tmp_path, capsys):
+    from flowtrain.cli import main
+
+    _three_with_a_copy(tmp_path / "src")
+    assert main(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "wrote 2, skipped 1 (duplicates dropped: 1)" in capsys.readouterr().out
+    assert set(read_rows(tmp_path / "out")) == {"a", "c"}
+    on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert on_disk["duplicates"] == 1 and reasons(PrepareReport(**{k: on_disk[k] for k in ("written", "skipped",
+        "skipped_items")}))["b"] == "duplicate of a"  # fmt: skip
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["keep_duplicates"] is False
+
+
+def test_keep_duplicates_keeps_every_copy_with_its_caption(tmp_path, capsys):
+    from flowtrain.cli import main
+
+    _three_with_a_copy(tmp_path / "src")
+    assert main(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--keep-duplicates"]) == 0
+    assert "wrote 3, skipped 0 (duplicates kept)" in capsys.readouterr().out
+    rows = read_rows(tmp_path / "out")
+    assert rows["a"]["image"] == rows["b"]["image"]
+    assert (rows["a"]["caption"], rows["b"]["caption"]) == ("a red square", "the same square, another caption")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["keep_duplicates"] is True
+
+
+def test_source_signature_follows_the_listing_not_the_decoding(tmp_path):
+    """What `train --from` compares to reuse prepared shards: equal for an unchanged source, different once a
+    caption or an image changes, and equal to what prepare recorded."""
+    from flowtrain.data.prepare import source_signature
+
+    src = tmp_path / "src"
+    _three_with_a_copy(src)
+    prepare(src, tmp_path / "out", progress=False)
+    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["source_signature"]
+    assert source_signature(src) == recorded
+    (src / "c.txt").write_text("a new caption")
+    assert source_signature(src) != recorded
+    (src / "c.txt").write_text("a caption")
+    assert source_signature(src) == recorded
+    put(src, "c.png", encode(noise(21, 20)), caption="a caption")
+    assert source_signature(src) != recorded

@@ -316,6 +316,12 @@ class CheckpointConfig(Section):
     keep_every: int | None = Field(
         None, gt=0, description="Keep checkpoints whose step is a multiple of M for good (not pruned by keep_last)."
     )
+    final: bool = Field(
+        True,
+        description="Write checkpoint-{max_steps} when the run completes. false: the exported weights (LoRA file / "
+        "transformer/) are the run's only final output, saving the optimizer state's disk and write time; a run "
+        "stopped by a signal at its last step still writes one.",
+    )
 
 
 class TrackingConfig(Section):

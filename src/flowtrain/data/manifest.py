@@ -7,6 +7,7 @@ fingerprint        what determines the content: model path, revision, resolution
 columns            the family's declared columns (name, dtype, shape, source)
 latent_norm        the statistics the family normalises latents with (named lists of floats)
 shards             [{file, rows}]; `empty_prompt`: the "" prompt's conditioning (safetensors)
+source, source_digest  the raw folder it was made from, and a digest of that folder's manifest at the time
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class CacheManifest:
     latent_norm: dict[str, list[float]]
     shards: list[dict[str, Any]]
     source: str = ""
+    source_digest: str = ""  # precompute.raw_digest of the raw folder it was made from ("" in older caches)
     empty_prompt: str = EMPTY_PROMPT
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     path: Path | None = None  # where it was read from (not written)
@@ -100,6 +102,7 @@ class CacheManifest:
             "shards": self.shards,
             "empty_prompt": self.empty_prompt,
             "source": self.source,
+            "source_digest": self.source_digest,
             "created": self.created,
         }
 
@@ -136,6 +139,7 @@ class CacheManifest:
             latent_norm=d["latent_norm"],
             shards=d["shards"],
             source=d.get("source", ""),
+            source_digest=d.get("source_digest", ""),
             empty_prompt=d.get("empty_prompt", EMPTY_PROMPT),
             created=d.get("created", ""),
             path=path,

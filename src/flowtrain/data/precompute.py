@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
+from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import Column, ModelFamily, get_family
@@ -47,6 +48,14 @@ def read_raw_manifest(raw_dir: str | Path) -> dict:
     if manifest.get("kind") != RAW_KIND:
         raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {RAW_KIND!r}")
     return manifest
+
+
+def cache_fingerprint(model: ModelOptions, resolution: int) -> dict:
+    """What a cache of `model` (the validated `model:` section) at `resolution` will be, from the options and the
+    model's files alone: known before any encoder loads."""
+    family = get_family(model.family)
+    return fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
+                       family.cache_settings(model), family.identity(model))  # fmt: skip
 
 
 def _decode(rows: dict[str, list]) -> list[Image.Image]:
@@ -103,8 +112,7 @@ def precompute(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
-    fp = fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
-                     family.cache_settings(model), family.identity(model))  # fmt: skip
+    fp = cache_fingerprint(model, resolution)
     _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
@@ -136,7 +144,8 @@ def precompute(
                 shards.append({"file": name, "rows": part.num_rows})
     bar.close()
     _remove_stale(out, {s["file"] for s in shards})
-    manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir))
+    manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
+                             source_digest=raw_digest(raw_dir))  # fmt: skip
     manifest.write(out)
     log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
     return manifest

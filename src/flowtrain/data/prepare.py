@@ -48,6 +48,7 @@ class PrepareReport:
     written: int
     skipped: int
     skipped_items: list[dict] = field(default_factory=list)  # each {"key", "path", "reason"}
+    duplicates: int = 0  # byte-identical copies dropped (counted in `skipped` too); 0 with keep_duplicates
     shards: list[str] = field(default_factory=list)
 
 
@@ -170,9 +171,10 @@ def _read_bytes(item: SourceItem) -> bytes:
 
 
 def _process(
-    item: SourceItem, first_key_by_hash: dict[str, str], resolution: int | None, min_size: int
+    item: SourceItem, first_key_by_hash: dict[str, str] | None, resolution: int | None, min_size: int
 ) -> tuple[str, str, _Encoded]:
-    """(caption, sha256 of the file bytes, encoded image) or SkipItem. Captions first: they are cheapest."""
+    """(caption, sha256 of the file bytes, encoded image) or SkipItem. Captions first: they are cheapest.
+    `first_key_by_hash` None keeps duplicates (e.g. the same image deliberately listed under two captions)."""
     if item.problem:
         raise SkipItem(item.problem)
     if item.caption is None:
@@ -182,7 +184,7 @@ def _process(
         raise SkipItem("empty caption")
     data = _read_bytes(item)
     digest = hashlib.sha256(data).hexdigest()
-    if digest in first_key_by_hash:
+    if first_key_by_hash is not None and digest in first_key_by_hash:
         raise SkipItem(f"duplicate of {first_key_by_hash[digest]}")
     return caption, digest, decode_image(data, resolution, min_size)
 
@@ -244,6 +246,47 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+class SourceHasher:
+    """A digest of what a source lists: each item's key, caption and image file (size and modification time, not
+    its bytes, so hashing costs a stat per file), plus the source file itself. Two listings with the same digest
+    give the same raw shards; `flowtrain train --from` reuses prepared shards on it (flowtrain.chain)."""
+
+    def __init__(self, src: str | Path) -> None:
+        self._h = hashlib.sha256()
+        src = Path(src)
+        if src.is_file():  # a TSV / JSONL / Parquet list: its own content (embedded images too) is covered here
+            self._stat(src)
+
+    def _stat(self, path: Path) -> None:
+        try:
+            st = path.stat()
+            self._h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        except OSError:
+            self._h.update(f"{path}\0missing\0".encode())
+
+    def add(self, item: SourceItem) -> None:
+        self._h.update(f"{item.key}\0{item.caption}\0{item.problem}\0".encode())
+        if item.image_path is not None:
+            self._stat(item.image_path)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]
+
+
+def source_signature(src: str | Path) -> str:
+    """`SourceHasher`'s digest of `src`, listing it without decoding any image."""
+    hasher = SourceHasher(src)
+    for item in iter_source(src):
+        hasher.add(item)
+    return hasher.hexdigest()
+
+
+def raw_digest(raw_dir: str | Path) -> str:
+    """A digest of the raw manifest (shards, row counts, creation time): which prepared data a cache was made from.
+    Every prepare run writes a new manifest, so re-prepared shards never pass for the ones a cache was made of."""
+    return hashlib.sha256((Path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
 def reason_kind(reason: str) -> str:
     """Group reasons for the summary: 'duplicate of a/b' -> 'duplicate', 'cannot decode image: ...' -> prefix."""
     return "duplicate" if reason.startswith("duplicate of ") else re.split(r"[:(]", reason, maxsplit=1)[0].strip()
@@ -256,8 +299,12 @@ def prepare(
     shard_size: int = 1000,
     min_size: int = 16,
     progress: bool = True,
+    *,
+    keep_duplicates: bool = False,
 ) -> PrepareReport:
-    """Validate and convert the items of `src` into raw Parquet shards under `out`; see docs/prepare.md."""
+    """Validate and convert the items of `src` into raw Parquet shards under `out`; see docs/prepare.md.
+
+    Byte-identical copies of an image already written are skipped (`duplicate of KEY`) unless `keep_duplicates`."""
     if shard_size < 1 or min_size < 1 or (resolution is not None and resolution < 1):
         raise ValueError(
             f"need shard_size, min_size >= 1 and resolution >= 1 or None; got {shard_size=}, {min_size=}, {resolution=}"
@@ -268,13 +315,15 @@ def prepare(
     # A stale manifest would vouch for shards this run is about to replace.
     (out / "manifest.json").unlink(missing_ok=True)
     report = PrepareReport(written=0, skipped=0)
-    first_key_by_hash: dict[str, str] = {}
+    first_key_by_hash: dict[str, str] | None = None if keep_duplicates else {}
     writer = _ShardWriter(out, shard_size)
+    hasher = SourceHasher(src)
     bar = tqdm(total=count_items(src) if progress else None, unit="file", disable=not progress, dynamic_ncols=True)
     try:
         with _pil_guards():
             for item in items:
                 bar.update(1)
+                hasher.add(item)
                 try:
                     caption, digest, enc = _process(item, first_key_by_hash, resolution, min_size)
                 except Exception as exc:  # SkipItem, or a bug/odd file we did not foresee: still never crash
@@ -284,7 +333,8 @@ def prepare(
                     report.skipped += 1
                     continue
                 # Only written images count as "first": a corrupt original must not make its copies duplicates.
-                first_key_by_hash[digest] = item.key
+                if first_key_by_hash is not None:
+                    first_key_by_hash[digest] = item.key
                 writer.add({"key": item.key, "caption": caption, **asdict(enc)})
                 report.written += 1
                 if report.written % 64 == 0:
@@ -296,22 +346,30 @@ def prepare(
     finally:
         bar.close()
     report.shards = [s["file"] for s in writer.shards]
-    _finish(src, out, resolution, report, writer.shards, progress)
+    settings = {"resolution": resolution, "min_size": min_size, "keep_duplicates": keep_duplicates}
+    _finish(src, out, settings, report, writer.shards, progress, hasher.hexdigest())
     return report
 
 
+def summary(report: PrepareReport, out: str | Path, *, keep_duplicates: bool = False) -> str:
+    """The one-line outcome both the progress output and `--quiet` print: counts, and what became of duplicates."""
+    dups = "duplicates kept" if keep_duplicates else f"duplicates dropped: {report.duplicates}"
+    return f"prepare: wrote {report.written}, skipped {report.skipped} ({dups}) → {out}"
+
+
 def _finish(
-    src: str | Path, out: Path, resolution: int | None, report: PrepareReport, shards: list, progress: bool
+    src: str | Path, out: Path, settings: dict, report: PrepareReport, shards: list, progress: bool, signature: str
 ) -> None:
     """Write the report, drop stale shards, write the manifest last (or raise when nothing was written)."""
     kinds = Counter(reason_kind(s["reason"]) for s in report.skipped_items)
+    report.duplicates = kinds.get("duplicate", 0)
     head = {"source": str(Path(src).resolve()), "seen": report.written + report.skipped}
     _write_json(out / "prepare_report.json", {**head, "skipped_by_reason": dict(kinds.most_common()), **asdict(report)})
     for stale in out.iterdir():
         if _SHARD_RE.match(stale.name) and stale.name not in report.shards:
             stale.unlink()
     if progress:
-        print(f"prepare: wrote {report.written}, skipped {report.skipped} (see prepare_report.json) → {out}")
+        print(f"{summary(report, out, keep_duplicates=settings['keep_duplicates'])} (see prepare_report.json)")
         for kind, n in kinds.most_common(5):
             print(f"  {n:>6} x {kind}")
     if report.written == 0:
@@ -322,7 +380,9 @@ def _finish(
         "kind": "flowtrain.raw",
         "version": 1,
         "source": str(Path(src).resolve()),
-        "resolution": resolution,
+        "source_signature": signature,
+        "resolution": settings["resolution"],
+        "settings": settings,
         "num_rows": report.written,
         "columns": SCHEMA.names,
         "shards": shards,

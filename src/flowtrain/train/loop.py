@@ -84,7 +84,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     # fp16: a GradScaler skips overflowing updates itself (and must see every step), so only the loss is checked.
     check_grads = accelerator.scaler is None
     halt: Exception | None = None
-    ema_weights = run.ema.swap_factory(accelerator.unwrap_model(model)) if run.ema is not None else None
+    ema_weights = run.ema.swap_factory(engines.unwrap(accelerator, model)) if run.ema is not None else None
     with meter.paused():  # the base model's images, when validation.at_start
         run.validator.maybe_run(run.start_step, accelerator, model, run.tracker, start=True, weights=ema_weights)
     for step in range(run.start_step, cfg.train.max_steps):
@@ -149,7 +149,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             loss_acc, steps_acc = torch.zeros((), device=device), 0
 
         every = cfg.checkpoint.every_steps
-        if (every and done % every == 0) or time_due or stop_now or done == cfg.train.max_steps:
+        due = bool(every and done % every == 0) or time_due or stop_now
+        if done == cfg.train.max_steps:  # a stop there promises a checkpoint to resume (and export) from
+            due = cfg.checkpoint.final or stop_now
+        if due:
             try:
                 save_checkpoint(run, done, run.sampler.position_after(consumed), guard,
                                 loop={"loss_acc": loss_acc.item(), "steps_acc": steps_acc})  # fmt: skip
@@ -177,7 +180,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
 
 def _finish(run: Run, result: TrainResult) -> TrainResult:
     """Export the final weights (EMA weights when EMA is on), graphs and artifacts; end the run."""
-    unwrapped = run.accelerator.unwrap_model(run.model)
+    unwrapped = engines.unwrap(run.accelerator, run.model)
     weights = None
     if not result.interrupted:
         # Sharded weights are gathered on every process (a collective) for the main process to write them: ZeRO-3's
@@ -218,7 +221,7 @@ def save_checkpoint(run: Run, step: int, position: tuple[int, int], guard: NonFi
     loop's partial log window; with a LoRA also its diffusers file (holding the EMA weights when EMA is on, like
     the export). Then old checkpoints are pruned."""
     cfg, accelerator = run.cfg, run.accelerator
-    unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped = engines.unwrap(accelerator, run.model)
     state = TrainState(
         step=step,
         data=DataPosition(epoch=position[0], batch=position[1], seed=cfg.train.seed),

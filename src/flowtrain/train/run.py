@@ -137,7 +137,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     engines.configure(accelerator, cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     # Taken after prepare: FSDP replaces the parameters by sharded ones (DDP keeps them).
-    params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    params = [p for p in engines.unwrap(accelerator, model).parameters() if p.requires_grad]
     global_batch = cfg.train.batch_size * world
 
     start_step, epoch, batch_pos, shuffle_seed, restored, state = 0, 0, 0, cfg.train.seed, None, None
@@ -149,7 +149,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         if engines.engine_checkpoint(accelerator):  # DeepSpeed: the engine reads its own shards
             engines.load_shards(accelerator, model, resume_path, lora=lora_cfg is not None)
         elif restored["sharded"]:  # FSDP: every process reads its own shards
-            restored["ema"] = fsdp.load_shards(resume_path, accelerator.unwrap_model(model), optimizer)
+            restored["ema"] = fsdp.load_shards(resume_path, engines.unwrap(accelerator, model), optimizer)
         elif restored["trainable"] is None or restored["optimizer"] is None:
             raise ValueError(
                 f"{resume_path} holds a sharding engine's checkpoint (no trainable.safetensors / optimizer.pt): "
@@ -157,7 +157,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
             )
         else:
             fsdp.check_unsharded_resume(accelerator, resume_path)
-            load_trainable_state(accelerator.unwrap_model(model), restored["trainable"])
+            load_trainable_state(engines.unwrap(accelerator, model), restored["trainable"])
             optimizer.load_state_dict(restored["optimizer"])
         lr_scheduler.load_state_dict(restored["lr_scheduler"])
         if restored["scaler"] is not None and accelerator.scaler is not None:
@@ -170,7 +170,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     elif resume == "latest" and accelerator.is_main_process:
         log.info("no checkpoint in %s yet: starting from scratch", out)
     with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: the EMA starts from whole weights
-        ema = ema_for_run(cfg, accelerator.unwrap_model(model), restored)  # None unless ema.enabled
+        ema = ema_for_run(cfg, engines.unwrap(accelerator, model), restored)  # None unless ema.enabled
 
     sampler = ResumableSampler(
         len(dataset),

@@ -139,7 +139,7 @@ class Validator:
         with engines.whole_model(accelerator, model):  # DeepSpeed ZeRO-3: gathered on every process meanwhile
             if main or everywhere:  # FSDP: every process samples (each forward all-gathers); the main one writes
                 try:
-                    paths = self.run(step, accelerator.unwrap_model(model), accelerator.device, accelerator.autocast,
+                    paths = self.run(step, engines.unwrap(accelerator, model), accelerator.device, accelerator.autocast,
                                      weights, write=main)  # fmt: skip
                 except Exception:
                     log.exception("validation failed at step %d; validation is off for the rest of this run", step)

@@ -19,6 +19,17 @@ from flowtrain.train.engines import deepspeed as ds
 log = logging.getLogger(__name__)
 
 
+def unwrap(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """`accelerator.unwrap_model(model)`. In a single process accelerate wraps nothing, so the model is returned as
+    it is: accelerate's unwrap imports DeepSpeed whenever it is installed, only for an isinstance test, and that
+    import (which imports MLflow too) cost 1.5 s before the first step of every run (docs/training.md, "Start-up")."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.NO:
+        return model
+    return accelerator.unwrap_model(model)
+
+
 def process_group_kwargs() -> dict[str, Any]:
     """Extra kwargs for the process group (the backend); empty for one process and DDP."""
     return ds.process_group_kwargs()
