@@ -48,13 +48,7 @@ def open_tracking(
     trackers: list[Tracker] = [JsonlTracker(out / "logs" / "metrics.jsonl", resume_step=resume_step)]
     for name in t.report_to:
         if name == "mlflow":
-            from flowtrain.track.mlflow_store import MlflowTracker
-
-            m = MlflowTracker(
-                out, uri=t.uri, experiment_name=t.experiment_name, run_name=t.run_name, resume_step=resume_step
-            )
-            log.info("MLflow run %s%s; to see it: %s", m.run_id, " (resumed)" if m.resumed else "", m.ui_hint())
-            trackers.append(m)
+            trackers.append(_open_mlflow(t, out, resume_step))
         elif name == "tensorboard":
             from flowtrain.track.optional import TensorBoardTracker
 
@@ -72,6 +66,23 @@ def open_tracking(
     if (out / "config.yaml").exists():
         tracker.log_artifact(out / "config.yaml")
     return tracker
+
+
+def _open_mlflow(t: Any, out: Path, resume_step: int | None) -> Tracker:
+    """MLflow in a child process (default; see `track/mlflow_process.py` for why), or in this one."""
+    args = {"uri": t.uri, "experiment_name": t.experiment_name, "run_name": t.run_name, "resume_step": resume_step}
+    if t.mlflow_async:
+        from flowtrain.track.mlflow_process import MlflowProcessTracker
+
+        p = MlflowProcessTracker(out, **args)
+        log.info("MLflow: the run is written by a background process (id in %s); to see it: %s",
+                 out / "logs" / "mlflow_run.json", p.ui_hint())  # fmt: skip
+        return p
+    from flowtrain.track.mlflow_store import MlflowTracker
+
+    m = MlflowTracker(out, **args)
+    log.info("MLflow run %s%s; to see it: %s", m.run_id, " (resumed)" if m.resumed else "", m.ui_hint())
+    return m
 
 
 def finish_tracking(
