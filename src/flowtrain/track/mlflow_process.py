@@ -129,6 +129,8 @@ class MlflowProcessTracker:
     def _send(self, op: str, **fields: Any) -> None:
         code = self.proc.poll()
         if code is not None:
+            self._closed = True  # nothing left to close at exit; the caller (MultiTracker) drops this tracker
+            atexit.unregister(self._abandon)
             raise RuntimeError(f"the MLflow process has ended (exit code {code}; its message is above)")
         self._unsent += (json.dumps({"op": op, **fields}) + "\n").encode()
         self._write(block=False)
