@@ -16,7 +16,9 @@ from flowtrain.track.jsonl import JsonlTracker, read_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JsonlTracker", "MultiTracker", "Tracker", "check_backends", "open_tracking", "read_metrics"]
+__all__ = [
+    "JsonlTracker", "MultiTracker", "Tracker", "check_backends", "open_tracking", "read_metrics", "start_tracking",
+]  # fmt: skip
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
@@ -31,13 +33,26 @@ def check_backends(report_to: list[str]) -> None:
             raise missing_backend(name, pkg)
 
 
+def start_tracking(cfg: Any, *, is_main: bool = True) -> Any | None:
+    """What can start before the model loads: MLflow's child process (`track/mlflow_process.py`), which imports
+    MLflow meanwhile. Pass the result to `open_tracking(started=...)`; None when there is nothing to start."""
+    t = cfg.tracking
+    if not (is_main and "mlflow" in t.report_to and t.mlflow_async):
+        return None
+    from flowtrain.track.mlflow_process import MlflowProcessTracker
+    from flowtrain.track.mlflow_store import local_store_uri
+
+    return MlflowProcessTracker(t.uri or local_store_uri(cfg.output_dir))
+
+
 def open_tracking(
-    cfg: Any, output_dir: str | Path, *, resume_step: int | None = None, is_main: bool = True
+    cfg: Any, output_dir: str | Path, *, resume_step: int | None = None, is_main: bool = True, started: Any = None
 ) -> MultiTracker:
     """The run's trackers, with the flattened config logged as params and `config.yaml` as an artifact.
 
     `resume_step`: the step of the checkpoint being resumed (None for a fresh run); JSONL rows and TensorBoard
     events after it are dropped and MLflow / W&B continue their recorded run. Non-main processes get a no-op.
+    `started`: what `start_tracking` returned, if it was called.
     """
     if not is_main:
         return MultiTracker()
@@ -48,7 +63,7 @@ def open_tracking(
     trackers: list[Tracker] = [JsonlTracker(out / "logs" / "metrics.jsonl", resume_step=resume_step)]
     for name in t.report_to:
         if name == "mlflow":
-            trackers.append(_open_mlflow(t, out, resume_step))
+            trackers.append(_open_mlflow(t, out, resume_step, started))
         elif name == "tensorboard":
             from flowtrain.track.optional import TensorBoardTracker
 
@@ -68,13 +83,13 @@ def open_tracking(
     return tracker
 
 
-def _open_mlflow(t: Any, out: Path, resume_step: int | None) -> Tracker:
+def _open_mlflow(t: Any, out: Path, resume_step: int | None, started: Any) -> Tracker:
     """MLflow in a child process (default; see `track/mlflow_process.py` for why), or in this one."""
     args = {"uri": t.uri, "experiment_name": t.experiment_name, "run_name": t.run_name, "resume_step": resume_step}
     if t.mlflow_async:
         from flowtrain.track.mlflow_process import MlflowProcessTracker
 
-        p = MlflowProcessTracker(out, **args)
+        p = (started or MlflowProcessTracker()).open(out, **args)
         log.info("MLflow: the run is written by a background process (id in %s); to see it: %s",
                  out / "logs" / "mlflow_run.json", p.ui_hint())  # fmt: skip
         return p

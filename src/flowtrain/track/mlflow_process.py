@@ -57,21 +57,14 @@ LOCK_FILE = "logs/mlflow_run.lock"
 class MlflowProcessTracker:
     """The training process's side: a `Tracker` that forwards every call to the child process.
 
+    Made in two steps so the child can start early: the constructor starts the child, which imports MLflow while
+    the trainer loads the model; `open()` (when the resume step is known) tells it which run to open or continue.
     No call blocks on MLflow: the pipe is non-blocking, and what the pipe cannot take yet (the child still busy)
     waits in `_unsent` for the next call; only `close()` waits.
     """
 
-    def __init__(
-        self,
-        output_dir: str | Path,
-        *,
-        uri: str | None = None,
-        experiment_name: str = "flowtrain",
-        run_name: str | None = None,
-        resume_step: int | None = None,
-    ):
-        out = Path(output_dir).resolve()
-        self.uri = uri or local_store_uri(out)
+    def __init__(self, store_uri: str | None = None) -> None:
+        """`store_uri`: the tracking URI, if known already; the child then also creates / migrates the store."""
         env = dict(os.environ)
         telemetry_off_by_default(env)
         self.proc = subprocess.Popen(
@@ -81,11 +74,29 @@ class MlflowProcessTracker:
         self._fd = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         self._unsent = bytearray()
-        self._closed = False
+        self._opened = self._closed = False
+        self.uri = ""
+        atexit.register(self._abandon)
+        if store_uri:
+            self._send("warm", uri=store_uri)
+
+    def open(
+        self,
+        output_dir: str | Path,
+        *,
+        uri: str | None = None,
+        experiment_name: str = "flowtrain",
+        run_name: str | None = None,
+        resume_step: int | None = None,
+    ) -> MlflowProcessTracker:
+        """Have the child open the run (`MlflowTracker`'s arguments); returns self."""
+        out = Path(output_dir).resolve()
+        self.uri = uri or local_store_uri(out)
         opened = {"output_dir": str(out), "uri": uri, "experiment_name": experiment_name, "run_name": run_name}
         level = logging.getLogger().getEffectiveLevel()
         self._send("open", **opened, resume_step=resume_step, parent_pid=os.getpid(), log_level=level)
-        atexit.register(self._abandon)
+        self._opened = True
+        return self
 
     # ---- Tracker ---------------------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -109,7 +120,8 @@ class MlflowProcessTracker:
         self._closed = True
         atexit.unregister(self._abandon)
         try:
-            self._send("close", status=status)
+            if self._opened:  # a child that was never given a run ends at end-of-file
+                self._send("close", status=status)
             os.set_blocking(self._fd, True)
             self._write(block=True)
         finally:
@@ -166,6 +178,11 @@ class MlflowProcessTracker:
             self.proc.kill()
             return self.proc.wait()
 
+    def discard(self) -> None:
+        """End a child that was started but never opened a run (building the run failed); no-op otherwise."""
+        if not self._opened:
+            self.close()
+
     def _abandon(self) -> None:
         """At interpreter exit, a run that was never closed (training raised) is marked FAILED."""
         with contextlib.suppress(Exception):  # the child may be gone already; nothing useful to do then
@@ -221,7 +238,14 @@ def serve(stream: BinaryIO) -> int:
         os.nice(10)  # training comes first; the store can be written a moment later
     lines: queue.Queue[bytes | None] = queue.Queue()
     threading.Thread(target=_read_lines, args=(stream, lines), daemon=True).start()
+    import mlflow.tracking  # noqa: F401  the slow part (seconds), done while the trainer loads its model
+
+    from flowtrain.track.mlflow_store import MlflowTracker
+
     first = lines.get()
+    if first is not None and json.loads(first)["op"] == "warm":
+        _warm(json.loads(first)["uri"])
+        first = lines.get()
     if first is None:
         return 0
     opened = json.loads(first)
@@ -229,7 +253,6 @@ def serve(stream: BinaryIO) -> int:
     parent = opened.pop("parent_pid")
     out = Path(opened["output_dir"])
     _lock = _lock_run_dir(out)  # noqa: F841  held until exit
-    from flowtrain.track.mlflow_store import MlflowTracker
 
     try:
         tracker = MlflowTracker(
@@ -274,6 +297,17 @@ def serve(stream: BinaryIO) -> int:
             with contextlib.suppress(Exception):
                 tracker.close("FAILED")
             return 1
+
+
+def _warm(uri: str) -> None:
+    """Create (or migrate) the store while the trainer still loads its model: a new SQLite store takes seconds of
+    schema migrations. A failure is left for `open` to report."""
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    with contextlib.suppress(Exception):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def _apply(tracker: Any, op: str, msg: dict[str, Any]) -> None:
