@@ -204,6 +204,19 @@ def test_resume_after_kill_9_continues_the_same_run(tiny_pipeline_dir, tiny_cach
     assert [s for s, _ in rec["metrics"]["loss"]] == list(range(1, last + 4))
 
 
+def test_an_exception_ends_the_run_failed_with_every_logged_step(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
+    from flowtrain.train.faults import TEST_FAULT_ENV, InjectedFault
+
+    monkeypatch.setenv(TEST_FAULT_ENV, "step@0:5")  # step 5 raises (a test hook of the training loop)
+    d = _config(tiny_pipeline_dir, tiny_cache, tmp_path / "run", max_steps=8, log_every=1)
+    with pytest.raises(InjectedFault):
+        train(FlowtrainConfig.model_validate(d), progress=False)
+    # train() has returned: the run is ended and complete now, not at interpreter exit
+    rec, rows = _record(tmp_path / "run"), read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")
+    assert rec["status"] == "FAILED" and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rec["metrics"]["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-15)) for r in rows]
+
+
 def test_tracker_process_death_is_a_warning_and_jsonl_keeps_everything(
     tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch, caplog
 ) -> None:

@@ -8,10 +8,14 @@ main thread 2.7× while it ran (1.14 → 3.06 s), i.e. exactly the first steps. 
 store and the memory; the training process only writes JSON lines into a pipe (~+4 MiB, 0.4 ms to spawn), and the
 child runs at a lower CPU priority so it takes cores only when training leaves them idle.
 
-Protocol: one JSON object per line on the child's stdin, in call order: `open` (the MlflowTracker arguments and
-the log level), then `log_params` / `log_metrics` / `log_images` / `log_artifact`, then `close`. The child answers
-nothing; it exits 0 after `close`. Metrics are batched there (`MlflowTracker.flush`, at most ~2 s behind), with the
-timestamps the training process took, so the record is the one `tracking.mlflow_async: false` writes.
+The child is started early (`flowtrain.track.start_tracking`, before the model loads): it imports MLflow and, on
+`warm`, creates the store meanwhile, so by the first step it is ready and the end of training hardly waits for it.
+
+Protocol: one JSON object per line on the child's stdin, in call order: `warm` (optional: the store URI), `open`
+(the MlflowTracker arguments and the log level), then `log_params` / `log_metrics` / `log_images` / `log_artifact`,
+then `close`. The child answers nothing; it exits 0 after `close`. Metrics are batched there (`MlflowTracker.flush`,
+at most ~2 s behind), with the timestamps the training process took, so the record is the one
+`tracking.mlflow_async: false` writes.
 
 Lifetimes (nothing outlives the trainer, and nothing is lost that reached the pipe):
   - `close()` (end of training, or `atexit` after an exception: status FAILED) sends `close` and waits for the
@@ -94,7 +98,7 @@ class MlflowProcessTracker:
         self.uri = uri or local_store_uri(out)
         opened = {"output_dir": str(out), "uri": uri, "experiment_name": experiment_name, "run_name": run_name}
         level = logging.getLogger().getEffectiveLevel()
-        self._send("open", **opened, resume_step=resume_step, parent_pid=os.getpid(), log_level=level)
+        self._send("open", **opened, resume_step=resume_step, log_level=level)
         self._opened = True
         return self
 
@@ -236,21 +240,21 @@ def serve(stream: BinaryIO) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(10)  # training comes first; the store can be written a moment later
+    parent = os.getppid()
     lines: queue.Queue[bytes | None] = queue.Queue()
     threading.Thread(target=_read_lines, args=(stream, lines), daemon=True).start()
     import mlflow.tracking  # noqa: F401  the slow part (seconds), done while the trainer loads its model
 
     from flowtrain.track.mlflow_store import MlflowTracker
 
-    first = lines.get()
+    first = _first(lines, parent)
     if first is not None and json.loads(first)["op"] == "warm":
         _warm(json.loads(first)["uri"])
-        first = lines.get()
-    if first is None:
+        first = _first(lines, parent)
+    if first is None:  # the trainer ended (or failed to build the run) before opening one
         return 0
     opened = json.loads(first)
     logging.basicConfig(level=opened.pop("log_level"), format="%(message)s")
-    parent = opened.pop("parent_pid")
     out = Path(opened["output_dir"])
     _lock = _lock_run_dir(out)  # noqa: F841  held until exit
 
@@ -297,6 +301,14 @@ def serve(stream: BinaryIO) -> int:
             with contextlib.suppress(Exception):
                 tracker.close("FAILED")
             return 1
+
+
+def _first(lines: queue.Queue[bytes | None], parent: int) -> bytes | None:
+    """The next line before a run is open; None at end-of-file or once the trainer is gone."""
+    while os.getppid() == parent:
+        with contextlib.suppress(queue.Empty):
+            return lines.get(timeout=_POLL_S)
+    return None
 
 
 def _warm(uri: str) -> None:

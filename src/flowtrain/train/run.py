@@ -209,6 +209,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     validator = Validator(cfg, family, out, resolution=dataset.manifest.resolution)
     tracker = open_tracking(cfg, out, resume_step=start_step if restored else None, is_main=accelerator.is_main_process,
                             started=early_tracker)  # fmt: skip
+    cleanup.callback(tracker.close, "FAILED")  # a run that raises ends FAILED now (no-op after a normal finish)
     if restored is not None:  # last, so nothing above can consume the restored streams
         ckpt.restore_rng_state(restored["rng_stem"])
     if accelerator.is_main_process:
