@@ -186,6 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         enabled=_is_main_process(),  # one process claims the folder; the others write into it later
     )
     with slot as claimed:
+        from flowtrain.track import start_tracking
+
+        start_tracking(cfg, is_main=_is_main_process())  # MLflow's child process imports while torch does
         from flowtrain.train.loop import train
 
         result = train(cfg, resume=resume, progress=not args.quiet)

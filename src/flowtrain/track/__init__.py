@@ -33,16 +33,26 @@ def check_backends(report_to: list[str]) -> None:
             raise missing_backend(name, pkg)
 
 
+# The MLflow child started for an output_dir and not yet given its run: so the CLI can start it before importing
+# torch, and build_run's own call (the one library users get) finds it instead of starting a second one.
+_STARTED: dict[str, Any] = {}
+
+
 def start_tracking(cfg: Any, *, is_main: bool = True) -> Any | None:
     """What can start before the model loads: MLflow's child process (`track/mlflow_process.py`), which imports
-    MLflow meanwhile. Pass the result to `open_tracking(started=...)`; None when there is nothing to start."""
+    MLflow and creates the store meanwhile. Pass the result to `open_tracking(started=...)`; None when there is
+    nothing to start. Called again for the same output_dir before that, it returns the same child."""
     t = cfg.tracking
     if not (is_main and "mlflow" in t.report_to and t.mlflow_async):
         return None
     from flowtrain.track.mlflow_process import MlflowProcessTracker
     from flowtrain.track.mlflow_store import local_store_uri
 
-    return MlflowProcessTracker(t.uri or local_store_uri(cfg.output_dir))
+    key = str(Path(cfg.output_dir).resolve())
+    started = _STARTED.get(key)
+    if started is None or not started.waiting:
+        started = _STARTED[key] = MlflowProcessTracker(t.uri or local_store_uri(cfg.output_dir))
+    return started
 
 
 def open_tracking(

@@ -84,6 +84,11 @@ class MlflowProcessTracker:
         if store_uri:
             self._send("warm", uri=store_uri)
 
+    @property
+    def waiting(self) -> bool:
+        """Started, and not yet given a run (nor discarded)."""
+        return not (self._opened or self._closed)
+
     def open(
         self,
         output_dir: str | Path,
@@ -183,9 +188,13 @@ class MlflowProcessTracker:
             return self.proc.wait()
 
     def discard(self) -> None:
-        """End a child that was started but never opened a run (building the run failed); no-op otherwise."""
-        if not self._opened:
-            self.close()
+        """End a child that was started but never opened a run (building the run failed); no-op otherwise. Not
+        waited for: it has nothing to write, and leaves at end-of-file once its import is done."""
+        if not self._opened and not self._closed:
+            self._closed = True
+            atexit.unregister(self._abandon)
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
 
     def _abandon(self) -> None:
         """At interpreter exit, a run that was never closed (training raised) is marked FAILED."""
@@ -255,6 +264,8 @@ def serve(stream: BinaryIO) -> int:
         return 0
     opened = json.loads(first)
     logging.basicConfig(level=opened.pop("log_level"), format="%(message)s")
+    for noisy in ("mlflow", "alembic"):  # MLflow configures its loggers on import; only its warnings matter here
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     out = Path(opened["output_dir"])
     _lock = _lock_run_dir(out)  # noqa: F841  held until exit
 
@@ -267,8 +278,6 @@ def serve(stream: BinaryIO) -> int:
         log.warning("mlflow: could not open the run at %s (%s); training goes on, metrics.jsonl has everything",
                     opened["uri"] or local_store_uri(out), e)  # fmt: skip
         return 1
-    for noisy in ("mlflow", "alembic"):  # MLflow configures its loggers on import; only its warnings matter here
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     log.debug("MLflow run %s%s (%s)", tracker.run_id, " (resumed)" if tracker.resumed else "", out / RUN_FILE)
     orphaned = False
     while True:
@@ -305,10 +314,12 @@ def serve(stream: BinaryIO) -> int:
 
 def _first(lines: queue.Queue[bytes | None], parent: int) -> bytes | None:
     """The next line before a run is open; None at end-of-file or once the trainer is gone."""
-    while os.getppid() == parent:
-        with contextlib.suppress(queue.Empty):
+    while True:
+        try:
             return lines.get(timeout=_POLL_S)
-    return None
+        except queue.Empty:
+            if os.getppid() != parent:  # what the trainer sent is all in `lines` by now
+                return None
 
 
 def _warm(uri: str) -> None:
