@@ -5,6 +5,7 @@ Each run is the real CLI in a fresh process (`python -m flowtrain train CONFIG`)
 variants interleaved (A B C, C B A, ...). Per run:
   first_step_s  launch → the first optimizer step's metrics row (its `time` in logs/metrics.jsonl; log_every 1)
   wall_s        launch → the process has exited (the MLflow run closed, the store complete)
+  end_s         the last step's metrics row → exit: export, graphs and closing the trackers (waiting for MLflow)
   peak_rss_mib  the training process's peak RSS (`wait4`; the MLflow child is smaller, so this is the trainer's)
   s_per_step    median step time after the first 5 steps (does the child steal CPU from the steps?)
 
@@ -58,6 +59,7 @@ def run_once(config: Path, out: Path) -> dict[str, float]:
     return {
         "first_step_s": rows[0]["time"] - start,
         "wall_s": wall,
+        "end_s": start + wall - rows[-1]["time"],  # last step → exit: export, graphs, closing the trackers
         "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
         "s_per_step": steps[len(steps) // 2],
     }
@@ -92,7 +94,7 @@ def main() -> None:
         return go
 
     common.interleave({n: variant(n) for n in args.variants}, args.reps)
-    keys = ("first_step_s", "wall_s", "peak_rss_mib", "s_per_step")
+    keys = ("first_step_s", "wall_s", "end_s", "peak_rss_mib", "s_per_step")
     med = {n: {k: common.median([r[k] for r in rs]) for k in keys} for n, rs in results.items()}
     rows = [{"variant": n, **med[n]} for n in args.variants]
     for base in ("jsonl", "mlflow_sync"):

@@ -258,7 +258,8 @@ def serve(stream: BinaryIO) -> int:
 
     first = _first(lines, parent)
     if first is not None and json.loads(first)["op"] == "warm":
-        _warm(json.loads(first)["uri"])
+        if None not in list(lines.queue):  # not if the trainer has given up already (its output may be restored)
+            _warm(json.loads(first)["uri"])
         first = _first(lines, parent)
     if first is None:  # the trainer ended (or failed to build the run) before opening one
         return 0
