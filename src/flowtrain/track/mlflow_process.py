@@ -6,7 +6,7 @@ creating the SQLite store, opening the run, logging params) and ~190 MiB of resi
 wait but not the memory, and it competes for the GIL: a thread importing MLflow slowed a 1-thread torch loop in the
 main thread 2.7× while it ran (1.14 → 3.06 s), i.e. exactly the first steps. A child process owns the import, the
 store and the memory; the training process only writes JSON lines into a pipe (~+4 MiB, 0.4 ms to spawn), and the
-child runs at a lower CPU priority so it takes cores only when training leaves them idle.
+child runs at a lower CPU priority, so it takes cores only when training leaves them idle.
 
 The child is started early (`flowtrain.track.start_tracking`, before the model loads): it imports MLflow and, on
 `warm`, creates the store meanwhile, so by the first step it is ready and the end of training hardly waits for it.
@@ -247,8 +247,14 @@ def serve(stream: BinaryIO) -> int:
     Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see the module docstring
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Training comes first, from the start: the child takes cores the trainer leaves idle (its imports and model
+    # load are mostly one thread). Measured on the shared 2-core VM with another engineer's benchmark on one core
+    # (benchmarks/tracking.py, 4 reps): niced from the start, the first step came 1.05-1.6× JSONL-only's and the
+    # trainer waited up to ~10 s at the end for the starved child; niced only once the run was open, the import and
+    # store creation competed with the trainer's start and the first step came 1.8× JSONL-only's (the in-process
+    # path: 1.6×). Time to the first step is what users wait for at every start, so: niced from the start.
     with contextlib.suppress(OSError):
-        os.nice(10)  # training comes first; the store can be written a moment later
+        os.nice(10)
     parent = os.getppid()
     lines: queue.Queue[bytes | None] = queue.Queue()
     threading.Thread(target=_read_lines, args=(stream, lines), daemon=True).start()
