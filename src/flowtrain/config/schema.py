@@ -334,6 +334,11 @@ class TrackingConfig(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI (e.g. http://host:5000); null: sqlite:///{output_dir}/mlflow.db."
     )
+    mlflow_async: bool = Field(
+        True,
+        description="Write the MLflow run from a background process, so it neither delays nor enlarges training; "
+        "false: in the training process.",
+    )
     experiment_name: str = Field("flowtrain", min_length=1, description="MLflow experiment / W&B project.")
     run_name: str | None = Field(None, description="Run name in MLflow / W&B; null: the output_dir folder name.")
     log_weights: bool = Field(

@@ -16,7 +16,9 @@ from flowtrain.track.jsonl import JsonlTracker, read_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JsonlTracker", "MultiTracker", "Tracker", "check_backends", "open_tracking", "read_metrics"]
+__all__ = [
+    "JsonlTracker", "MultiTracker", "Tracker", "check_backends", "open_tracking", "read_metrics", "start_tracking",
+]  # fmt: skip
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
@@ -31,13 +33,36 @@ def check_backends(report_to: list[str]) -> None:
             raise missing_backend(name, pkg)
 
 
+# The MLflow child started for an output_dir and not yet given its run: so the CLI can start it before importing
+# torch, and build_run's own call (the one library users get) finds it instead of starting a second one.
+_STARTED: dict[str, Any] = {}
+
+
+def start_tracking(cfg: Any, *, is_main: bool = True) -> Any | None:
+    """What can start before the model loads: MLflow's child process (`track/mlflow_process.py`), which imports
+    MLflow and creates the store meanwhile. Pass the result to `open_tracking(started=...)`; None when there is
+    nothing to start. Called again for the same output_dir before that, it returns the same child."""
+    t = cfg.tracking
+    if not (is_main and "mlflow" in t.report_to and t.mlflow_async):
+        return None
+    from flowtrain.track.mlflow_process import MlflowProcessTracker
+    from flowtrain.track.mlflow_store import local_store_uri
+
+    key = str(Path(cfg.output_dir).resolve())
+    started = _STARTED.get(key)
+    if started is None or not started.waiting:
+        started = _STARTED[key] = MlflowProcessTracker(t.uri or local_store_uri(cfg.output_dir))
+    return started
+
+
 def open_tracking(
-    cfg: Any, output_dir: str | Path, *, resume_step: int | None = None, is_main: bool = True
+    cfg: Any, output_dir: str | Path, *, resume_step: int | None = None, is_main: bool = True, started: Any = None
 ) -> MultiTracker:
     """The run's trackers, with the flattened config logged as params and `config.yaml` as an artifact.
 
     `resume_step`: the step of the checkpoint being resumed (None for a fresh run); JSONL rows and TensorBoard
     events after it are dropped and MLflow / W&B continue their recorded run. Non-main processes get a no-op.
+    `started`: what `start_tracking` returned, if it was called.
     """
     if not is_main:
         return MultiTracker()
@@ -48,13 +73,7 @@ def open_tracking(
     trackers: list[Tracker] = [JsonlTracker(out / "logs" / "metrics.jsonl", resume_step=resume_step)]
     for name in t.report_to:
         if name == "mlflow":
-            from flowtrain.track.mlflow_store import MlflowTracker
-
-            m = MlflowTracker(
-                out, uri=t.uri, experiment_name=t.experiment_name, run_name=t.run_name, resume_step=resume_step
-            )
-            log.info("MLflow run %s%s; to see it: %s", m.run_id, " (resumed)" if m.resumed else "", m.ui_hint())
-            trackers.append(m)
+            trackers.append(_open_mlflow(t, out, resume_step, started))
         elif name == "tensorboard":
             from flowtrain.track.optional import TensorBoardTracker
 
@@ -72,6 +91,23 @@ def open_tracking(
     if (out / "config.yaml").exists():
         tracker.log_artifact(out / "config.yaml")
     return tracker
+
+
+def _open_mlflow(t: Any, out: Path, resume_step: int | None, started: Any) -> Tracker:
+    """MLflow in a child process (default; see `track/mlflow_process.py` for why), or in this one."""
+    args = {"uri": t.uri, "experiment_name": t.experiment_name, "run_name": t.run_name, "resume_step": resume_step}
+    if t.mlflow_async:
+        from flowtrain.track.mlflow_process import MlflowProcessTracker
+
+        p = (started or MlflowProcessTracker()).open(out, **args)
+        log.info("MLflow: the run is written by a background process (id in %s); to see it: %s",
+                 out / "logs" / "mlflow_run.json", p.ui_hint())  # fmt: skip
+        return p
+    from flowtrain.track.mlflow_store import MlflowTracker
+
+    m = MlflowTracker(out, **args)
+    log.info("MLflow run %s%s; to see it: %s", m.run_id, " (resumed)" if m.resumed else "", m.ui_hint())
+    return m
 
 
 def finish_tracking(

@@ -10,6 +10,10 @@ MLflow cannot delete metric points, so steps that were logged by an interrupted 
 resumed are not logged again (resume is exact, so they would repeat the same values) and the metric history holds
 each step once. Params are immutable in MLflow too: on resume, new keys are added and changed values are recorded
 as `param_changed.<key>` tags.
+
+`MlflowTracker` is the store logic. By default it runs in a child process (`track/mlflow_process.py`), so neither
+importing MLflow nor opening the store delays training; `tracking.mlflow_async: false` runs it in the training
+process, as flowtrain did before.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import atexit
 import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,21 @@ _BATCH = 100  # MLflow's limit on params per log_batch call
 _MAX_METRICS = 1000  # MLflow's limit on metrics per log_batch call
 _FLUSH_METRICS = 900  # send buffered metrics once this many are waiting ...
 _FLUSH_SECONDS = 2.0  # ... or this long after the last send (the MLflow UI lags by at most this)
+
+
+TELEMETRY_VAR = "MLFLOW_DISABLE_TELEMETRY"
+
+
+def telemetry_off_by_default(env: MutableMapping[str, str]) -> None:
+    """Turn off MLflow's usage telemetry in `env` (os.environ, or a child's environment) unless the user set
+    `MLFLOW_DISABLE_TELEMETRY` themselves, to any value: their choice wins.
+
+    Why: MLflow 3 sends anonymous usage events to its maintainers' servers from a thread it starts when `mlflow`
+    is imported (`mlflow.telemetry`; off only under `MLFLOW_DISABLE_TELEMETRY=true`, `DO_NOT_TRACK=true` or CI).
+    flowtrain's default tracking is a file in the run dir and must send nothing anywhere. It has to be set before
+    the first `import mlflow`, which is why every MLflow import in flowtrain is preceded by this call.
+    """
+    env.setdefault(TELEMETRY_VAR, "true")
 
 
 def local_store_uri(output_dir: str | Path) -> str:
@@ -55,7 +75,9 @@ class MlflowTracker:
         experiment_name: str = "flowtrain",
         run_name: str | None = None,
         resume_step: int | None = None,
+        async_metrics: bool = True,
     ):
+        telemetry_off_by_default(os.environ)
         from mlflow.tracking import MlflowClient
 
         # MLflow re-configures its loggers on import; its schema-migration messages on a new store are noise here.
@@ -82,9 +104,10 @@ class MlflowTracker:
                 )
             )
         self.run_id: str = run.info.run_id
+        self._async_metrics = async_metrics
         self._closed = False
         self._pending: Any = None  # the last asynchronous log_batch (an mlflow RunOperations)
-        self._buffer: list[Any] = []  # metrics not sent yet (see _flush)
+        self._buffer: list[Any] = []  # metrics not sent yet (see flush)
         self._flushed = time.monotonic()
         atexit.register(self._abandon)
 
@@ -144,24 +167,35 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=new[i : i + _BATCH], tags=tags[i : i + _BATCH])
         self._existing_params.update({p.key: p.value for p in new})
 
-    def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
+    def log_metrics(self, step: int, metrics: Mapping[str, float | None], timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: when the metrics were measured (default: now), for a caller that forwards them later."""
         from mlflow.entities import Metric
 
         if step <= self._skip_until:
             return
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        if len(self._buffer) >= _FLUSH_METRICS or time.monotonic() - self._flushed >= _FLUSH_SECONDS:
-            self._flush()
+        if len(self._buffer) >= _FLUSH_METRICS or self.flush_due_in() <= 0:
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush_due_in(self) -> float:
+        """Seconds until buffered metrics are due to be sent (<= 0: now)."""
+        return self._flushed + _FLUSH_SECONDS - time.monotonic()
+
+    def flush(self) -> None:
         """Send the buffered metrics: MLflow's SQLAlchemy store spends ~0.15 ms of CPU per metric plus ~5 ms per
         call, so one call per row of ~30 metrics at every step costs a small model's step time on a few cores.
-        Batching rows cuts that ~3×, and asynchronous calls (MLflow's own queue thread, in order) keep the rest
-        off the training thread; close() waits for the queue. metrics.jsonl is written at once regardless."""
+        Batching rows cuts that ~3×. With `async_metrics` the calls go through MLflow's own queue thread (in
+        order), off the calling thread, and close() waits for the queue; in the child process, where nothing else
+        waits, they are synchronous, so what a flush returned from is in the store. metrics.jsonl is written at
+        once regardless."""
         batch, self._buffer = self._buffer, []
         for i in range(0, len(batch), _MAX_METRICS):
-            self._pending = self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_METRICS], synchronous=False)
+            chunk = batch[i : i + _MAX_METRICS]
+            if self._async_metrics:
+                self._pending = self.client.log_batch(self.run_id, metrics=chunk, synchronous=False)
+            else:
+                self.client.log_batch(self.run_id, metrics=chunk)
         self._flushed = time.monotonic()
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
@@ -180,7 +214,7 @@ class MlflowTracker:
         if not self._closed:
             self._closed = True
             atexit.unregister(self._abandon)
-            self._flush()
+            self.flush()
             if self._pending is not None:
                 self._pending.wait()  # every queued metric is in the store before the run ends
             self.client.set_terminated(self.run_id, status=status)

@@ -23,7 +23,7 @@ from flowtrain.data.manifest import warnings_once
 from flowtrain.data.prior import WithClassRows, check_class_cache, class_sampler
 from flowtrain.losses import loss_from_config
 from flowtrain.models import ModelFamily, get_family
-from flowtrain.track import check_backends, open_tracking
+from flowtrain.track import check_backends, open_tracking, start_tracking
 from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import engines
 from flowtrain.train.ema import EMA, ema_for_run
@@ -112,6 +112,9 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    early_tracker = start_tracking(cfg, is_main=accelerator.is_main_process)  # MLflow imports while the model loads
+    if early_tracker is not None:
+        cleanup.callback(early_tracker.discard)  # building the run may fail before open_tracking
     set_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every rank and every run
 
     # The caches are checked against the model's files before the transformer loads (minutes for a large one),
@@ -204,7 +207,9 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     teacher = load_teacher(cfg, family, accelerator.device) if cfg.loss.teacher else None
     loss_fn = loss_from_config(cfg, family=family, teacher=teacher)
     validator = Validator(cfg, family, out, resolution=dataset.manifest.resolution)
-    tracker = open_tracking(cfg, out, resume_step=start_step if restored else None, is_main=accelerator.is_main_process)
+    tracker = open_tracking(cfg, out, resume_step=start_step if restored else None, is_main=accelerator.is_main_process,
+                            started=early_tracker)  # fmt: skip
+    cleanup.callback(tracker.close, "FAILED")  # a run that raises ends FAILED now (no-op after a normal finish)
     if restored is not None:  # last, so nothing above can consume the restored streams
         ckpt.restore_rng_state(restored["rng_stem"])
     if accelerator.is_main_process:
