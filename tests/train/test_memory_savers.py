@@ -157,3 +157,25 @@ def test_block_swap_refusals(tiny_pipeline_dir, tiny_cache, tmp_path, extra, mat
     sections = {"train": {"blocks_to_swap": 1, **extra.pop("train", {})}, **extra}
     with pytest.raises(ValidationError, match=match):
         train_config(tiny_pipeline_dir, tiny_cache[1], tmp_path, **sections)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the real host/device moves need CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_block_swap_moves_weights_on_cuda(tiny_pipeline_dir, tiny_cache, tmp_path, monkeypatch):
+    """On a GPU the copies, side stream and events are real: the numbers still equal a run without block swap
+    (deterministic algorithms on both), every block runs with its weights in place, and after the run the swapped
+    frozen weights are back in pinned CPU memory while the LoRA weights stayed on the GPU."""
+    plain = _run(tiny_pipeline_dir, tiny_cache[1], tmp_path / "plain", deterministic=True)
+    made = _traced_swap(monkeypatch)
+    got = _run(tiny_pipeline_dir, tiny_cache[1], tmp_path / "swap", deterministic=True, blocks_to_swap=3,
+               gradient_checkpointing=True)  # fmt: skip
+    _assert_same(got, plain)
+    (swap,) = made
+    assert swap.cuda and _replay(swap.trace) <= 2
+    for p, cpu in swap.masters[-1]:
+        assert p.device.type == "cpu" and p.data_ptr() == cpu.data_ptr() and cpu.is_pinned()
+    lora = [p for _, m in offload.transformer_blocks(got[3].transformer) for p in m.parameters() if p.requires_grad]
+    assert lora and all(p.device.type == "cuda" for p in lora)
