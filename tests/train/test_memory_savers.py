@@ -48,8 +48,8 @@ def _count_forwards(monkeypatch) -> dict[str, int]:
     counts: dict[str, int] = {}
     real = offload.enable_checkpointing
 
-    def spy(model, value):
-        chosen = real(model, value)
+    def spy(model, value, swapped=0):
+        chosen = real(model, value, swapped=swapped)
         for name, block in offload.transformer_blocks(model):
             counts[name] = 0
             # a pre-hook: torch's recomputation stops as soon as it has the tensors backward needs, before a
@@ -62,14 +62,20 @@ def _count_forwards(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    ("level", "checkpointed"),
-    [(True, BLOCKS), ("every:2", [BLOCKS[0], BLOCKS[2]]), ("single", BLOCKS[1:])],
+    ("level", "swap", "checkpointed"),
+    [
+        (True, 0, BLOCKS),
+        ("every:2", 0, [BLOCKS[0], BLOCKS[2]]),
+        ("single", 0, BLOCKS[1:]),
+        (False, 1, BLOCKS[2:]),  # a swapped block is always checkpointed
+        ("every:2", 2, BLOCKS),
+    ],
 )
 def test_checkpointing_level_is_exact_and_recomputes_its_blocks(
-    tiny_pipeline_dir, tiny_cache, tmp_path, baseline, monkeypatch, level, checkpointed
+    tiny_pipeline_dir, tiny_cache, tmp_path, baseline, monkeypatch, level, swap, checkpointed
 ):
     counts = _count_forwards(monkeypatch)
-    got = _run(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", gradient_checkpointing=level)
+    got = _run(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", gradient_checkpointing=level, blocks_to_swap=swap)
     _assert_same(got, baseline)
     # a checkpointed block runs forward twice a step (the recomputation in backward), the others once
     assert counts == {b: STEPS * (2 if b in checkpointed else 1) for b in BLOCKS}

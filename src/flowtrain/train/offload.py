@@ -17,16 +17,19 @@ the next block's copy runs on a side stream. Choices, and why:
   device is dropping the device copy: no device-to-host copy, ever. Trainable parameters (LoRA A/B) stay on the
   device, where the optimizer, its state and the gradients are: moving them would mean moving gradients and
   optimizer state too. So block swap is for LoRA; a full fine-tune is refused.
-- Residency is switched with `param.data = ...`. Autograd saves a frozen weight for backward as the parameter
-  itself (the same tensor), so backward reads whatever the parameter holds when it runs, i.e. the copy loaded
-  just before. (Under autocast to another dtype, the saved weight is autocast's cast copy instead; still correct,
-  it only keeps that copy alive until backward.)
+- Residency is switched with `param.data = ...`; the device copy is never written in place, so whatever still
+  refers to it stays correct.
+- A swapped block is always checkpointed (`enable_checkpointing(..., swapped=N)`, whatever the level). Autograd
+  saves what a block's backward needs, including views of its weights (`weight.t()` for a matmul), so a block
+  whose activations were saved would keep its device copy alive until its backward: dropping it would free
+  nothing. A checkpointed block saves only its inputs, and its recomputation, which re-saves the weights, runs
+  inside its backward, after the reload. The cost is one more forward of each swapped block per step.
 - Swapped: the *last* N blocks. The first blocks run while the first swapped one streams in, and the last block
   run forward is the first one backward needs, so it stays resident across the turn.
 - Before backward: a hook on each block output's gradient (fired when that gradient is ready, before the block's
   own backward nodes run) loads the block, prefetches the previous swapped block and drops the next one, whose
-  backward is finished (autograd runs nodes in reverse creation order). With checkpointing, the recomputation runs
-  inside the block's backward, after that hook: the weights are there.
+  backward is finished (autograd runs nodes in reverse creation order). The recomputation runs inside the block's
+  backward, after that hook: the weights are there.
 - Device copies are made on a side stream and waited for with an event; `record_stream` tells the caching
   allocator they are used on the compute stream, so their memory is not reused before the compute is done.
 - On CPU (device == cpu) the moves are no-ops but every hook and all bookkeeping run, which is what the CPU tests
@@ -116,17 +119,18 @@ def checkpointed_blocks(blocks: list[tuple[str, torch.nn.Module]], level: Checkp
     return chosen
 
 
-def enable_checkpointing(model: torch.nn.Module, value: Any) -> list[str]:
-    """Turn on `train.gradient_checkpointing` = `value` on a diffusers transformer; returns the checkpointed
-    blocks' names. `true` is exactly diffusers' default (every block)."""
+def enable_checkpointing(model: torch.nn.Module, value: Any, swapped: int = 0) -> list[str]:
+    """Turn on `train.gradient_checkpointing` = `value` on a diffusers transformer, plus the last `swapped` blocks
+    (`train.blocks_to_swap`: a swapped block is always checkpointed, see BlockSwap); returns the checkpointed blocks'
+    names in execution order. `true` is exactly diffusers' default (every block)."""
     level = parse_checkpointing(value)
-    blocks = transformer_blocks(model) if level.kind != "all" else []
-    if level.kind == "none":
-        return []
+    blocks = transformer_blocks(model)
     if level.kind == "all":
         model.enable_gradient_checkpointing()
-        return [n for n, _ in transformer_blocks(model)]
-    chosen = checkpointed_blocks(blocks, level)
+        return [n for n, _ in blocks]
+    chosen = set(checkpointed_blocks(blocks, level)) | {n for n, _ in blocks[len(blocks) - swapped :] if swapped}
+    if not chosen:
+        return []
     ids = {id(m) for n, m in blocks if n in chosen}
 
     # diffusers calls this for *every* block of its loop when checkpointing is on; the blocks not chosen run
@@ -137,8 +141,9 @@ def enable_checkpointing(model: torch.nn.Module, value: Any) -> list[str]:
         return block(*args)
 
     model.enable_gradient_checkpointing(gradient_checkpointing_func=selective)
-    log.info("gradient checkpointing %r: %d of %d blocks", value, len(chosen), len(blocks))
-    return chosen
+    log.info("gradient checkpointing %r%s: %d of %d blocks", value, f" + {swapped} swapped" if swapped else "",
+             len(chosen), len(blocks))  # fmt: skip
+    return [n for n, _ in blocks if n in chosen]
 
 
 # ---- block swap ------------------------------------------------------------------------------------------------
