@@ -77,8 +77,8 @@ class TrainConfig(Section):
         ge=0,
         description="Block swap: keep the frozen weights of this many transformer blocks (the last ones) on the CPU "
         "and move each one to the device just before its forward and its backward, prefetching the next "
-        "(`flowtrain.train.offload`). LoRA only; not with train.compile, FSDP, DeepSpeed or "
-        "multi-GPU DDP. 0: off.",
+        "(`flowtrain.train.offload`); swapped blocks are always checkpointed. LoRA only; not with train.compile, "
+        "FSDP, DeepSpeed or multi-GPU DDP. 0: off.",
     )
 
     @field_validator("gradient_checkpointing", mode="before")
