@@ -16,7 +16,7 @@ moves are no-ops, so there the weight column is the measure of block swap and RS
 `train_rss_MB`, the peak RSS when the last step was logged; `s_per_step`, the median step time.
 
     .venv/bin/python benchmarks/memory.py --savers      # 8 subprocesses, ~2 min on 2 cores
-    .venv/bin/python benchmarks/memory.py --savers --swap 0 3 6 --levels false single
+    .venv/bin/python benchmarks/memory.py --savers --swap 0 3 6 --levels false single --dtype float32 --steps 2
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def child(kind: str, mode: str, gc: bool, steps: int, tracking: list[str] | None
     return {"train_peak": rows[-1]["mem/peak_rss_gb"] * 1024, "process_peak": _rss_mb()}
 
 
-def saver_child(swap: int, level: str, steps: int) -> dict:
-    """One flowtrain LoRA run on bench70m with train.blocks_to_swap = `swap`, gradient_checkpointing = `level`."""
+def saver_child(swap: int, level: str, steps: int, dtype: str) -> dict:
+    """One flowtrain LoRA run on bench70m with train.blocks_to_swap = `swap`, gradient_checkpointing = `level`, the
+    frozen base in `dtype` (bfloat16: the fixture's, with bf16 autocast; float32: no autocast)."""
     import shutil
     import statistics
 
@@ -84,6 +85,8 @@ def saver_child(swap: int, level: str, steps: int) -> dict:
     cfg = common.train_config(fx, out, max_steps=steps)
     cfg["tracking"] = {"report_to": ["jsonl"], "graphs": False}
     cfg["train"]["blocks_to_swap"] = swap
+    if dtype == "float32":
+        cfg["model"]["dtype"], cfg["train"]["mixed_precision"] = "float32", "no"
     cfg["train"]["gradient_checkpointing"] = yaml.safe_load(level)  # false / true as booleans, levels as strings
     swaps = []  # the run's BlockSwap, for its byte accounting (the real one, built by the run)
     install = run_module.install_block_swap
@@ -118,7 +121,8 @@ def savers(args: argparse.Namespace) -> None:
     settings += [(0, lv) for lv in args.levels if (0, lv) not in settings]  # each checkpointing level alone
     rows = []
     for swap, level in settings:
-        cmd = [sys.executable, __file__, "--saver-child", str(swap), level, "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--saver-child", str(swap), level, "--steps", str(args.steps),
+               "--dtype", args.dtype]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -129,7 +133,7 @@ def savers(args: argparse.Namespace) -> None:
         if rows and rows[0][key]:
             for r in rows:
                 r[f"{key}_ratio"] = r[key] / rows[0][key] if r[key] is not None else None
-    common.report("memory savers (bench70m LoRA, bf16)", rows, {"command": " ".join(sys.argv)})
+    common.report(f"memory savers (bench70m LoRA, {args.dtype})", rows, {"command": " ".join(sys.argv)})
 
 
 def main() -> None:
@@ -143,11 +147,18 @@ def main() -> None:
     p.add_argument("--swap", nargs="*", type=int, default=[0, 2, 4, 6], help="--savers: train.blocks_to_swap values")
     p.add_argument("--levels", nargs="*", default=["false", "true", "every:2", "single"],
                    help="--savers: train.gradient_checkpointing values")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="--savers: the frozen base's dtype (float32 is far faster on a CPU without bf16 matmul units)",
+    )
     p.add_argument("--saver-child", nargs=2, metavar=("SWAP", "LEVEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.saver_child:
-        print("RESULT " + json.dumps(saver_child(int(args.saver_child[0]), args.saver_child[1], args.steps)))
+        swap, level = args.saver_child
+        print("RESULT " + json.dumps(saver_child(int(swap), level, args.steps, args.dtype)))
         return
     if args.savers:
         savers(args)
