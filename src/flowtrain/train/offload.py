@@ -35,10 +35,10 @@ the next block's copy runs on a side stream. Choices, and why:
 - On CPU (device == cpu) the moves are no-ops but every hook and all bookkeeping run, which is what the CPU tests
   check (numerics bitwise unchanged; the load / drop order).
 - Not with torch.compile (the hooks change parameters between calls; compiled blocks would guard-fail or break
-  graphs), FSDP or DeepSpeed (they own where parameters live): refused with an error saying so.
+  graphs), FSDP or DeepSpeed (they own where parameters live) or multi-GPU DDP (its wrapper wants every parameter
+  on one device type): refused with an error saying so.
 
-A block is at most two swapped blocks on the device at a time (the one running, the one prefetched), plus the last
-one across the forward/backward turn.
+At most two swapped blocks are on the device at any time: the one running and the one being prefetched.
 """
 
 from __future__ import annotations
@@ -342,14 +342,6 @@ class BlockSwap:
             self._prefetch(i - 1)
 
         return hook
-
-    def remove(self) -> None:
-        """Take the hooks off and put every swapped weight back on the device (e.g. before exporting on GPU)."""
-        for h in self.handles:
-            h.remove()
-        for i in range(len(self.order)):
-            self._ensure(i)
-        self.resident.clear()
 
 
 def install_block_swap(model: torch.nn.Module, n: int, accelerator: Any) -> BlockSwap:
