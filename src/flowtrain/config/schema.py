@@ -86,7 +86,10 @@ class TrainConfig(Section):
     def _checkpointing_level(cls, v: Any) -> Any:
         from flowtrain.train.offload import parse_checkpointing
 
-        parse_checkpointing(v)  # raises ValueError naming the accepted forms
+        try:
+            parse_checkpointing(v)
+        except ValueError as e:  # the loader's message names the key already
+            raise ValueError(str(e).removeprefix("train.gradient_checkpointing: ")) from None
         return v
 
     compile: bool = Field(
