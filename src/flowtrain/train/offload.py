@@ -38,7 +38,8 @@ the next block's copy runs on a side stream. Choices, and why:
   graphs), FSDP or DeepSpeed (they own where parameters live) or multi-GPU DDP (its wrapper wants every parameter
   on one device type): refused with an error saying so.
 
-At most two swapped blocks are on the device at any time: the one running and the one being prefetched.
+At most two swapped blocks are on the device at any time: the one running and the one being prefetched. So N
+swapped blocks lower the peak by N - 2 blocks' weights: the price of overlapping each copy with compute.
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ class BlockSwap:
             raise ValueError(
                 f"train.blocks_to_swap={n}: this transformer has {len(blocks)} blocks; give 0 (off) to {len(blocks)}"
             )
+        if n <= 2:
+            log.warning(
+                "train.blocks_to_swap=%d saves no peak device memory: two swapped blocks are on the device at once "
+                "(the one running and the next, copied meanwhile); N swapped blocks save N - 2 blocks' weights", n
+            )  # fmt: skip
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.trace = trace
