@@ -52,10 +52,10 @@ import flops  # noqa: E402
 GIB = 2**30
 TARGETS = {"lora_mfu": 0.40, "overhead": 1.02, "compile_speedup": 1.2}
 MEMORY_SAVERS = (
-    "flowtrain's memory savers today: gradient checkpointing (train.gradient_checkpointing, measured here on and off) "
-    "and low-bit optimizer states (optimizer.name adamw8bit, measured as the full fine-tune's optimizer; also "
-    "ao_adamw8bit / ao_adamw4bit / ao_adamw_fp8, adafactor), plus EMA weights kept on the CPU (ema.device). There is "
-    "no block swap, no quantized (int8 / fp8) frozen base and no activation offload to measure."
+    "flowtrain's memory savers today: gradient checkpointing (train.gradient_checkpointing: measured on, off, and at "
+    "the levels 'single' and 'every:2'), block swap (train.blocks_to_swap: 10 blocks measured, LoRA), low-bit "
+    "optimizer states (optimizer.name adamw8bit, measured as the full fine-tune's optimizer; also ao_adamw8bit / "
+    "ao_adamw4bit / ao_adamw_fp8, adafactor), plus EMA weights kept on the CPU (ema.device)."
 )
 # Rough wall seconds of a cell on an H200 (start, imports, loading 7.7 GB of weights, steps); replaced by what cells
 # of the same kind took once one has run. Only used to decide whether a cell still fits the budget.
@@ -64,10 +64,22 @@ QUICK_ESTIMATE_S = {"eager": 3.0, "compile": 10.0, "tests": 60.0}
 
 
 # ---- the cells -------------------------------------------------------------------------------------------------------
-def cell(kind: str, mode: str, res: int, *, gc: bool = True, compiled: bool = False) -> dict:
-    """One measurement: `kind` flowtrain | bare, `mode` lora | full, `res` px, gradient checkpointing, compile."""
-    name = f"{mode}-{res}-{'compile' if compiled else 'eager'}-{'gc' if gc else 'nogc'}-{kind}"
-    return {"id": name, "kind": kind, "mode": mode, "resolution": res, "grad_ckpt": gc, "compile": compiled}
+def cell(kind: str, mode: str, res: int, *, gc: bool | str = True, compiled: bool = False, swap: int = 0) -> dict:
+    """One measurement: `kind` flowtrain | bare, `mode` lora | full, `res` px, gradient checkpointing (true / false
+    or a level such as "every:2"; flowtrain only), compile, train.blocks_to_swap (flowtrain LoRA only)."""
+    ckpt = {True: "gc", False: "nogc"}.get(gc) if isinstance(gc, bool) else f"gc{gc.replace(':', '')}"
+    name = f"{mode}-{res}-{'compile' if compiled else 'eager'}-{ckpt}{f'-swap{swap}' if swap else ''}-{kind}"
+    return {"id": name, "kind": kind, "mode": mode, "resolution": res, "grad_ckpt": gc, "compile": compiled,
+            "swap": swap}  # fmt: skip
+
+
+def saver_cells(shape: common.Shape) -> list[dict]:
+    """The memory savers at the high resolution, LoRA (docs/training.md#memory-savers): checkpointing of the single
+    blocks only and of every 2nd block (against the baseline's every block and the no-checkpointing cell), and 10 of
+    the 25 blocks swapped to the CPU with checkpointing on (against the baseline)."""
+    hi, blocks = shape.resolutions[1], shape.transformer["num_layers"] + shape.transformer["num_single_layers"]
+    return [cell("flowtrain", "lora", hi, gc="single"), cell("flowtrain", "lora", hi, gc="every:2"),
+            cell("flowtrain", "lora", hi, swap=min(10, blocks))]  # fmt: skip
 
 
 def plan(shape: common.Shape) -> list[dict | str]:
@@ -80,6 +92,7 @@ def plan(shape: common.Shape) -> list[dict | str]:
         "tests",
         cell("flowtrain", "lora", hi, compiled=True),
         cell("flowtrain", "lora", hi, gc=False),
+        *saver_cells(shape),
         cell("flowtrain", "lora", lo), cell("bare", "lora", lo),
         cell("flowtrain", "full", lo), cell("bare", "full", lo),
         cell("flowtrain", "full", hi, gc=False),
@@ -99,7 +112,8 @@ def config_dict(shape: common.Shape, c: dict, pipeline: Path, cache: Path, out: 
         "dataset": {"cache_dir": str(cache), "allow_other_weights": True, "prefetch": True},
         "train": {"max_steps": steps + 1, "batch_size": 1, "learning_rate": 1e-4 if lora else 1e-5,
                   "mixed_precision": "bf16", "max_grad_norm": 1.0, "gradient_checkpointing": c["grad_ckpt"],
-                  "compile": c["compile"], "compile_backend": backend, "log_every": 1, "seed": 0},
+                  "compile": c["compile"], "compile_backend": backend, "log_every": 1, "seed": 0,
+                  "blocks_to_swap": c.get("swap", 0)},
         "train_mode": c["mode"],
         "lora": {"rank": 16, "targets": "all"},
         "optimizer": {"name": "adamw" if lora else "adamw8bit", "weight_decay": 1e-4 if lora else 1e-2},
@@ -379,10 +393,12 @@ def run_plan(
     return rows, tests
 
 
-def find(rows: list[dict], kind: str, mode: str, res: int, gc: bool = True, compiled: bool = False) -> dict | None:
+def find(
+    rows: list[dict], kind: str, mode: str, res: int, gc: bool | str = True, compiled: bool = False, swap: int = 0
+) -> dict | None:
     for r in rows:
         if (r.get("status") == "ok" and r["kind"] == kind and r["mode"] == mode and r["resolution"] == res
-                and r["grad_ckpt"] == gc and r["compile"] == compiled):  # fmt: skip
+                and r["grad_ckpt"] == gc and r["compile"] == compiled and r.get("swap", 0) == swap):  # fmt: skip
             return r
     return None
 
@@ -411,6 +427,16 @@ def ratios(rows: list[dict], shape: common.Shape) -> list[dict]:
                 if ft.get("peak_mem_gib") and nogc.get("peak_mem_gib"):
                     out.append({"ratio": f"ckpt off memory {mode} {res}px", "what": "ckpt-off / ckpt-on peak memory",
                                 "value": nogc["peak_mem_gib"] / ft["peak_mem_gib"]})  # fmt: skip
+            for c in saver_cells(shape) if mode == "lora" and res == shape.resolutions[1] else []:
+                saver = find(rows, "flowtrain", mode, res, gc=c["grad_ckpt"], swap=c["swap"])
+                if saver is None:
+                    continue
+                what = f"swap {c['swap']}" if c["swap"] else f"ckpt {c['grad_ckpt']}"
+                out.append({"ratio": f"{what} speed {mode} {res}px", "what": f"{what} ms / ckpt-on ms (flowtrain)",
+                            "value": saver["ms_per_step"] / ft["ms_per_step"]})  # fmt: skip
+                if ft.get("peak_mem_gib") and saver.get("peak_mem_gib"):
+                    out.append({"ratio": f"{what} memory {mode} {res}px", "what": f"{what} / ckpt-on peak memory",
+                                "value": saver["peak_mem_gib"] / ft["peak_mem_gib"]})  # fmt: skip
     return out
 
 
@@ -520,8 +546,8 @@ def main() -> None:
             todo = ["tests"]
         torch.cuda.empty_cache()
     tmp = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    if args.quick:  # the plumbing: every kind of cell once (both sides, both modes, compile, checkpointing off)
-        todo = todo[:7]
+    if args.quick:  # the plumbing: every kind of cell once (both sides, both modes, compile, checkpointing off,
+        todo = todo[:7] + saver_cells(shape)[1:]  # a checkpointing level, block swap)
     if args.only:
         todo = [c for c in todo if c == "tests" or any(o in c["id"] for o in args.only)]
     estimate = dict(QUICK_ESTIMATE_S if args.quick else GPU_ESTIMATE_S)

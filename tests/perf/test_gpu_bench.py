@@ -148,14 +148,17 @@ def test_ratios_and_targets_from_gpu_rows():
     gpu = _load("gpu")
     common = sys.modules["common"]  # imported by gpu.py from benchmarks/
 
-    def row(kind, mode, res, ms, gc=True, compiled=False, **kw):
-        return {**gpu.cell(kind, mode, res, gc=gc, compiled=compiled), "status": "ok", "ms_per_step": ms, **kw}
+    def row(kind, mode, res, ms, gc=True, compiled=False, swap=0, **kw):
+        return {**gpu.cell(kind, mode, res, gc=gc, compiled=compiled, swap=swap), "status": "ok", "ms_per_step": ms,
+                **kw}  # fmt: skip
 
     rows = [
+        row("flowtrain", "lora", 1024, 300.0, swap=10, peak_mem_gib=15.0),  # first: find() must tell it apart
         row("flowtrain", "lora", 1024, 250.0, mfu=0.31, peak_mem_gib=20.0),
         row("bare", "lora", 1024, 240.0, mfu=0.325),
         row("flowtrain", "lora", 1024, 180.0, compiled=True, mfu=0.43),
         row("flowtrain", "lora", 1024, 200.0, gc=False, mfu=0.39, peak_mem_gib=50.0),
+        row("flowtrain", "lora", 1024, 225.0, gc="single", peak_mem_gib=30.0),
         row("flowtrain", "full", 1024, 400.0, peak_mem_gib=61.5),
         {**gpu.cell("bare", "full", 1024), "status": "failed: OutOfMemoryError"},
     ]
@@ -165,6 +168,10 @@ def test_ratios_and_targets_from_gpu_rows():
     assert ratios["ckpt off speed lora 1024px"] == pytest.approx(250 / 200)
     assert ratios["ckpt off memory lora 1024px"] == pytest.approx(2.5)
     assert "overhead full 1024px" not in ratios  # its bare cell failed
+    assert ratios["swap 10 memory lora 1024px"] == pytest.approx(15 / 20)
+    assert ratios["swap 10 speed lora 1024px"] == pytest.approx(300 / 250)
+    assert ratios["ckpt single memory lora 1024px"] == pytest.approx(30 / 20)
+    assert "ckpt every:2 speed lora 1024px" not in ratios  # not measured
     mfu, overhead, comp, fits = gpu.targets(rows, common.KLEIN4B, device_mem_gib=139.8)
     assert mfu["met"] is True and mfu["value"] == 0.43 and "lora-1024-compile-gc-flowtrain" in mfu["note"]
     assert overhead["met"] is False and comp["met"] is True

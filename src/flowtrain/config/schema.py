@@ -66,9 +66,32 @@ class TrainConfig(Section):
         "`auto`: bf16 / fp16 when model.dtype is bfloat16 / float16, else no.",
     )
     seed: int = Field(0, description="Seeds LoRA init, data order and every per-step draw (σ, noise, dropout).")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, roughly 30% slower steps."
+    gradient_checkpointing: bool | str = Field(
+        False,
+        description="Recompute block activations in backward (`flowtrain.train.offload`): less memory, slower steps, "
+        'same gradients. `true`: every transformer block; `"every:K"`: every K-th block (blocks 0, K, 2K, ... in '
+        'execution order); `"single"`: only the single-stream blocks (families that have them); `false`: none.',
     )
+    blocks_to_swap: int = Field(
+        0,
+        ge=0,
+        description="Block swap: keep the frozen weights of this many transformer blocks (the last ones) on the CPU "
+        "and move each one to the device just before its forward and its backward, prefetching the next "
+        "(`flowtrain.train.offload`); swapped blocks are always checkpointed. LoRA only; not with train.compile, "
+        "FSDP, DeepSpeed or multi-GPU DDP. 0: off.",
+    )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_level(cls, v: Any) -> Any:
+        from flowtrain.train.offload import parse_checkpointing
+
+        try:
+            parse_checkpointing(v)
+        except ValueError as e:  # the loader's message names the key already
+            raise ValueError(str(e).removeprefix("train.gradient_checkpointing: ")) from None
+        return v
+
     compile: bool = Field(
         False,
         description="torch.compile the transformer (`flowtrain.train.perf`): static shapes, so a fixed resolution "
@@ -519,4 +542,8 @@ class FlowtrainConfig(Section):
             raise ValueError("loss.name=distillation needs loss.teacher (a path to the teacher transformer)")
         if self.loss.teacher and name in builtin and name != "distillation":
             raise ValueError(f"loss.teacher is set but loss.name={name!r}; set loss.name: distillation")
+        if self.train.blocks_to_swap:
+            from flowtrain.train.offload import check_swap_config
+
+            check_swap_config(self.train.blocks_to_swap, self.train_mode, self.train.compile)
         return self

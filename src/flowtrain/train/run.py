@@ -28,6 +28,7 @@ from flowtrain.train import checkpoint as ckpt
 from flowtrain.train import engines
 from flowtrain.train.ema import EMA, ema_for_run
 from flowtrain.train.engines import fsdp
+from flowtrain.train.offload import install_block_swap
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
 from flowtrain.train.perf import optimizer_step_fn
 from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position, transformer_identity
@@ -138,7 +139,10 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     # step it once per process).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.train.max_steps)
     engines.configure(accelerator, cfg)
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    # Block swap places the model itself (the swapped weights must never pass through the device): not accelerate.
+    swap = install_block_swap(transformer, cfg.train.blocks_to_swap, accelerator) if cfg.train.blocks_to_swap else None
+    placement = None if swap is None else [False, None]  # None: accelerate's default, unchanged without block swap
+    model, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
     # Taken after prepare: FSDP replaces the parameters by sharded ones (DDP keeps them).
     params = [p for p in engines.unwrap(accelerator, model).parameters() if p.requires_grad]
     global_batch = cfg.train.batch_size * world

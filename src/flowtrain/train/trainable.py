@@ -120,8 +120,10 @@ def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.
             f"{f' / model.dit={cfg.model.dit!r}' if cfg.model.dit else ''}: {e}"
             f"{hint if 'safetensors' in str(e) else ''}"
         ) from e
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    if cfg.train.gradient_checkpointing or cfg.train.blocks_to_swap:  # true: diffusers' own; levels: train.offload
+        from flowtrain.train.offload import enable_checkpointing
+
+        enable_checkpointing(transformer, cfg.train.gradient_checkpointing, swapped=cfg.train.blocks_to_swap)
     lora_cfg = None
     if cfg.train_mode == "lora":
         lora_cfg = apply_lora(transformer, cfg, family.lora_presets)
