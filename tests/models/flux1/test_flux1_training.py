@@ -60,3 +60,18 @@ def test_validation_images_equal_flowtrain_sample_with_the_runs_config(flux1_dir
     longer = sample("longer", "model.max_sequence_length=512")
     record_property("longer_png_diff", [int(np.abs(a - b).max()) for a, b in zip(ours, longer, strict=True)])
     assert all(np.abs(a - b).max() > 2 for a, b in zip(ours, longer, strict=True))
+
+
+def test_memory_savers_leave_the_losses_bitwise(flux1_dir, flux1_cache, tmp_path):
+    """Block swap plus checkpointing only the single-stream blocks (issue 19) on FLUX.1's blocks: the fp32 losses
+    and the trained LoRA equal the run without them, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, opts in {"plain": {}, "savers": {"blocks_to_swap": 2, "gradient_checkpointing": "single"}}.items():
+        cfg = train_config(flux1_dir, flux1_cache, tmp_path / name, family="flux1", train={"max_steps": 3, **opts})
+        result = train(cfg, progress=False)
+        runs[name] = (result.losses, load_file(tmp_path / name / "pytorch_lora_weights.safetensors"))
+    assert runs["savers"][0] == runs["plain"][0]
+    assert all(torch.equal(runs["savers"][1][k], v) for k, v in runs["plain"][1].items())
