@@ -314,7 +314,7 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
         raise ExportError(f"{path}: not a safetensors file ({e}); give a LoRA file or a run folder") from None
     keys = list(state)
-    if not any(k.startswith(DIFFUSERS_PREFIX) and ".lora" in k for k in keys):
+    if not any(k.startswith(DIFFUSERS_PREFIX) and any(f in k for f in (".lora", ".hada_", ".lokr_")) for k in keys):
         raise ExportError(f"{path}: not a flowtrain / diffusers LoRA (no `transformer.*.lora_A/B` keys; found e.g. "
                           f"{keys[:2]}); give the pytorch_lora_weights.safetensors a training run wrote")  # fmt: skip
     meta = _metadata(path)
