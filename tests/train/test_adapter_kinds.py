@@ -66,13 +66,22 @@ def test_file_records_kind_and_reloads_with_same_outputs(kind_run, tiny_pipeline
     assert (trained - base).abs().max().item() > 1e-4  # the adapter learned something
 
 
-def test_non_lora_kinds_are_refused_by_the_lora_only_formats(kind_run):
+def test_kinds_export_where_a_format_holds_them(kind_run):
+    """diffusers holds every kind; comfyui holds LoHa (tests/export/test_export_loha.py checks its ΔW); the rest
+    is refused with a message naming the kind."""
     from flowtrain.export import ExportError, export
 
     kind, run = kind_run
+    assert export(run.output_dir, "diffusers", family="flux2_klein").name == "pytorch_lora_weights.safetensors"
     name = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[kind]
-    with pytest.raises(ExportError, match=f"{name} adapter.*--format diffusers"):
-        export(run.output_dir, "comfyui", family="flux2_klein")
+    for fmt in ("original",) if kind == "loha" else ("comfyui", "original"):
+        with pytest.raises(ExportError, match=f"{name} adapter.*--format diffusers"):
+            export(run.output_dir, fmt, family="flux2_klein")
+    if kind == "loha":
+        out = export(run.output_dir, "comfyui", family="flux2_klein")
+        from safetensors.torch import load_file
+
+        assert any(k.endswith(".hada_w1_a") for k in load_file(str(out)))
 
 
 @pytest.mark.parametrize(
