@@ -109,3 +109,15 @@ def test_default_kind_builds_the_same_peft_config_as_before():
 
     cfg = adapter_config(LoraConfig(rank=4), "x")
     assert type(cfg).__name__ == "LoraConfig" and not cfg.use_dora and cfg.init_lora_weights == "gaussian"
+
+
+def test_flowtrain_sample_loads_every_kind(kind_run, tiny_pipeline_dir, tmp_path):
+    """`flowtrain sample --lora RUN` (the CLI: file checks, kind detection, diffusers or peft loading) writes an
+    image for each kind."""
+    from flowtrain.cli import main
+
+    _, run = kind_run
+    args = ["sample", "--model", str(tiny_pipeline_dir), "--lora", str(run.output_dir), "--out", str(tmp_path),
+            "--prompt", "a photo number 1", "--steps", "2", "--height", "32", "--width", "32"]  # fmt: skip
+    assert main(args) == 0
+    assert (tmp_path / "000_00.png").is_file()

@@ -112,3 +112,12 @@ def test_cuda_quantized_forward_is_close(tiny_pipeline_dir, kind):
     quantize_base(q, kind)
     a, b = _predict(ref.cuda()), _predict(q)
     assert ((a - b).norm() / a.norm()).item() <= 0.1  # float8 / nf4 are coarser than int8
+
+
+def test_lora_on_int8_base_resumes_exactly(tiny_pipeline_dir, tiny_cache, tmp_path):
+    from flowtrain.testing.training import assert_resume_exact
+    from flowtrain.testing.training import train_config as _cfg
+
+    extra = {"model": {"quantize": "int8"}, "train": {"max_steps": 4}, "checkpoint": {"every_steps": 2}}
+    a, b = (_cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / run, **extra) for run in "ab")
+    assert_resume_exact(a, b, stop=2)

@@ -75,6 +75,9 @@ def check_lora_targets(model: torch.nn.Module, targets: str | list[str], presets
     return modules
 
 
+_KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
 def adapter_config(lora: Any, target_regex: str) -> Any:
     """The peft config of `lora:` (a `LoraConfig` section) for its `kind`: peft's LoraConfig (lora; dora with
     use_dora), LoHaConfig or LoKrConfig. rank / alpha mean the same for every kind (scale alpha / rank)."""
@@ -118,7 +121,8 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
     n_all = sum(p.numel() for p in transformer.parameters())
     log.info(
         "%s rank %d on %d Linear modules (lora.targets=%r): %d trainable parameters (%.3f%% of %d)",
-        cfg.lora.kind, cfg.lora.rank, len(modules), cfg.lora.targets, n_train, 100.0 * n_train / n_all, n_all,
+        _KIND_NAMES[cfg.lora.kind], cfg.lora.rank, len(modules), cfg.lora.targets, n_train,
+        100.0 * n_train / n_all, n_all,
     )  # fmt: skip
     return lora_cfg
 
