@@ -128,7 +128,8 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
 
 
 def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.nn.Module, Any]:
-    """Load the transformer and make it trainable. Returns (transformer, peft LoraConfig or None)."""
+    """Load the transformer (its block Linears quantized with model.quantize) and make it trainable. Returns
+    (transformer, the peft adapter config, or None for a full fine-tune)."""
     # Full fine-tune keeps fp32 master weights (autocast does the low-precision compute); LoRA freezes the
     # base in model.dtype.
     dtype = torch.float32 if cfg.train_mode == "full" else torch_dtype(cfg.model.dtype)
@@ -146,11 +147,11 @@ def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.
             f"{f' / model.dit={cfg.model.dit!r}' if cfg.model.dit else ''}: {e}"
             f"{hint if 'safetensors' in str(e) else ''}"
         ) from e
-    quantize_base(transformer, cfg.model.quantize)  # before the adapters: peft wraps the quantized Linears
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora_cfg = None
     if cfg.train_mode == "lora":
+        quantize_base(transformer, cfg.model.quantize)  # before the adapters: peft wraps the quantized Linears
         lora_cfg = apply_lora(transformer, cfg, family.lora_presets)
     else:
         transformer.requires_grad_(True)
