@@ -149,8 +149,8 @@ class LoraConfig(Section):
     )
     decompose_factor: int = Field(
         -1,
-        description="lokr only: the size of the Kronecker product's first factor along each dimension (a divisor "
-        "of the layer's widths; -1: the divisor nearest the square root).",
+        description="lokr only: the Kronecker product's first factor size along each dimension, passed to peft, "
+        "which splits each layer width into two factors with it (-1: factors near the square root).",
     )
     decompose_both: bool = Field(
         False, description="lokr only: also make the Kronecker product's first (small) factor low-rank."
