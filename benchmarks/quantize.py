@@ -78,7 +78,10 @@ def main() -> None:
     family = get_family("flux2_klein")
     fx = common.fixture("bench70m")
     x, txt, sigma = inputs(args.device)
-    models = {k: build(fx, k, args.device) for k in args.kinds}
+    models = {}
+    for k in args.kinds:
+        print(f"building the LoRA transformer with model.quantize={k}", flush=True)
+        models[k] = build(fx, k, args.device)
 
     def forward(model):
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
@@ -101,7 +104,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     for k in args.kinds:
-        step(k)  # warm-up
+        print(f"warm-up step, model.quantize={k}: {step(k):.2f} s", flush=True)
     times = common.interleave({k: (lambda k=k: step(k)) for k in args.kinds}, args.reps)
     base_ms = common.median(times[args.kinds[0]]) * 1e3
     base_mb = base_bytes(models[args.kinds[0]][0]) / 2**20
