@@ -14,6 +14,7 @@ feed every block, so quantizing them would cost accuracy for little memory.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ def check_quantize(kind: str, *, train_mode: str, lora_kind: str, cuda: bool) ->
             f"model.quantize={kind} runs on a CUDA GPU only ({'torchao float8' if kind == 'float8' else 'bitsandbytes'}"
             " kernels) and this run has none; use model.quantize: int8 (runs on CPU too) or none"
         )
+    package, extra = ("bitsandbytes", "optim") if kind == "nf4" else ("torchao", "lowbit")
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"model.quantize={kind} needs {package}: pip install 'flowtrain[{extra}]'")
     if kind == "nf4" and lora_kind in ("loha", "lokr"):
         raise ValueError(
             f"model.quantize=nf4 with lora.kind={lora_kind}: peft's {lora_kind} layers read the base weight's shape, "
