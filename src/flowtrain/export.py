@@ -116,6 +116,71 @@ def fuse_lora(branches: Sequence[LoraModule | None], dims: Sequence[int]) -> Lor
     return LoraModule(down=down, up=up, alpha=s * ranks)
 
 
+@dataclass(frozen=True)
+class LohaModule:
+    """One LoHa branch on a Linear (peft's `hada_*` tensors): ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha / rank.
+
+    w1a, w2a: (out, r); w1b, w2b: (r, in); alpha: peft's LoHa alpha (scale alpha / r, as ComfyUI's LoHa reads it
+    with its `.alpha`)."""
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.w1b.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """ΔW (out, in) in float32."""
+        return (self.w1a.float() @ self.w1b.float()) * (self.w2a.float() @ self.w2b.float()) * self.scale
+
+
+def fuse_loha(branches: Sequence[LohaModule | None], dims: Sequence[int]) -> LohaModule:
+    """The exact LoHa of a Linear whose weight stacks the branches' weights by rows (see `fuse_lora`).
+
+    Each factor product fuses like a LoRA: w·a = block-diag(w·a_i), w·b = concat(w·b_i), so row block i of
+    (w1a @ w1b) is branch i's W1_i and of (w2a @ w2b) its W2_i (zero rows for an absent branch); the Hadamard product
+    works row by row, so row block i of the fused ΔW is W1_i ⊙ W2_i: branch i's ΔW. A scale other than the first
+    branch's is folded into that branch's w1a block (ΔW is linear in it); alpha = s · R keeps alpha / rank = s."""
+    import torch
+
+    present = [b for b in branches if b is not None]
+    if not present or len(branches) != len(dims):
+        raise ValueError("fuse_loha needs at least one branch and one row count per branch")
+    s, ranks, ref = present[0].scale, sum(b.rank for b in present), present[0].w1a
+    w1a = torch.zeros(sum(dims), ranks, dtype=ref.dtype, device=ref.device)
+    w2a = torch.zeros_like(w1a)
+    row = col = 0
+    for b, rows in zip(branches, dims, strict=True):
+        if b is not None:
+            if b.w1a.shape[0] != rows:
+                raise ValueError(f"a fused branch has {b.w1a.shape[0]} output rows where the layout expects {rows}")
+            w1a[row : row + rows, col : col + b.rank] = b.w1a if b.scale == s else (b.w1a.float() * (b.scale / s))
+            w2a[row : row + rows, col : col + b.rank] = b.w2a
+            col += b.rank
+        row += rows
+    w1b = torch.cat([b.w1b for b in present], dim=0)
+    w2b = torch.cat([b.w2b for b in present], dim=0)
+    return LohaModule(w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, alpha=s * ranks)
+
+
+def _swap_rows(m: LoraModule | LohaModule) -> LoraModule | LohaModule:
+    """The branch with its ΔW's two row halves exchanged: the halves of B (LoRA) or of both w·a (LoHa)."""
+    if isinstance(m, LohaModule):
+        return LohaModule(swap_halves(m.w1a), m.w1b, swap_halves(m.w2a), m.w2b, m.alpha)
+    return LoraModule(down=m.down, up=swap_halves(m.up), alpha=m.alpha)
+
+
+Branch = LoraModule | LohaModule  # the adapter kinds the original layout can hold
+
+
 # ---- a family's layout --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModuleMap:
@@ -166,9 +231,10 @@ def _name(pattern: str, i: str | None) -> str:
     return pattern if i is None else pattern.replace("{i}", i)
 
 
-def lora_to_original(modules: Mapping[str, LoraModule], layout: Layout) -> dict[str, LoraModule]:
-    """{diffusers module: LoRA} → {original module: LoRA} with fused q/k/v (`fuse_lora`) and swapped row halves;
-    every module's ΔW mapped onto the original weight equals the diffusers ΔW mapped there (tests/export)."""
+def lora_to_original(modules: Mapping[str, Branch], layout: Layout) -> dict[str, Branch]:
+    """{diffusers module: LoRA or LoHa} → {original module: the same kind} with fused q/k/v (`fuse_lora`,
+    `fuse_loha`) and swapped row halves; every module's ΔW mapped onto the original weight equals the diffusers ΔW
+    mapped there (tests/export)."""
     if layout.identity:
         return dict(modules)
     groups: dict[tuple[int, str | None], dict[int, LoraModule]] = {}
@@ -186,11 +252,13 @@ def lora_to_original(modules: Mapping[str, LoraModule], layout: Layout) -> dict[
         if mm.how == "fuse":
             assert mm.dims is not None
             ordered = [branches.get(b) for b in range(len(mm.diffusers))]
-            width = next(b.down.shape[1] for b in ordered if b is not None)
-            out[target] = fuse_lora(ordered, mm.dims(width))
+            first = next(b for b in ordered if b is not None)
+            if isinstance(first, LohaModule):
+                out[target] = fuse_loha(ordered, mm.dims(first.w1b.shape[1]))  # type: ignore[arg-type]
+            else:
+                out[target] = fuse_lora(ordered, mm.dims(first.down.shape[1]))  # type: ignore[arg-type]
         elif mm.how == "swap":
-            m = branches[0]
-            out[target] = LoraModule(down=m.down, up=swap_halves(m.up), alpha=m.alpha)
+            out[target] = _swap_rows(branches[0])
         else:
             out[target] = branches[0]
     return out
@@ -248,6 +316,21 @@ def comfyui_state(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
         key = ORIGINAL_PREFIX + name
         out[f"{key}.lora_down.weight"] = m.down.contiguous()
         out[f"{key}.lora_up.weight"] = m.up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def comfyui_loha_state(modules: Mapping[str, LohaModule]) -> dict[str, torch.Tensor]:
+    """{original module: LoHa} → ComfyUI's LoHa keys (`comfy/weight_adapter/loha.py`):
+    `diffusion_model.<m>.hada_w1_a` / `hada_w1_b` / `hada_w2_a` / `hada_w2_b` (peft's tensors unchanged) and
+    `.alpha` (0-d float32; ComfyUI scales by alpha / w1_b's rows, the rank)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        key = ORIGINAL_PREFIX + name
+        for part in ("w1a", "w1b", "w2a", "w2b"):
+            out[f"{key}.hada_{part[:2]}_{part[2]}"] = getattr(m, part).contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     return out
 
@@ -314,7 +397,7 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
         raise ExportError(f"{path}: not a safetensors file ({e}); give a LoRA file or a run folder") from None
     keys = list(state)
-    if not any(k.startswith(DIFFUSERS_PREFIX) and ".lora" in k for k in keys):
+    if not any(k.startswith(DIFFUSERS_PREFIX) and any(f in k for f in (".lora", ".hada_", ".lokr_")) for k in keys):
         raise ExportError(f"{path}: not a flowtrain / diffusers LoRA (no `transformer.*.lora_A/B` keys; found e.g. "
                           f"{keys[:2]}); give the pytorch_lora_weights.safetensors a training run wrote")  # fmt: skip
     meta = _metadata(path)
@@ -328,8 +411,9 @@ def read_lora(path: str | Path) -> dict[str, LoraModule]:
     path = Path(path)
     state, meta, kind = load_lora_file(path)
     if kind != "LoRA":
+        also = " (and LoHa in comfyui)" if kind == "LoHa" else ""
         raise ExportError(f"{path} is a {kind} adapter; the comfyui and original formats hold plain LoRA (A, B, "
-                          "alpha) only: export it with --format diffusers")  # fmt: skip
+                          f"alpha){also} only: export it with --format diffusers")  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
         m = _LORA_KEY.fullmatch(k)
@@ -346,6 +430,33 @@ def read_lora(path: str | Path) -> dict[str, LoraModule]:
         rank = ab["A"].shape[0]
         a = _pattern_value(module, alphas, rank if alpha is None else alpha)
         out[module] = LoraModule(down=ab["A"], up=ab["B"], alpha=float(a))
+    return out
+
+
+_LOHA_KEY = re.compile(r"transformer\.(?P<module>.+)\.hada_(?P<part>w[12]_[ab])")
+
+
+def read_loha(path: str | Path) -> dict[str, LohaModule]:
+    """A flowtrain / diffusers LoHa file → {diffusers module: LohaModule}, alphas from its adapter metadata (peft's
+    `alpha`, `alpha_pattern`)."""
+    path = Path(path)
+    state, meta, kind = load_lora_file(path)
+    if kind != "LoHa":
+        raise ExportError(f"{path} is a {kind} adapter, not LoHa")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        m = _LOHA_KEY.fullmatch(k)
+        if m is None:
+            raise ExportError(f"{path}: unexpected key {k!r} in a LoHa file (hada_t1/t2 are for convolutions)")
+        parts.setdefault(m["module"], {})[m["part"]] = v
+    alpha, alphas = meta.get("alpha"), meta.get("alpha_pattern") or {}
+    out = {}
+    for module, p in parts.items():
+        if set(p) != {"w1_a", "w1_b", "w2_a", "w2_b"}:
+            raise ExportError(f"{path}: module {module!r} lacks some of hada_w1_a/w1_b/w2_a/w2_b")
+        rank = p["w1_b"].shape[0]
+        a = _pattern_value(module, alphas, rank if alpha is None else alpha)
+        out[module] = LohaModule(p["w1_a"], p["w1_b"], p["w2_a"], p["w2_b"], alpha=float(a))
     return out
 
 
@@ -453,9 +564,11 @@ def export(
         tmp.rename(target)
         return target
     layout = layout_of(_family_of(src, family))
-    if kind == "lora":
+    if kind == "lora" and fmt == "comfyui" and load_lora_file(src)[2] == "LoHa":
+        state = comfyui_loha_state(lora_to_original(read_loha(src), layout))  # type: ignore[arg-type]
+    elif kind == "lora":
         modules = lora_to_original(read_lora(src), layout)
-        state = comfyui_state(modules) if fmt == "comfyui" else original_state(modules)
+        state = comfyui_state(modules) if fmt == "comfyui" else original_state(modules)  # type: ignore[arg-type]
     else:
         state = weights_to_original(_read_folder(src), layout)
     _save(state, target, {"format": f"flowtrain-export-{fmt}"})

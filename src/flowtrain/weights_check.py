@@ -54,12 +54,43 @@ def lora_file(path: str, flag: str = "--lora") -> Path:
     if p.is_dir():
         p = _lora_in_folder(p, path, flag)
     keys = safetensors_keys(p, flag)
-    if not any("lora" in k.lower() for k in keys):
+    if not any(f in k.lower() for k in keys for f in _ADAPTER_FRAGMENTS):
         raise ValueError(
-            f"{flag} {p}: holds no LoRA tensors (names with lora_A / lora_B, e.g. {keys[0]!r} is not one): is it a "
-            "full model's weights? Give those with --transformer"
+            f"{flag} {p}: holds no LoRA tensors (names with lora_A / lora_B, or LoHa / LoKr's hada_ / lokr_, e.g. "
+            f"{keys[0]!r} is not one): is it a full model's weights? Give those with --transformer"
         )
     return p
+
+
+_ADAPTER_FRAGMENTS = ("lora", "hada_", "lokr_")  # key fragments of the adapter kinds `lora.kind` trains
+
+
+def adapter_metadata(path: Path) -> dict:
+    """The peft adapter config diffusers' `save_lora_weights` writes into a LoRA file's header
+    (`lora_adapter_metadata`), its keys without their `transformer.` prefix; {} when there is none."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    return {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()} if raw else {}
+
+
+def adapter_kind(path: Path) -> str:
+    """The `lora.kind` a LoRA file was trained as: lora, dora, loha or lokr, from the peft config in its header
+    (`peft_type`, `use_dora`: flowtrain saves it there), else from its key names (files of other trainers)."""
+    meta = adapter_metadata(path)
+    peft_type = meta.get("peft_type")
+    if peft_type in ("LOHA", "LOKR"):
+        return peft_type.lower()
+    if peft_type == "LORA":
+        return "dora" if meta.get("use_dora") else "lora"
+    keys = safetensors_keys(path, "--lora")
+    for fragment, kind in (("hada_", "loha"), ("lokr_", "lokr"), ("lora_magnitude_vector", "dora")):
+        if any(fragment in k for k in keys):
+            return kind
+    return "lora"
 
 
 def _lora_in_folder(folder: Path, given: str, flag: str) -> Path:
@@ -162,10 +193,17 @@ def load_errors(model: str, lora: str | Path | None = None) -> Iterator[None]:
 
 
 def lora_modules(keys: list[str]) -> set[str]:
-    """The modules a diffusers-format LoRA file adapts: `transformer.X.lora_A.weight` → `X`. Empty for files in
-    other formats (kohya, original), whose names diffusers converts while loading."""
-    suffix = ".lora_A.weight"
-    return {k[len("transformer.") : -len(suffix)] for k in keys if k.startswith("transformer.") and k.endswith(suffix)}
+    """The modules a diffusers-format adapter file adapts: `transformer.X.lora_A.weight` → `X` (LoHa:
+    `X.hada_w1_a`, LoKr: `X.lokr_w1` or `X.lokr_w1_a`). Empty for files in other formats (kohya, original), whose
+    names diffusers converts while loading."""
+    suffixes = (".lora_A.weight", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")
+    return {
+        k[len("transformer.") : -len(sfx)]
+        for k in keys
+        if k.startswith("transformer.")
+        for sfx in suffixes
+        if k.endswith(sfx)
+    }
 
 
 def check_lora_applied(lora: str | Path, model: str, wanted: set[str], adapted: set[str]) -> None:

@@ -33,3 +33,9 @@ class ModelOptions(Section):
         "encoders in it and stores text embeddings in it.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom code from the model repository.")
+    quantize: Literal["none", "int8", "float8", "nf4"] = Field(
+        "none",
+        description="Quantize the frozen base's block Linears for LoRA training (QLoRA-style; the adapter stays "
+        "float32 and its file loads on the unquantized base): int8 / float8 weight-only through torchao (float8: "
+        "CUDA only), nf4 through bitsandbytes (CUDA only). Needs train_mode: lora.",
+    )

@@ -160,8 +160,52 @@ class LoraConfig(Section):
         "docs/models.md), or a list of Linear module names / regexes (each also matches as a name suffix).",
     )
     init: Literal["gaussian", "default"] = Field(
-        "gaussian", description="LoRA A init (B starts at zero either way): gaussian, or peft's default (Kaiming)."
+        "gaussian",
+        description="LoRA A init (B starts at zero either way): gaussian, or peft's default (Kaiming). lora / dora "
+        "only: loha and lokr always use peft's init (one factor zero, so training starts at the base model).",
     )
+    kind: Literal["lora", "loha", "lokr", "dora"] = Field(
+        "lora",
+        description="Adapter kind, all through peft (docs/training.md, Adapter kinds): lora (B·A); loha (Hadamard "
+        "product of two low-rank products); lokr (Kronecker product, one factor low-rank); dora (LoRA plus a learned "
+        "per-row magnitude). rank and alpha apply to every kind (scale alpha / rank).",
+    )
+    decompose_factor: int = Field(
+        -1,
+        description="lokr only: the Kronecker product's first factor size along each dimension, passed to peft, "
+        "which splits each layer width into two factors with it (-1: factors near the square root).",
+    )
+    decompose_both: bool = Field(
+        False, description="lokr only: also make the Kronecker product's first (small) factor low-rank."
+    )
+    rank_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="loha / lokr only: dropout of whole rank components of the update."
+    )
+    module_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="loha / lokr only: probability of skipping a module's update in a step."
+    )
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> LoraConfig:
+        """An option of another adapter kind would be silently ignored: refuse a non-default value, naming the kind
+        it belongs to (defaults pass, so a run's dumped config.yaml validates again)."""
+        own = {
+            "dropout": ("lora", "dora"),
+            "init": ("lora", "dora"),
+            "decompose_factor": ("lokr",),
+            "decompose_both": ("lokr",),
+            "rank_dropout": ("loha", "lokr"),
+            "module_dropout": ("loha", "lokr"),
+        }
+        for key, kinds in own.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.kind not in kinds:
+                raise ValueError(
+                    f"lora.{key} is an option of lora.kind {' / '.join(kinds)}, not of {self.kind!r}; remove it"
+                    + (" (loha / lokr have rank_dropout and module_dropout)" if key == "dropout" else "")
+                )
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"lora.decompose_factor must be -1 or a positive divisor, got {self.decompose_factor}")
+        return self
 
 
 class TimestepConfig(Section):
@@ -529,6 +573,11 @@ class FlowtrainConfig(Section):
                 f"model.dtype={dtype} with train_mode=lora needs train.mixed_precision={needed} (the frozen "
                 f"{dtype} base and the fp32 LoRA weights only meet under autocast), got {mp!r}; set "
                 f"train.mixed_precision: {needed} (or auto), or model.dtype: float32"
+            )
+        if self.model.quantize != "none" and self.train_mode != "lora":
+            raise ValueError(
+                f"model.quantize={self.model.quantize} needs train_mode: lora (a quantized base is frozen; a full "
+                "fine-tune trains every weight in float32): set model.quantize: none, or train_mode: lora"
             )
         name, builtin = self.loss.name, ("flow_matching", "prior_preservation", "distillation")
         if name == "prior_preservation" and not self.dataset.class_cache_dir:

@@ -360,12 +360,39 @@ def load_lora(pipe: Any, path: str, model: str = "") -> None:
     diffusers-format file that names modules the transformer lacks (peft would drop them silently)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from flowtrain.weights_check import check_lora_applied, lora_file, lora_modules, safetensors_keys
+    from flowtrain.weights_check import adapter_kind, check_lora_applied, lora_file, lora_modules, safetensors_keys
 
-    pipe.load_lora_weights(path, use_safetensors=True)
-    wanted = lora_modules(safetensors_keys(lora_file(path), "--lora"))
+    file = lora_file(path)
+    if adapter_kind(file) == "loha":  # diffusers 0.42 loads LoRA, DoRA and LoKr files itself, but not LoHa
+        load_adapter_with_peft(pipe.transformer, file)
+    else:
+        pipe.load_lora_weights(path, use_safetensors=True)
+    # The injected adapter modules start in training mode, so a LoRA trained with dropout (lora.dropout,
+    # rank_dropout, module_dropout) would drop activations while sampling; inference is eval mode.
+    pipe.transformer.eval()
+    wanted = lora_modules(safetensors_keys(file, "--lora"))
     adapted = {name for name, m in pipe.transformer.named_modules() if isinstance(m, BaseTunerLayer)}
     check_lora_applied(path, model, wanted, adapted)
+
+
+def load_adapter_with_peft(transformer: torch.nn.Module, path: Path, adapter_name: str = "default_0") -> None:
+    """Load a diffusers-format adapter file of any peft kind into `transformer` through peft itself: the peft
+    config saved in the file's header (`lora_adapter_metadata`) is injected, then the tensors are set. For kinds
+    diffusers' `load_lora_weights` does not read (LoHa); this is also how to load such a file by hand."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from flowtrain.weights_check import adapter_metadata
+
+    meta = adapter_metadata(path)
+    if not meta:
+        raise ValueError(f"{path}: a LoHa / LoKr file needs its adapter config (lora_adapter_metadata) in the header")
+    inject_adapter_in_model(PeftConfig.from_peft_type(**meta), transformer, adapter_name=adapter_name)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} tensors fit no adapter module, e.g. {unexpected[:3]}")
 
 
 # ---- tiny pipelines -----------------------------------------------------------------------------------------------

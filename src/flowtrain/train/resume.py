@@ -34,7 +34,11 @@ def essentials(cfg: FlowtrainConfig, cache_id: str, transformer_id: dict[str, st
         "family": cfg.model.family,
         "transformer": transformer_id,
         "train_mode": cfg.train_mode,
-        "lora": [cfg.lora.rank, cfg.lora.effective_alpha, cfg.lora.targets] if cfg.train_mode == "lora" else None,
+        # the kind only when it is not plain LoRA, so checkpoints written before lora.kind existed still resume
+        "lora": [cfg.lora.rank, cfg.lora.effective_alpha, cfg.lora.targets]
+        + ([cfg.lora.kind] if cfg.lora.kind != "lora" else [])
+        if cfg.train_mode == "lora"
+        else None,
         "cache_fingerprint": cache_id,
     }
 

@@ -12,6 +12,7 @@ import torch
 from flowtrain.config.schema import FlowtrainConfig
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import ModelFamily, ModelPathError
+from flowtrain.train.quantize import check_quantize, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -74,41 +75,67 @@ def check_lora_targets(model: torch.nn.Module, targets: str | list[str], presets
     return modules
 
 
+_KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def adapter_config(lora: Any, target_regex: str) -> Any:
+    """The peft config of `lora:` (a `LoraConfig` section) for its `kind`: peft's LoraConfig (lora; dora with
+    use_dora), LoHaConfig or LoKrConfig. rank / alpha mean the same for every kind (scale alpha / rank)."""
+    import peft
+
+    if lora.kind in ("lora", "dora"):
+        kw = {"use_dora": True} if lora.kind == "dora" else {}  # kept out for lora: the config stays as it was
+        return peft.LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.effective_alpha,
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+            target_modules=target_regex,
+            **kw,
+        )
+    common = dict(r=lora.rank, alpha=lora.effective_alpha, rank_dropout=lora.rank_dropout,
+                  module_dropout=lora.module_dropout, target_modules=target_regex)  # fmt: skip
+    if lora.kind == "loha":
+        return peft.LoHaConfig(**common)
+    return peft.LoKrConfig(**common, decompose_factor=lora.decompose_factor, decompose_both=lora.decompose_both)
+
+
 def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict[str, list[str]]) -> Any:
-    """Freeze the base, add a peft LoRA adapter on the configured targets; returns the peft LoraConfig.
+    """Freeze the base, add a peft adapter of `lora.kind` on the configured targets; returns its peft config.
 
     Targets are checked before `add_adapter`: a failed add_adapter leaves the model half-configured.
     """
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
+
+    from flowtrain.train.quantize import quiet_adapter_setup
 
     regex = lora_target_regex(cfg.lora.targets, presets)
     modules = check_lora_targets(transformer, cfg.lora.targets, presets)
     transformer.requires_grad_(False)
-    lora_cfg = LoraConfig(
-        r=cfg.lora.rank,
-        lora_alpha=cfg.lora.effective_alpha,
-        lora_dropout=cfg.lora.dropout,
-        init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
-        target_modules=regex,
-    )
-    transformer.add_adapter(lora_cfg)
+    lora_cfg = adapter_config(cfg.lora, regex)
+    with quiet_adapter_setup():
+        transformer.add_adapter(lora_cfg)
     # LoRA weights train in fp32 even when the frozen base is bf16 (diffusers' recipe).
     cast_training_params(transformer, dtype=torch.float32)
     n_train = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in transformer.parameters())
     log.info(
-        "LoRA rank %d on %d Linear modules (lora.targets=%r): %d trainable parameters (%.3f%% of %d)",
-        cfg.lora.rank, len(modules), cfg.lora.targets, n_train, 100.0 * n_train / n_all, n_all,
+        "%s rank %d on %d Linear modules (lora.targets=%r): %d trainable parameters (%.3f%% of %d)",
+        _KIND_NAMES[cfg.lora.kind], cfg.lora.rank, len(modules), cfg.lora.targets, n_train,
+        100.0 * n_train / n_all, n_all,
     )  # fmt: skip
     return lora_cfg
 
 
 def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.nn.Module, Any]:
-    """Load the transformer and make it trainable. Returns (transformer, peft LoraConfig or None)."""
+    """Load the transformer (its block Linears quantized with model.quantize) and make it trainable. Returns
+    (transformer, the peft adapter config, or None for a full fine-tune)."""
     # Full fine-tune keeps fp32 master weights (autocast does the low-precision compute); LoRA freezes the
     # base in model.dtype.
     dtype = torch.float32 if cfg.train_mode == "full" else torch_dtype(cfg.model.dtype)
+    if cfg.model.quantize != "none":  # before loading: a run that cannot use it fails at once
+        check_quantize(cfg.model.quantize, train_mode=cfg.train_mode, lora_kind=cfg.lora.kind,
+                       cuda=torch.cuda.is_available())  # fmt: skip
     try:
         transformer = family.load_transformer(cfg.model, dtype=dtype, weights=cfg.model.dit)
     except ModelPathError:
@@ -126,6 +153,7 @@ def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.
         enable_checkpointing(transformer, cfg.train.gradient_checkpointing, swapped=cfg.train.blocks_to_swap)
     lora_cfg = None
     if cfg.train_mode == "lora":
+        quantize_base(transformer, cfg.model.quantize)  # before the adapters: peft wraps the quantized Linears
         lora_cfg = apply_lora(transformer, cfg, family.lora_presets)
     else:
         transformer.requires_grad_(True)
