@@ -197,3 +197,12 @@ def test_memory_savers_leave_the_losses_bitwise(qwen_dir, cache, tmp_path):
         runs[name] = (result.losses, load_file(tmp_path / name / "pytorch_lora_weights.safetensors"))
     assert runs["savers"][0] == runs["plain"][0]
     assert all(torch.equal(runs["savers"][1][k], v) for k, v in runs["plain"][1].items())
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_adapter_kinds_train_and_resume_exactly(qwen_dir, cache, tmp_path, kind):
+    """Every `lora.kind` (issue 19) on Qwen-Image's modules: 4 steps straight == 2, resume, 2 more, bitwise."""
+    extra = {"lora": {"kind": kind, "rank": 4, "targets": "attention"}, "train": {"max_steps": 4},
+             "checkpoint": {"every_steps": 2, "keep_last": None}}  # fmt: skip
+    straight, interrupted = (_cfg(qwen_dir, cache, tmp_path / d, **extra) for d in "ab")
+    assert_resume_exact(straight, interrupted, stop=2)
