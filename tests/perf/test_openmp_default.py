@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,14 +47,24 @@ def _openmp_settings(tmp_path, **env: str) -> dict[str, str]:
     return settings
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has had so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.fixture
 def competing_process():
-    """A process that keeps one core busy, as another user's job would."""
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    time.sleep(1.0)  # let it start spinning, and the scheduler settle its share
+    """Other processes that keep every core busy, as other users' jobs would; yielded once each has been running
+    (a fixed sleep was not enough on a loaded machine: a slow interpreter start left the cores free)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))]
+    deadline = time.monotonic() + 60
+    while any(_cpu_seconds(h.pid) < 0.3 for h in hogs) and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield
-    hog.kill()
-    hog.wait()
+    for h in hogs:
+        h.kill()
+        h.wait()
 
 
 def test_the_decision():
@@ -69,8 +80,8 @@ def test_the_decision():
 
 
 def test_a_competing_process_is_measured(competing_process):
-    """One busy process takes a share of the cores torch would use (cores/(cores+1) ≥ 0.5 of a core if the
-    scheduler shares fairly), which the forked probes observe as CPU time they did not get."""
+    """A busy process on every core takes about half of each core from the forked probes (a fair scheduler),
+    which they observe as CPU time they did not get."""
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
         pytest.skip("one core: OpenMP has no second thread to wait")
