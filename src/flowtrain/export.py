@@ -1,7 +1,7 @@
 """`flowtrain export`: a trained LoRA or full fine-tune written in the layout another tool loads (docs/export.md).
 
 flowtrain trains on diffusers' module layout and saves there. Other tools (ComfyUI; the model makers' own code)
-use the checkpoint's original layout, where some diffusers Linears are one fused Linear (FLUX's q/k/v → `qkv`) and
+use the checkpoint's original layout, where some diffusers Linears are one fused Linear (e.g. q/k/v → `qkv`) and
 some weights order their rows differently (the final AdaLN modulation: (shift, scale) vs diffusers' (scale,
 shift)). This module holds the generic part:
 
@@ -266,9 +266,9 @@ def lora_to_original(modules: Mapping[str, Branch], layout: Layout) -> dict[str,
 
 def weights_to_original(state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """A full diffusers transformer state dict → the original layout's (the inverse of diffusers' single-file
-    checkpoint converter for the family): renamed, q/k/v (and FLUX.1's MLP input) concatenated by rows (weights
-    (out_i, in) → (Σ out_i, in), biases (out_i,) → (Σ out_i,)), the final modulation's halves swapped, norm scales
-    renamed. Tensors that are only renamed are the same objects (no copy)."""
+    checkpoint converter for the family): renamed, fused inputs (q/k/v, or q/k/v plus an MLP input) concatenated
+    by rows (weights (out_i, in) → (Σ out_i, in), biases (out_i,) → (Σ out_i,)), the final modulation's halves
+    swapped, norm scales renamed. Tensors that are only renamed are the same objects (no copy)."""
     import torch
 
     if layout.identity:
