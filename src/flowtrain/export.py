@@ -594,3 +594,21 @@ def export_run(run_dir: str | Path, formats: Sequence[str], family: str) -> list
     """`export.formats` at the end of training: every listed format of the run's final weights, replacing the
     previous export of a resumed run (derived files of the same run)."""
     return [export(run_dir, fmt, family=family, overwrite=True) for fmt in formats]
+
+
+def double_block_qkv(widths: Callable[[int], tuple[int, ...]]) -> tuple[ModuleMap, ModuleMap]:
+    """The two fused q/k/v maps of a double-stream block that diffusers' MMDiT naming (`attn.to_q` …,
+    `attn.add_q_proj` …) and the original `double_blocks.{i}.{img,txt}_attn.qkv` share: one table entry each,
+    written once for every family with that layout. `widths(hidden)` gives the rows of q, k and v."""
+    block = "transformer_blocks.{i}.attn"
+    return (
+        ModuleMap(
+            (f"{block}.to_q", f"{block}.to_k", f"{block}.to_v"), "double_blocks.{i}.img_attn.qkv", "fuse", widths
+        ),
+        ModuleMap(
+            (f"{block}.add_q_proj", f"{block}.add_k_proj", f"{block}.add_v_proj"),
+            "double_blocks.{i}.txt_attn.qkv",
+            "fuse",
+            widths,
+        ),
+    )

@@ -10,7 +10,7 @@ swapped.
 
 from __future__ import annotations
 
-from flowtrain.export import Layout, ModuleMap
+from flowtrain.export import Layout, ModuleMap, double_block_qkv
 
 
 def _qkv(width: int) -> tuple[int, int, int]:
@@ -26,26 +26,7 @@ def _linear1(width: int) -> tuple[int, int, int, int]:
 _S = "single_transformer_blocks.{i}"
 LAYOUT = Layout(
     modules=(
-        ModuleMap(
-            (
-                "transformer_blocks.{i}.attn.to_q",
-                "transformer_blocks.{i}.attn.to_k",
-                "transformer_blocks.{i}.attn.to_v",
-            ),
-            "double_blocks.{i}.img_attn.qkv",
-            "fuse",
-            _qkv,
-        ),
-        ModuleMap(
-            (
-                "transformer_blocks.{i}.attn.add_q_proj",
-                "transformer_blocks.{i}.attn.add_k_proj",
-                "transformer_blocks.{i}.attn.add_v_proj",
-            ),
-            "double_blocks.{i}.txt_attn.qkv",
-            "fuse",
-            _qkv,
-        ),
+        *double_block_qkv(_qkv),
         ModuleMap(("transformer_blocks.{i}.attn.to_out.0",), "double_blocks.{i}.img_attn.proj"),
         ModuleMap(("transformer_blocks.{i}.attn.to_add_out",), "double_blocks.{i}.txt_attn.proj"),
         ModuleMap(("transformer_blocks.{i}.ff.net.0.proj",), "double_blocks.{i}.img_mlp.0"),
