@@ -52,6 +52,7 @@ rc = main(sys.argv[1:])
 ours = [f for f in importers if f.startswith(os.path.dirname(flowtrain.__file__) + os.sep)]
 assert not ours, f"flowtrain imported mlflow in the training process: {ours}"
 assert "mlflow.store.tracking.sqlalchemy_store" not in sys.modules, "an MLflow store was opened in the trainer"
+assert "matplotlib" not in sys.modules, "the end-of-run graphs were drawn in the trainer, not by the MLflow process"
 sys.exit(rc)
 """
 
@@ -114,6 +115,9 @@ def test_child_process_record_equals_in_process_record(tiny_pipeline_dir, tiny_c
     assert new["tags"] == old["tags"]
     assert new["artifacts"] == old["artifacts"]
     assert {"pytorch_lora_weights.safetensors", "samples/step000004_grid.png", "graphs/loss.png"} <= new["artifacts"]
+    assert sorted(p.name for p in (tmp_path / "async" / "graphs").iterdir()) == sorted(
+        p.name for p in (tmp_path / "sync" / "graphs").iterdir()
+    )
     assert new["metrics"].keys() == old["metrics"].keys()
     assert [s for s, _ in new["metrics"]["loss"]] == [1, 2, 3, 4]
     for key, history in new["metrics"].items():  # a σ-bin without samples at a step is left out, in both

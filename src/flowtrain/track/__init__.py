@@ -93,6 +93,24 @@ def open_tracking(
     return tracker
 
 
+def _plot_here(out: Path) -> None:
+    from flowtrain.track.plots import plot_run
+
+    try:
+        plot_run(out)
+    except Exception as e:  # graphs are a convenience; never fail a finished training over them
+        log.warning("could not write graphs: %s (run `flowtrain plot %s` to retry)", e, out)
+
+
+def _graph_drawer(tracker: MultiTracker) -> Any | None:
+    """The MLflow child, when it is the only backend that stores artifacts (JSONL stores none); else None."""
+    from flowtrain.track.mlflow_process import MlflowProcessTracker
+
+    child = tracker.get(MlflowProcessTracker)
+    others = [t for t in tracker.trackers if not isinstance(t, (JsonlTracker, MlflowProcessTracker))]
+    return child if child is not None and not others else None
+
+
 def _open_mlflow(t: Any, out: Path, resume_step: int | None, started: Any) -> Tracker:
     """MLflow in a child process (default; see `track/mlflow_process.py` for why), or in this one."""
     args = {"uri": t.uri, "experiment_name": t.experiment_name, "run_name": t.run_name, "resume_step": resume_step}
@@ -120,20 +138,26 @@ def finish_tracking(
     status: str = "FINISHED",
 ) -> None:
     """End of training (main process; a no-op elsewhere): graphs into `{output_dir}/graphs/`, then the weights
-    (`weights`: the LoRA file or transformer folder, if exported), config and graphs as artifacts; closes the run."""
-    from flowtrain.track.plots import plot_run
+    (`weights`: the LoRA file or transformer folder, if exported), config and graphs as artifacts; closes the run.
 
+    With MLflow in its child process and no other artifact store, the child draws the graphs (and logs them): it
+    imported matplotlib while training left it idle, and the training process never holds matplotlib's ~40 MiB.
+    `close` waits for it, so `graphs/` is complete when this returns, as with the in-process path."""
     out = Path(output_dir)
     if not tracker.trackers:
         return
-    try:
-        if graphs:
-            plot_run(out)
-    except Exception as e:  # graphs are a convenience; never fail a finished training over them
-        log.warning("could not write graphs: %s (run `flowtrain plot %s` to retry)", e, out)
+    drawer = _graph_drawer(tracker) if graphs else None
+    if graphs and drawer is None:
+        _plot_here(out)
     if log_weights and weights is not None and weights.exists():
         tracker.log_artifact(weights)
     tracker.log_artifact(out / "config.yaml")
-    if (out / "graphs").is_dir():
+    if drawer is not None:
+        try:
+            drawer.draw_graphs(out)
+        except Exception as e:  # the child is gone: draw here instead (MLflow gets no graphs then; JSONL is complete)
+            log.warning("the MLflow process could not draw the graphs (%s); drawing them here", e)
+            _plot_here(out)
+    elif (out / "graphs").is_dir():
         tracker.log_artifact(out / "graphs", "graphs")
     tracker.close(status)

@@ -13,9 +13,9 @@ The child is started early (`flowtrain.track.start_tracking`, before the model l
 
 Protocol: one JSON object per line on the child's stdin, in call order: `warm` (optional: the store URI), `open`
 (the MlflowTracker arguments and the log level), then `log_params` / `log_metrics` / `log_images` / `log_artifact`,
-then `close`. The child answers nothing; it exits 0 after `close`. Metrics are batched there (`MlflowTracker.flush`,
-at most ~2 s behind), with the timestamps the training process took, so the record is the one
-`tracking.mlflow_async: false` writes.
+then `draw_graphs` (optional: the end-of-run graphs, drawn and logged here) and `close`. The child answers
+nothing; it exits 0 after `close`. Metrics are batched there (`MlflowTracker.flush`, at most ~2 s behind), with
+the timestamps the training process took, so the record is the one `tracking.mlflow_async: false` writes.
 
 Lifetimes (nothing outlives the trainer, and nothing is lost that reached the pipe):
   - `close()` (end of training, or `atexit` after an exception: status FAILED) sends `close` and waits for the
@@ -121,6 +121,10 @@ class MlflowProcessTracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._send("log_artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def draw_graphs(self, output_dir: Path) -> None:
+        """Have the child write `{output_dir}/graphs/` (`flowtrain plot`) and log it as the `graphs` artifact."""
+        self._send("draw_graphs", output_dir=str(Path(output_dir).resolve()))
 
     def close(self, status: str = "FINISHED") -> None:
         """Send `close` and wait until the child has written everything and ended the run."""
@@ -287,12 +291,17 @@ def serve(stream: BinaryIO) -> int:
         return 1
     log.debug("MLflow run %s%s (%s)", tracker.run_id, " (resumed)" if tracker.resumed else "", out / RUN_FILE)
     orphaned = False
+    drawing_ready = False
     while True:
         try:
             line = lines.get(timeout=max(0.01, min(_POLL_S, tracker.flush_due_in())))
         except queue.Empty:
             if tracker.flush_due_in() <= 0:
                 tracker.flush()
+            if not drawing_ready:  # the end-of-run graphs' import (~1 s), done while training leaves the child idle
+                drawing_ready = True
+                import matplotlib.backends.backend_agg  # noqa: F401
+                import matplotlib.figure  # noqa: F401
             if os.getppid() != parent and not orphaned:  # the trainer is gone; a forked worker holds the pipe
                 orphaned = True
                 _exit_after(_DRAIN_S)
@@ -334,9 +343,12 @@ def _warm(uri: str) -> None:
     schema migrations. A failure is left for `open` to report."""
     from mlflow.tracking import MlflowClient
 
+    from flowtrain.track.mlflow_store import seed_local_store
+
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with contextlib.suppress(Exception):
+        seed_local_store(uri)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
@@ -350,6 +362,13 @@ def _apply(tracker: Any, op: str, msg: dict[str, Any]) -> None:
         tracker.log_images(msg["step"], {k: Path(p) for k, p in msg["images"].items()})
     elif op == "log_artifact":
         tracker.log_artifact(Path(msg["path"]), msg["artifact_path"])
+    elif op == "draw_graphs":
+        from flowtrain.track import _plot_here
+
+        out = Path(msg["output_dir"])
+        _plot_here(out)
+        if (out / "graphs").is_dir():
+            tracker.log_artifact(out / "graphs", "graphs")
     else:
         raise ValueError(f"unknown message {op!r}")
 

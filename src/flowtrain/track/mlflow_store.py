@@ -64,6 +64,59 @@ def param_value(v: Any) -> str:
     return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
 
 
+def _template_path() -> Path:
+    """Where the empty store for the installed MLflow is kept: one file per MLflow version (its schema)."""
+    import mlflow.version
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowtrain" / "mlflow-store"
+    return root / f"empty-{mlflow.version.VERSION}.db"
+
+
+def seed_local_store(uri: str) -> bool:
+    """Create a new SQLite store as a copy of an empty, fully migrated one; True if it did.
+
+    Why: MLflow creates a SQLite store by running its whole chain of schema migrations (~60 of them): 2-4 s of CPU
+    at every new run dir, i.e. at the end of a short run that waits for its MLflow process. The migrated schema is
+    the same for every store of one MLflow version, so it is built once per version (by MLflow itself) and copied.
+    The template holds no experiment: MLflow, opening the copy, creates its Default experiment as it would in a
+    new store (with the artifact root it would use), so the copy is what MLflow would have made. Only a missing
+    file is seeded; any failure leaves MLflow to create the store the usual way.
+    """
+    if not uri.startswith("sqlite:///"):
+        return False
+    db = Path(uri[len("sqlite:///") :])
+    if db.exists():
+        return False
+    import shutil
+    import sqlite3
+    import tempfile
+
+    try:
+        template = _template_path()
+        if not template.exists():
+            from mlflow.tracking import MlflowClient
+
+            template.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+                fresh = Path(tmp) / "mlflow.db"
+                MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+                con = sqlite3.connect(fresh)
+                with con:  # the Default experiment names the directory it was made in: MLflow remakes it per copy
+                    con.execute("DELETE FROM experiment_tags")
+                    con.execute("DELETE FROM experiments")
+                con.execute("VACUUM")
+                con.close()
+                os.replace(fresh, template)  # atomic: a concurrent run copies a complete template or none
+        db.parent.mkdir(parents=True, exist_ok=True)
+        part = db.with_name(db.name + ".part")
+        shutil.copyfile(template, part)
+        os.replace(part, db)
+        return True
+    except Exception as e:  # an unwritable cache or a template MLflow refuses: the usual (slower) way
+        log.debug("mlflow: not seeding %s from a template (%s)", db, e)
+        return False
+
+
 class MlflowTracker:
     """Logs to one MLflow run; see the module docstring for where things go."""
 
@@ -84,6 +137,7 @@ class MlflowTracker:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         out = Path(output_dir).resolve()
         self.uri = uri or local_store_uri(out)
+        seed_local_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(experiment_name, None if uri else (out / "mlartifacts").as_uri())
         self._run_file = out / RUN_FILE
