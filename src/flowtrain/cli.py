@@ -75,9 +75,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from flowtrain.data.prepare import prepare, summary
     from flowtrain.outputs import output_slot
 
+    src = _source(args)
     with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
         report = prepare(
-            args.src,
+            src,
             args.out,
             resolution=args.resolution,
             shard_size=args.shard_size,
@@ -88,6 +89,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
         print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
     return 0
+
+
+def _source(args: argparse.Namespace) -> str:
+    """SRC with the HF dataset options of `_source_flags` folded into it (flowtrain.data.sources_hf)."""
+    from flowtrain.data.sources_hf import with_options
+
+    return with_options(args.src, split=args.split, image=args.image_column, caption=args.caption_column)
+
+
+def _source_flags(parser: argparse.ArgumentParser) -> None:
+    """SRC, and the options of a Hugging Face dataset source, for every verb that reads a source."""
+    parser.add_argument(
+        "src",
+        type=_path,
+        help="folder, .tsv, .jsonl, .parquet, WebDataset .tar shards (a .tar, shards-{000..099}.tar, 'shards/*.tar'), "
+        "a Hugging Face dataset (save_to_disk folder or hf-dataset:NAME); each may be an fsspec URL (s3://, gs://, "
+        "hf://, ...)",
+    )
+    hf = parser.add_argument_group("Hugging Face dataset sources")
+    hf.add_argument("--image-column", help="image column (default: the first of image, img, jpg, png, webp)")
+    hf.add_argument("--caption-column", help="caption column (default: the first of caption, text, prompt, txt)")
+    hf.add_argument("--split", help="split to read (default: train, or the only one a saved folder holds)")
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -386,10 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="images + captions → raw Parquet shards",
         description="Read a folder (image + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
-        "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
-        "skipped items.",
+        "manifest (image, caption), a Parquet file, WebDataset shards or a Hugging Face dataset, locally or at an "
+        "fsspec URL; write raw shards, a manifest and a report of skipped items (docs/prepare.md).",
     )
-    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet")
+    _source_flags(s)
     s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
     _overwrite_flag(s)
     s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
