@@ -113,6 +113,18 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
     hf.add_argument("--split", help="split to read (default: train, or the only one a saved folder holds)")
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from flowtrain.inspect import inspect_dataset, summary
+
+    report = inspect_dataset(
+        _source(args), trigger=args.trigger, resolution=args.resolution, dedup=not args.no_dedup,
+        dup_distance=args.dup_distance, progress=not args.quiet, out=args.out,
+    )  # fmt: skip
+    print(summary(report))
+    print(f"report: {Path(args.out) / 'inspect_report.json'}, histogram: {Path(args.out) / 'inspect_histogram.png'}")
+    return 0
+
+
 def cmd_precompute(args: argparse.Namespace) -> int:
     from flowtrain.data.precompute import precompute
     from flowtrain.outputs import cache_is_finished, output_slot
@@ -430,6 +442,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser(
+        "inspect",
+        help="report a dataset's problems, sizes, captions and near-duplicates",
+        description="Read a source (anything `prepare` reads) or a prepared raw folder and report: corrupt images, "
+        "missing or empty captions, a resolution and aspect-ratio histogram, caption lengths, the trigger word's "
+        "coverage and near-duplicates by perceptual hash. Writes inspect_report.json and inspect_histogram.png into "
+        "--out and prints a summary. Image sizes come from file headers; only hashing decodes (JPEGs at reduced "
+        "scale). See docs/prepare.md.",
+    )
+    _source_flags(s)
+    s.add_argument("--out", type=_path, required=True, help="folder for inspect_report.json and inspect_histogram.png")
+    s.add_argument("--trigger", help="report how many captions contain this word")
+    s.add_argument("--resolution", type=_positive_int, help="training resolution: count images smaller than it")
+    s.add_argument("--no-dedup", action="store_true", help="skip perceptual hashing: read image headers only")
+    s.add_argument(
+        "--dup-distance", type=int, default=4, choices=range(64), metavar="BITS",
+        help="pHash bits two images may differ by and still count as near-duplicates (default 4 of 64)",
+    )  # fmt: skip
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser(
         "precompute",
         help="raw shards → VAE latents + text embeddings cache",
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
@@ -594,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Verbs that never run torch's OpenMP: no need to look at the machine's load for them.
-_NO_TORCH_COMPUTE = frozenset({"check", "plot"})
+_NO_TORCH_COMPUTE = frozenset({"check", "plot", "inspect"})
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
