@@ -125,6 +125,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from flowtrain.caption import Captioner, caption_source, summary
+
+    src = _source(args)
+    captioner = Captioner(
+        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    )
+    report = caption_source(
+        src, captioner, jsonl=args.jsonl, trigger=args.trigger, prefix=args.prefix, suffix=args.suffix,
+        overwrite=args.overwrite_captions, batch_size=args.batch_size, progress=not args.quiet,
+    )  # fmt: skip
+    print(summary(report, src))
+    for failed in report.failed_items[:10]:
+        print(f"  failed: {failed['key']}: {failed['reason']}")
+    return 0
+
+
 def cmd_precompute(args: argparse.Namespace) -> int:
     from flowtrain.data.precompute import precompute
     from flowtrain.outputs import cache_is_finished, output_slot
@@ -461,6 +478,36 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser(
+        "caption",
+        help="write captions for uncaptioned images with an image-to-text model",
+        description="Caption the images of a source with a transformers image-to-text or vision-language model "
+        "(BLIP, GIT, Florence-2, Qwen2.5-VL, ...: any that AutoModelForImageTextToText loads). Only images without "
+        "a caption are captioned unless --overwrite-captions. Writes IMAGE.txt beside each image (folder sources) "
+        "or one JSONL (--jsonl). A rerun continues where an interrupted one stopped. See docs/prepare.md.",
+    )
+    _source_flags(s)
+    s.add_argument("--model", required=True, help="Hub name or local folder (Salesforce/blip-image-captioning-large)")
+    s.add_argument("--jsonl", type=_path, help="write {key, image, caption, generated} lines here, not sidecar .txt")
+    s.add_argument("--trigger", help="trigger word; with it --prefix defaults to '{trigger}, '")
+    s.add_argument("--prefix", help="text before each generated caption; {trigger} is replaced")
+    s.add_argument("--suffix", default="", help="text after each generated caption; {trigger} is replaced")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument(
+        "--missing-only", dest="overwrite_captions", action="store_false",
+        help="caption only images without a (non-empty) caption (the default)",
+    )  # fmt: skip
+    which.add_argument(
+        "--overwrite-captions", action="store_true", help="caption every image, replacing existing captions"
+    )
+    s.add_argument("--prompt", help="instruction or text prefix for the model (e.g. Florence-2's <DETAILED_CAPTION>)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=60, help="caption length limit (default 60)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="images per generate call (default 8)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_caption, overwrite_captions=False)  # not store_false's True: never overwrite unasked
 
     s = sub.add_parser(
         "precompute",
