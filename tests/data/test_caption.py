@@ -171,3 +171,20 @@ def test_cli(captioner, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not both
         main([*argv, "--missing-only", "--overwrite-captions"])
     assert "not allowed with argument --missing-only" in capsys.readouterr().err
+
+
+def test_sidecars_on_an_fsspec_folder(captioner):
+    """A folder at a URL (fsspec's in-memory store): sidecars are written there; a non-UTF-8 caption is kept."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/cap-test/a.png", png(1))
+    fs.pipe_file("/cap-test/b.png", png(2))
+    fs.pipe_file("/cap-test/b.txt", "café".encode("latin-1"))
+    try:
+        report = caption_source("memory://cap-test", captioner, trigger="sks", progress=False)
+        assert (report.captioned, report.kept, report.failed) == (1, 1, 0)
+        assert fs.cat_file("/cap-test/a.txt").decode().startswith("sks, ")
+        assert fs.cat_file("/cap-test/b.txt") == "café".encode("latin-1")
+    finally:
+        fs.rm("/cap-test", recursive=True)
