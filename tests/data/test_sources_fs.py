@@ -145,3 +145,21 @@ def test_file_url(tmp_path):
 def test_unknown_url_is_refused(memroot):
     with pytest.raises(ValueError, match="does not exist; accepted kinds"):
         detect_kind(f"{memroot}/nothing.tsv")
+
+
+def test_precompute_reads_raw_shards_at_a_url(memroot, tmp_path, tiny_pipeline_dir, tiny_cache):
+    """Raw shards on an fsspec store are encoded as they are locally: the cache equals the local run's, bit for bit."""
+    from flowtrain.data.precompute import precompute
+    from flowtrain.models import get_family
+    from flowtrain.testing.data import DEFAULT_FAMILY, tiny_model
+
+    raw_dir, local_cache = tiny_cache
+    write(memroot, {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()})
+    model = tiny_model(tiny_pipeline_dir, DEFAULT_FAMILY, dtype="float32")
+    resolution = get_family(DEFAULT_FAMILY).tiny_resolution
+    manifest = precompute(memroot, tmp_path / "cache", model, resolution=resolution, batch_size=4, progress=False)
+    assert manifest.source == str(as_path(memroot))
+    local = json.loads((local_cache / "manifest.json").read_text())
+    assert [s["file"] for s in manifest.shards] == [s["file"] for s in local["shards"]]
+    for shard in local["shards"]:
+        assert pq.read_table(tmp_path / "cache" / shard["file"]).equals(pq.read_table(local_cache / shard["file"]))

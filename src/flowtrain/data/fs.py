@@ -15,7 +15,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # `C:\x` must stay a Windows path, so a protocol needs two letters or more.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
@@ -138,6 +141,15 @@ def as_path(src: str | os.PathLike) -> Path | FsPath:
     if isinstance(src, FsPath):
         return src
     return FsPath(str(src)) if is_url(src) else Path(src)
+
+
+def read_table(path: Path | FsPath, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file as a table: pyarrow reads it, through the path's fsspec filesystem for a URL."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, FsPath):
+        return pq.read_table(path.path, columns=columns, filesystem=path.fs)
+    return pq.read_table(path, columns=columns)
 
 
 def describe(src: str | os.PathLike) -> str:

@@ -285,7 +285,7 @@ def source_signature(src: str | Path) -> str:
 def raw_digest(raw_dir: str | Path) -> str:
     """A digest of the raw manifest (shards, row counts, creation time): which prepared data a cache was made from.
     Every prepare run writes a new manifest, so re-prepared shards never pass for the ones a cache was made of."""
-    return hashlib.sha256((Path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((as_path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def reason_kind(reason: str) -> str:
