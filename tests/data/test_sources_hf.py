@@ -102,3 +102,16 @@ def test_cli_column_flags(tmp_path, capsys):
     assert "wrote 2, skipped 2" in capsys.readouterr().out
     assert main(["prepare", str(tmp_path / "raw"), "--split", "x", "--out", str(tmp_path / "o")]) == 2
     assert "--split apply to Hugging Face dataset sources only" in capsys.readouterr().err
+
+
+def test_signature_sees_a_resaved_dataset(tmp_path):
+    from flowtrain.data.prepare import source_signature
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict(rows(), features=features()).save_to_disk(str(folder))
+    src = with_options(str(folder), image="picture", caption="words")
+    before = source_signature(src)
+    datasets.Dataset.from_dict(rows(), features=features()).save_to_disk(str(tmp_path / "ds2"))
+    for f in (tmp_path / "ds2").iterdir():  # new pixels, same keys and captions
+        (folder / f.name).write_bytes(f.read_bytes())
+    assert source_signature(src) != before

@@ -113,3 +113,15 @@ def test_missing_shards_are_named(tmp_path):
         iter_source(str(tmp_path / "shard-{0..1}.tar"))
     with pytest.raises(ValueError, match="no shard matches"):
         iter_source(str(tmp_path / "nothing-*.tar"))
+
+
+def test_signature_sees_a_rewritten_shard(tmp_path):
+    """`train --from` reuses prepared shards on the source signature: new pixels under the same keys must change it."""
+    from flowtrain.data.prepare import source_signature
+
+    (tmp_path / "shard-1.tar").write_bytes(shard1())
+    src = str(tmp_path / "shard-*.tar")
+    before = source_signature(src)
+    assert source_signature(src) == before
+    (tmp_path / "shard-1.tar").write_bytes(shard1())  # same names and captions, new random pixels
+    assert source_signature(src) != before

@@ -27,7 +27,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from flowtrain.data.fs import as_path, describe
-from flowtrain.data.sources import SourceItem, count_items, iter_source
+from flowtrain.data.sources import SourceItem, count_items, iter_source, source_files
 
 # Pillow's own default warns at ~89M pixels and fails at ~179M; we skip above this limit instead.
 MAX_IMAGE_PIXELS = 178_956_970
@@ -254,9 +254,9 @@ class SourceHasher:
 
     def __init__(self, src: str | Path) -> None:
         self._h = hashlib.sha256()
-        src = as_path(src)
-        if src.is_file():  # a TSV / JSONL / Parquet list: its own content (embedded images too) is covered here
-            self._stat(src)
+        # A TSV / JSONL / Parquet list, tar shards, a dataset's Arrow files: their content (embedded images too)
+        for path in source_files(src):
+            self._stat(path)
 
     def _stat(self, path: Path) -> None:
         try:

@@ -117,6 +117,16 @@ def count_items(src: str | Path) -> int:
     return sum(1 for _ in iter_source(src))
 
 
+def source_files(src: str | Path) -> list[Path] | list[FsPath]:
+    """The files that hold the source's items themselves (not a folder's images): the list file, the tar shards,
+    a dataset's Arrow files. What `prepare.SourceHasher` stats to notice a changed source."""
+    extra = _extra_reader(src)
+    if extra is not None:
+        return extra.files(src)
+    path = as_path(src)
+    return [path] if path.is_file() else []
+
+
 def _extra_reader(src: str | Path):
     """The module reading `src` when it is a kind kept in a module of its own (WebDataset shards, HF datasets), else
     None. Each such module has KIND, matches(src), iter_items(src) and count(src); imported here, late, because they

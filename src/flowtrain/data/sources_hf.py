@@ -126,5 +126,10 @@ def _iter(ds: Any, image_col: str, caption_col: str) -> Iterator[SourceItem]:
             row += 1
 
 
+def files(src: str | Path) -> list[Path]:
+    """The dataset's Arrow files (in the saved folder, or in the HF cache for a loaded name)."""
+    return [Path(f["filename"]) for f in load(src)[0].cache_files]
+
+
 def count(src: str | Path) -> int:
     return len(load(src)[0])

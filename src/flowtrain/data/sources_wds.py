@@ -52,6 +52,10 @@ def shard_paths(src: str | Path) -> list[Path] | list[FsPath]:
     return found
 
 
+def files(src: str | Path) -> list[Path] | list[FsPath]:
+    return shard_paths(src)
+
+
 def _open(shard: Path | FsPath):
     return shard.open("rb")
 
