@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flowtrain.data.prepare import SkipItem, _pil_guards, _read_bytes, reason_kind
+from flowtrain.data.prepare import SkipItem, _pil_guards, _read_bytes, reason_kind, to_rgb
 from flowtrain.data.sources import SourceItem, count_items, iter_source
 
 REPORT_NAME = "inspect_report.json"
@@ -169,9 +169,13 @@ def bucket_assignment(sizes: list[tuple[int, int]], resolution: int | None) -> d
 def _phash(im: Image.Image) -> int:
     import imagehash
 
-    if im.format == "JPEG":  # decode at 1/2..1/8 scale: pHash looks at 32x32 anyway
-        im.draft("RGB", (4 * HASH_SIZE * 4, 4 * HASH_SIZE * 4))
-    return int(str(imagehash.phash(im.convert("RGB"), hash_size=HASH_SIZE)), 16)
+    if im.format == "JPEG":
+        # Decode only the luma plane at 1/2..1/8 scale (pHash reads a 32x32 grey image): ~3x faster than a full
+        # decode, and the hash of a 1024 px photo came out the same.
+        im.draft("L", (8 * HASH_SIZE, 8 * HASH_SIZE))
+    elif im.mode not in ("L", "RGB"):
+        im = to_rgb(im)  # transparency on white, 16-bit scaled: as prepare will store it
+    return int(str(imagehash.phash(im, hash_size=HASH_SIZE)), 16)
 
 
 def look_at_image(data: bytes, want_hash: bool) -> tuple[tuple[int, int], int | None]:

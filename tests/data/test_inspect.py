@@ -142,3 +142,33 @@ def test_cli(folder, tmp_path, capsys):
     assert (tmp_path / "inspect_report.json").is_file() and (tmp_path / "inspect_histogram.png").is_file()
     assert main(["inspect", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
     assert "does not exist; accepted kinds" in capsys.readouterr().err
+
+
+def test_webdataset_and_hf_sources(tmp_path):
+    """inspect reads every source kind prepare reads; here a tar shard and a saved HF dataset, each with a corrupt
+    image and a missing caption."""
+    import tarfile
+
+    import datasets
+
+    good, other = encode(smooth(64, 32, seed=21), "JPEG"), encode(smooth(32, 64, seed=22), "PNG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("0.jpg", good), ("0.txt", b"sks one"), ("1.png", other), ("2.jpg", b"\xff\xd8 bad"),
+                           ("2.txt", b"broken")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s-0.tar").write_bytes(buf.getvalue())
+    report = inspect_dataset(str(tmp_path / "s-0.tar"), trigger="sks", progress=False)
+    assert (report["seen"], report["items_ok"], report["corrupt_images"], report["missing_captions"]) == (3, 1, 1, 1)
+    assert report["trigger"]["with"] == 1 and report["images_measured"] == 2
+
+    feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": good, "path": None}, {"bytes": other, "path": None}, {"bytes": b"x", "path": None}],
+         "text": ["sks one", None, "broken"]}, features=feats,
+    )  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "ds"))
+    report = inspect_dataset(tmp_path / "ds", progress=False)
+    assert (report["seen"], report["items_ok"], report["corrupt_images"], report["missing_captions"]) == (3, 1, 1, 1)
