@@ -188,3 +188,21 @@ def test_sidecars_on_an_fsspec_folder(captioner):
         assert fs.cat_file("/cap-test/b.txt") == "café".encode("latin-1")
     finally:
         fs.rm("/cap-test", recursive=True)
+
+
+def test_jsonl_for_a_webdataset_source(captioner, tmp_path):
+    """Sources without files to put sidecars beside (tar shards here) are captioned into a JSONL, by key."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("0.png", png(1)), ("0.txt", b"kept"), ("1.png", png(2)), ("2.png", b"bad")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s-0.tar").write_bytes(buf.getvalue())
+    report = caption_source(str(tmp_path / "s-0.tar"), captioner, jsonl=tmp_path / "c.jsonl", progress=False)
+    assert (report.captioned, report.kept, report.failed) == (1, 1, 1)
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["image"], r["generated"]) for r in records] == [("s-0/0", "s-0.tar:0", False),
+                                                                         ("s-0/1", "s-0.tar:1", True)]  # fmt: skip
