@@ -72,20 +72,20 @@ def _is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from flowtrain.data.fs import is_url
     from flowtrain.data.prepare import prepare, summary
     from flowtrain.outputs import output_slot
 
     src = _source(args)
-    with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
-        report = prepare(
-            src,
-            args.out,
-            resolution=args.resolution,
-            shard_size=args.shard_size,
-            min_size=args.min_size,
-            progress=not args.quiet,
-            keep_duplicates=args.keep_duplicates,
-        )
+    options = dict(resolution=args.resolution, shard_size=args.shard_size, min_size=args.min_size,
+                   progress=not args.quiet, keep_duplicates=args.keep_duplicates)  # fmt: skip
+    if is_url(args.out):  # object storage: staged locally, uploaded when complete (flowtrain.data.remote)
+        from flowtrain.data.remote import prepare_to_url
+
+        report = prepare_to_url(src, args.out, overwrite=args.overwrite, **options)
+    else:
+        with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
+            report = prepare(src, args.out, **options)
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
         print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
     return 0
@@ -442,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         "fsspec URL; write raw shards, a manifest and a report of skipped items (docs/prepare.md).",
     )
     _source_flags(s)
-    s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
+    s.add_argument(
+        "--out", type=_path, required=True,
+        help="output folder for raw shards, or an fsspec URL (s3://bucket/raw: staged locally, uploaded when complete)",
+    )  # fmt: skip
     _overwrite_flag(s)
     s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
     s.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per shard (default 1000)")

@@ -163,3 +163,36 @@ def test_precompute_reads_raw_shards_at_a_url(memroot, tmp_path, tiny_pipeline_d
     assert [s["file"] for s in manifest.shards] == [s["file"] for s in local["shards"]]
     for shard in local["shards"]:
         assert pq.read_table(tmp_path / "cache" / shard["file"]).equals(pq.read_table(local_cache / shard["file"]))
+
+
+def test_prepare_out_to_a_url(memroot, tmp_path, capsys):
+    """prepare --out URL: shards, report and manifest land on the store; a second run needs --overwrite and then
+    replaces the shards, leaving none of the earlier run's behind."""
+    from flowtrain.cli import main
+    from flowtrain.data.precompute import read_raw_manifest
+    from flowtrain.data.remote import prepare_to_url
+
+    local = tmp_path / "imgs"
+    for rel, data in files().items():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    out = f"{memroot}/raw"
+    report = prepare_to_url(local, out, shard_size=1, progress=False)
+    assert report.written == 3
+    fs, base = fsspec.core.url_to_fs(out)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    assert names == ["manifest.json", "prepare_report.json", "raw-00000.parquet", "raw-00001.parquet",
+                     "raw-00002.parquet"]  # fmt: skip
+    assert read_raw_manifest(out)["num_rows"] == 3
+    prepare(local, tmp_path / "raw-local", shard_size=1, progress=False)
+    for i in range(3):
+        remote = pq.read_table(fs.open(f"{base}/raw-{i:05d}.parquet"))
+        assert remote.equals(pq.read_table(tmp_path / "raw-local" / f"raw-{i:05d}.parquet"))
+
+    argv = ["prepare", str(local), "--out", out, "--quiet", "--shard-size", "2"]
+    assert main(argv) == 2
+    assert "holds prepared raw shards already (manifest.json); --overwrite replaces them" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    assert names == ["manifest.json", "prepare_report.json", "raw-00000.parquet", "raw-00001.parquet"]
+    assert [s["rows"] for s in read_raw_manifest(out)["shards"]] == [2, 1]
