@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from flowtrain.data.fs import FsPath, as_path
 from flowtrain.data.prepare import SkipItem, _pil_guards, _read_bytes, reason_kind, to_rgb
 from flowtrain.data.sources import SourceItem, count_items, iter_source
 
@@ -221,21 +222,23 @@ def _examine(item: SourceItem, want_hash: bool) -> _Seen:
 
 
 def _raw_manifest(src: str | Path) -> dict | None:
-    path = Path(str(src)) / "manifest.json"
+    path = as_path(src) / "manifest.json"  # a local folder or an fsspec URL
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("kind") == "flowtrain.raw" else None
 
 
-def _iter_raw(raw_dir: Path, manifest: dict, want_hash: bool) -> Iterator[_Seen]:
+def _iter_raw(raw_dir: Path | FsPath, manifest: dict, want_hash: bool) -> Iterator[_Seen]:
     """Rows of prepared shards: sizes from the width/height columns; image bytes are read only for hashing."""
     import pyarrow.parquet as pq
 
     columns = ["key", "caption", "width", "height"] + (["image"] if want_hash else [])
     for shard in manifest["shards"]:
-        for batch in pq.ParquetFile(raw_dir / shard["file"]).iter_batches(batch_size=64, columns=columns):
+        path = raw_dir / shard["file"]
+        source = path.open("rb") if isinstance(path, FsPath) else path
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=64, columns=columns):
             for row in batch.to_pylist():
                 seen = _Seen(
                     row["key"], f"{shard['file']}:{row['key']}", row["caption"], [], (row["width"], row["height"])
@@ -271,7 +274,7 @@ def inspect_dataset(
     manifest = _raw_manifest(src)
     if manifest is not None:
         kind, total = "raw", manifest["num_rows"]
-        seen_iter = _iter_raw(Path(str(src)), manifest, dedup)
+        seen_iter = _iter_raw(as_path(src), manifest, dedup)
     else:
         items = iter_source(src)  # errors for an unknown source now
         kind, total = "source", count_items(src)

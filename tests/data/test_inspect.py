@@ -99,6 +99,17 @@ def test_raw_folder(folder, tmp_path):
     report = inspect_dataset(tmp_path / "raw", trigger="ohwx", progress=False)
     assert report["kind"] == "raw" and report["seen"] == 5 and report["items_with_problems"] == 0
     assert report["near_duplicates"]["groups"] == [["a", "a_copy", "a_resized"]]
+    # The same raw folder on an fsspec store reads the same.
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in (tmp_path / "raw").iterdir():
+        fs.pipe_file(f"/inspect-raw/{p.name}", p.read_bytes())
+    try:
+        remote = inspect_dataset("memory://inspect-raw", trigger="ohwx", progress=False)
+    finally:
+        fs.rm("/inspect-raw", recursive=True)
+    assert {k: v for k, v in remote.items() if k != "source"} == {k: v for k, v in report.items() if k != "source"}
 
 
 def test_size_comes_from_the_header_only():

@@ -129,7 +129,7 @@ def source_files(src: str | Path) -> list[Path] | list[FsPath]:
 
 def _extra_reader(src: str | Path):
     """The module reading `src` when it is a kind kept in a module of its own (WebDataset shards, HF datasets), else
-    None. Each such module has KIND, matches(src), iter_items(src) and count(src); imported here, late, because they
+    None. Each such module has KIND, matches(src), iter_items(src), count(src) and files(src); imported late: they
     import this module (and their libraries are slow to import)."""
     from flowtrain.data import sources_hf, sources_wds
 
