@@ -51,12 +51,13 @@ def is_prepared(src: str | Path) -> bool:
 
 def raw_is_current(raw_dir: str | Path, src: str | Path, settings: dict[str, Any]) -> tuple[bool, str]:
     """(whether `raw_dir` holds shards prepared from `src` as it is now with `settings`, why)."""
+    from flowtrain.data.fs import describe
     from flowtrain.data.prepare import source_signature
 
     m = _manifest(Path(raw_dir))
     if m is None or m.get("kind") != RAW_KIND:
         return False, "no finished raw shards there"
-    if m.get("source") != str(Path(src).resolve()):
+    if m.get("source") != describe(src):
         return False, f"prepared from {m.get('source')}"
     if m.get("settings") != settings:
         return False, f"prepared with {m.get('settings')}, not {settings}"

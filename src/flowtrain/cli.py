@@ -72,21 +72,73 @@ def _is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------------- verbs
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from flowtrain.data.fs import is_url
     from flowtrain.data.prepare import prepare, summary
     from flowtrain.outputs import output_slot
 
-    with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
-        report = prepare(
-            args.src,
-            args.out,
-            resolution=args.resolution,
-            shard_size=args.shard_size,
-            min_size=args.min_size,
-            progress=not args.quiet,
-            keep_duplicates=args.keep_duplicates,
-        )
+    src = _source(args)
+    options = dict(resolution=args.resolution, shard_size=args.shard_size, min_size=args.min_size,
+                   progress=not args.quiet, keep_duplicates=args.keep_duplicates)  # fmt: skip
+    if is_url(args.out):  # object storage: staged locally, uploaded when complete (flowtrain.data.remote)
+        from flowtrain.data.remote import prepare_to_url
+
+        report = prepare_to_url(src, args.out, overwrite=args.overwrite, **options)
+    else:
+        with output_slot(args.out, "prepare", flag="--out", overwrite=args.overwrite):
+            report = prepare(src, args.out, **options)
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
         print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
+    return 0
+
+
+def _source(args: argparse.Namespace) -> str:
+    """SRC with the HF dataset options of `_source_flags` folded into it (flowtrain.data.sources_hf)."""
+    from flowtrain.data.sources_hf import with_options
+
+    return with_options(args.src, split=args.split, image=args.image_column, caption=args.caption_column)
+
+
+def _source_flags(parser: argparse.ArgumentParser) -> None:
+    """SRC, and the options of a Hugging Face dataset source, for every verb that reads a source."""
+    parser.add_argument(
+        "src",
+        type=_path,
+        help="folder, .tsv, .jsonl, .parquet, WebDataset .tar shards (a .tar, shards-{000..099}.tar, 'shards/*.tar'), "
+        "a Hugging Face dataset (save_to_disk folder or hf-dataset:NAME); each may be an fsspec URL (s3://, gs://, "
+        "hf://, ...)",
+    )
+    hf = parser.add_argument_group("Hugging Face dataset sources")
+    hf.add_argument("--image-column", help="image column (default: the first of image, img, jpg, png, webp)")
+    hf.add_argument("--caption-column", help="caption column (default: the first of caption, text, prompt, txt)")
+    hf.add_argument("--split", help="split to read (default: train, or the only one a saved folder holds)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from flowtrain.inspect import inspect_dataset, summary
+
+    report = inspect_dataset(
+        _source(args), trigger=args.trigger, resolution=args.resolution, dedup=not args.no_dedup,
+        dup_distance=args.dup_distance, progress=not args.quiet, out=args.out,
+    )  # fmt: skip
+    print(summary(report))
+    print(f"report: {Path(args.out) / 'inspect_report.json'}, histogram: {Path(args.out) / 'inspect_histogram.png'}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from flowtrain.caption import Captioner, caption_source, summary
+
+    src = _source(args)
+    captioner = Captioner(
+        args.model, device=args.device, dtype=args.dtype, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    )
+    report = caption_source(
+        src, captioner, jsonl=args.jsonl, trigger=args.trigger, prefix=args.prefix, suffix=args.suffix,
+        overwrite=args.overwrite_captions, batch_size=args.batch_size, progress=not args.quiet,
+    )  # fmt: skip
+    print(summary(report, src))
+    for failed in report.failed_items[:10]:
+        print(f"  failed: {failed['key']}: {failed['reason']}")
     return 0
 
 
@@ -386,11 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="images + captions → raw Parquet shards",
         description="Read a folder (image + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
-        "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
-        "skipped items.",
+        "manifest (image, caption), a Parquet file, WebDataset shards or a Hugging Face dataset, locally or at an "
+        "fsspec URL; write raw shards, a manifest and a report of skipped items (docs/prepare.md).",
     )
-    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet")
-    s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
+    _source_flags(s)
+    s.add_argument(
+        "--out", type=_path, required=True,
+        help="output folder for raw shards, or an fsspec URL (s3://bucket/raw: staged locally, uploaded when complete)",
+    )  # fmt: skip
     _overwrite_flag(s)
     s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
     s.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per shard (default 1000)")
@@ -405,6 +460,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser(
+        "inspect",
+        help="report a dataset's problems, sizes, captions and near-duplicates",
+        description="Read a source (anything `prepare` reads) or a prepared raw folder and report: corrupt images, "
+        "missing or empty captions, a resolution and aspect-ratio histogram, caption lengths, the trigger word's "
+        "coverage and near-duplicates by perceptual hash. Writes inspect_report.json and inspect_histogram.png into "
+        "--out and prints a summary. Image sizes come from file headers; only hashing decodes (JPEGs at reduced "
+        "scale). See docs/prepare.md.",
+    )
+    _source_flags(s)
+    s.add_argument("--out", type=_path, required=True, help="folder for inspect_report.json and inspect_histogram.png")
+    s.add_argument("--trigger", help="report how many captions contain this word")
+    s.add_argument("--resolution", type=_positive_int, help="training resolution: count images smaller than it")
+    s.add_argument("--no-dedup", action="store_true", help="skip perceptual hashing: read image headers only")
+    s.add_argument(
+        "--dup-distance", type=int, default=4, choices=range(64), metavar="BITS",
+        help="pHash bits two images may differ by and still count as near-duplicates (default 4 of 64)",
+    )  # fmt: skip
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser(
+        "caption",
+        help="write captions for uncaptioned images with an image-to-text model",
+        description="Caption the images of a source with a transformers image-to-text or vision-language model "
+        "(BLIP, GIT, Florence-2, Qwen2.5-VL, ...: any that AutoModelForImageTextToText loads). Only images without "
+        "a caption are captioned unless --overwrite-captions. Writes IMAGE.txt beside each image (folder sources) "
+        "or one JSONL (--jsonl). A rerun continues where an interrupted one stopped. See docs/prepare.md.",
+    )
+    _source_flags(s)
+    s.add_argument("--model", required=True, help="Hub name or local folder (Salesforce/blip-image-captioning-large)")
+    s.add_argument("--jsonl", type=_path, help="write {key, image, caption, generated} lines here, not sidecar .txt")
+    s.add_argument("--trigger", help="trigger word; with it --prefix defaults to '{trigger}, '")
+    s.add_argument("--prefix", help="text before each generated caption; {trigger} is replaced")
+    s.add_argument("--suffix", default="", help="text after each generated caption; {trigger} is replaced")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument(
+        "--missing-only", dest="overwrite_captions", action="store_false",
+        help="caption only images without a (non-empty) caption (the default)",
+    )  # fmt: skip
+    which.add_argument(
+        "--overwrite-captions", action="store_true", help="caption every image, replacing existing captions"
+    )
+    s.add_argument("--prompt", help="instruction or text prefix for the model (e.g. Florence-2's <DETAILED_CAPTION>)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=60, help="caption length limit (default 60)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="images per generate call (default 8)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_caption, overwrite_captions=False)  # not store_false's True: never overwrite unasked
 
     s = sub.add_parser(
         "precompute",
@@ -571,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Verbs that never run torch's OpenMP: no need to look at the machine's load for them.
-_NO_TORCH_COMPUTE = frozenset({"check", "plot"})
+_NO_TORCH_COMPUTE = frozenset({"check", "plot", "inspect"})
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
+from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
@@ -41,10 +42,10 @@ STATE = "precompute_state.json"  # the fingerprint of what is being written, for
 
 def read_raw_manifest(raw_dir: str | Path) -> dict:
     """The manifest `flowtrain prepare` wrote; a clear error when the folder is not its output."""
-    path = Path(raw_dir) / "manifest.json"
+    path = as_path(raw_dir) / "manifest.json"  # a local folder or an fsspec URL
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {raw_dir} the output of `flowtrain prepare`?")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(path.read_bytes())
     if manifest.get("kind") != RAW_KIND:
         raise ValueError(f"{path}: kind is {manifest.get('kind')!r}, expected {RAW_KIND!r}")
     return manifest
@@ -106,7 +107,7 @@ def precompute(
     progress: bool = True,
 ) -> CacheManifest:
     """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest."""
-    raw_dir, out = Path(raw_dir), Path(out)
+    raw_dir, out = as_path(raw_dir), Path(out)
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +134,7 @@ def precompute(
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
-            table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
+            table = read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
             for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
                 name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
                 part = table.slice(start, rows_per_shard)

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
-from flowtrain.data.sources import SourceItem, count_items, iter_source
+from flowtrain.data.fs import as_path, describe
+from flowtrain.data.sources import SourceItem, count_items, iter_source, source_files
 
 # Pillow's own default warns at ~89M pixels and fails at ~179M; we skip above this limit instead.
 MAX_IMAGE_PIXELS = 178_956_970
@@ -253,9 +254,9 @@ class SourceHasher:
 
     def __init__(self, src: str | Path) -> None:
         self._h = hashlib.sha256()
-        src = Path(src)
-        if src.is_file():  # a TSV / JSONL / Parquet list: its own content (embedded images too) is covered here
-            self._stat(src)
+        # A TSV / JSONL / Parquet list, tar shards, a dataset's Arrow files: their content (embedded images too)
+        for path in source_files(src):
+            self._stat(path)
 
     def _stat(self, path: Path) -> None:
         try:
@@ -284,7 +285,7 @@ def source_signature(src: str | Path) -> str:
 def raw_digest(raw_dir: str | Path) -> str:
     """A digest of the raw manifest (shards, row counts, creation time): which prepared data a cache was made from.
     Every prepare run writes a new manifest, so re-prepared shards never pass for the ones a cache was made of."""
-    return hashlib.sha256((Path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((as_path(raw_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def reason_kind(reason: str) -> str:
@@ -363,7 +364,7 @@ def _finish(
     """Write the report, drop stale shards, write the manifest last (or raise when nothing was written)."""
     kinds = Counter(reason_kind(s["reason"]) for s in report.skipped_items)
     report.duplicates = kinds.get("duplicate", 0)
-    head = {"source": str(Path(src).resolve()), "seen": report.written + report.skipped}
+    head = {"source": describe(src), "seen": report.written + report.skipped}
     _write_json(out / "prepare_report.json", {**head, "skipped_by_reason": dict(kinds.most_common()), **asdict(report)})
     for stale in out.iterdir():
         if _SHARD_RE.match(stale.name) and stale.name not in report.shards:
@@ -379,7 +380,7 @@ def _finish(
     manifest = {
         "kind": "flowtrain.raw",
         "version": 1,
-        "source": str(Path(src).resolve()),
+        "source": describe(src),
         "source_signature": signature,
         "resolution": settings["resolution"],
         "settings": settings,

@@ -17,12 +17,17 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from flowtrain.data.fs import FsPath, as_path
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 ACCEPTED_KINDS = (
     "a folder of images with same-name .txt captions",
     "a .tsv file (image_path<TAB>caption)",
     "a .jsonl/.json manifest (image + caption fields)",
     "a .parquet file (image + caption columns)",
+    "WebDataset .tar shards (a .tar, a {000..009} brace range or a *.tar glob)",
+    "a Hugging Face dataset (a save_to_disk folder, or hf-dataset:NAME)",
+    "any of these at an fsspec URL (s3://, gs://, hf://, memory://, file://...)",
 )
 _IMAGE_FIELDS = ("image", "file_name", "path", "image_path")
 _CAPTION_FIELDS = ("caption", "text")
@@ -73,8 +78,12 @@ def _decode_caption(raw: bytes) -> str | None:
 
 
 def detect_kind(src: str | Path) -> str:
-    """Return "folder", "tsv", "jsonl" or "parquet"; ValueError naming the path and the accepted kinds."""
-    path = Path(src)
+    """Return "folder", "tsv", "jsonl", "parquet" or another reader's kind (`_extra_reader`); ValueError naming the
+    path and the accepted kinds."""
+    extra = _extra_reader(src)
+    if extra is not None:
+        return extra.KIND
+    path = as_path(src)
     if path.is_dir():
         return "folder"
     suffix = path.suffix.lower()
@@ -88,26 +97,57 @@ def detect_kind(src: str | Path) -> str:
 def iter_source(src: str | Path) -> Iterator[SourceItem]:
     """Iterate the items of `src`. The kind is detected (and errors raised) at call time, not on first next()."""
     kind = detect_kind(src)
-    path = Path(src)
+    extra = _extra_reader(src)
+    if extra is not None:
+        return extra.iter_items(src)
+    path = as_path(src)
     return {"folder": _iter_folder, "tsv": _iter_tsv, "jsonl": _iter_jsonl, "parquet": _iter_parquet}[kind](path)
 
 
 def count_items(src: str | Path) -> int:
     """Number of items `iter_source` will yield, without reading images (used for the progress total)."""
     kind = detect_kind(src)
+    extra = _extra_reader(src)
+    if extra is not None:
+        return extra.count(src)
     if kind == "parquet":
-        return pq.ParquetFile(src).metadata.num_rows
+        return _parquet_file(as_path(src)).metadata.num_rows
     if kind == "folder":
-        return len(list_folder_images(Path(src)))
+        return len(list_folder_images(as_path(src)))
     return sum(1 for _ in iter_source(src))
 
 
-def list_folder_images(root: Path) -> list[Path]:
+def source_files(src: str | Path) -> list[Path] | list[FsPath]:
+    """The files that hold the source's items themselves (not a folder's images): the list file, the tar shards,
+    a dataset's Arrow files. What `prepare.SourceHasher` stats to notice a changed source."""
+    extra = _extra_reader(src)
+    if extra is not None:
+        return extra.files(src)
+    path = as_path(src)
+    return [path] if path.is_file() else []
+
+
+def _extra_reader(src: str | Path):
+    """The module reading `src` when it is a kind kept in a module of its own (WebDataset shards, HF datasets), else
+    None. Each such module has KIND, matches(src), iter_items(src), count(src) and files(src); imported late: they
+    import this module (and their libraries are slow to import)."""
+    from flowtrain.data import sources_hf, sources_wds
+
+    return next((m for m in (sources_wds, sources_hf) if m.matches(src)), None)
+
+
+def _parquet_file(path: Path | FsPath) -> pq.ParquetFile:
+    return pq.ParquetFile(path.open("rb") if isinstance(path, FsPath) else path)
+
+
+def list_folder_images(root: Path | FsPath) -> list[Path] | list[FsPath]:
     """Image files under `root`, recursively, in sorted (deterministic) order.
 
     Hidden files and folders are ignored: they are tool debris such as macOS `._x.png` resource forks,
     which carry an image extension but are not images.
     """
+    if isinstance(root, FsPath):
+        return [p for p in root.walk_files() if p.suffix.lower() in IMAGE_EXTENSIONS]
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -226,7 +266,7 @@ def _parquet_item(value: Any, caption: Any, base: Path) -> tuple[Path | None, by
 
 
 def _iter_parquet(path: Path) -> Iterator[SourceItem]:
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     names = set(pf.schema_arrow.names)
     caption_col = next((c for c in _CAPTION_FIELDS if c in names), None)
     if "image" not in names or caption_col is None:

@@ -1,0 +1,157 @@
+"""fsspec URLs (`s3://`, `gs://`, `hf://`, `memory://`, `file://`, ...) as source paths.
+
+The source readers in `flowtrain.data.sources` were written against `pathlib.Path`. `FsPath` offers the part of
+that interface they use (joining, `.parent`, `.suffix`, `read_bytes`, `is_dir`, `stat`, ...) on top of an fsspec
+filesystem, so one reader serves local folders and object storage alike; fsspec does all the I/O. We keep our own
+small class because `pathlib` subclasses cannot carry a filesystem on Python 3.11 and `universal_pathlib` is not a
+dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# `C:\x` must stay a Windows path, so a protocol needs two letters or more.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+
+
+def is_url(src: str | os.PathLike) -> bool:
+    """True for `proto://...` strings (any fsspec protocol, `file://` included); False for plain paths."""
+    return isinstance(src, str | FsPath) and bool(_URL_RE.match(str(src)))
+
+
+class FsPath:
+    """A path on an fsspec filesystem, with the subset of the `pathlib.Path` interface the source readers use.
+
+    `str()` gives the full URL (`memory:///bucket/a.png`), which is what reports and manifests record."""
+
+    __slots__ = ("fs", "_p")
+
+    def __init__(self, url_or_fs: Any, path: str | PurePosixPath | None = None) -> None:
+        if path is None:
+            from fsspec.core import url_to_fs
+
+            self.fs, raw = url_to_fs(str(url_or_fs))
+        else:
+            self.fs, raw = url_or_fs, str(path)
+        self._p = PurePosixPath(raw or "/")
+
+    # --- pure path operations (no I/O) -----------------------------------------------------------------
+    def _new(self, p: PurePosixPath | str) -> FsPath:
+        return FsPath(self.fs, p)
+
+    def __truediv__(self, other: str | PurePosixPath) -> FsPath:
+        return self._new(self._p / str(other))
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(str(self._p))
+
+    def __repr__(self) -> str:
+        return f"FsPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FsPath) and other.fs is self.fs and other._p == self._p
+
+    def __hash__(self) -> int:
+        return hash((id(self.fs), self._p))
+
+    @property
+    def path(self) -> str:
+        """The path inside the filesystem, without the protocol."""
+        return str(self._p)
+
+    @property
+    def parent(self) -> FsPath:
+        return self._new(self._p.parent)
+
+    @property
+    def name(self) -> str:
+        return self._p.name
+
+    @property
+    def suffix(self) -> str:
+        return self._p.suffix
+
+    @property
+    def stem(self) -> str:
+        return self._p.stem
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return self._p.parts
+
+    def with_suffix(self, suffix: str) -> FsPath:
+        return self._new(self._p.with_suffix(suffix))
+
+    def relative_to(self, other: FsPath) -> PurePosixPath:
+        return self._p.relative_to(other._p)
+
+    def is_absolute(self) -> bool:
+        return True
+
+    def resolve(self) -> FsPath:
+        return self
+
+    # --- I/O through fsspec ----------------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def open(self, mode: str = "rb") -> IO[bytes]:
+        return self.fs.open(self.path, mode)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.path)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.path)
+
+    def stat(self) -> SimpleNamespace:
+        """`st_size` and an `st_mtime_ns` stand-in: stores report a modification time, an ETag or a creation
+        time under different names; any of them changes when the object is rewritten, which is all
+        `SourceHasher` needs."""
+        info = self.fs.info(self.path)
+        stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "created")
+                      if info.get(k) is not None), "")  # fmt: skip
+        return SimpleNamespace(st_size=int(info.get("size") or 0), st_mtime_ns=str(stamp))
+
+    def walk_files(self) -> Iterator[FsPath]:
+        """Every file below this folder, sorted; hidden files and folders (a `.` name) are left out."""
+        root = self.path.rstrip("/")
+        for found in sorted(self.fs.find(root)):
+            rel = posixpath.relpath(found, root)
+            if not any(part.startswith(".") for part in rel.split("/")):
+                yield self._new(found)
+
+
+def as_path(src: str | os.PathLike) -> Path | FsPath:
+    """`FsPath` for an fsspec URL, `Path` for anything else. `file://` URLs stay on fsspec too, so that the
+    fsspec code path is what tests of them exercise."""
+    if isinstance(src, FsPath):
+        return src
+    return FsPath(str(src)) if is_url(src) else Path(src)
+
+
+def read_table(path: Path | FsPath, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file as a table: pyarrow reads it, through the path's fsspec filesystem for a URL."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, FsPath):
+        return pq.read_table(path.path, columns=columns, filesystem=path.fs)
+    return pq.read_table(path, columns=columns)
+
+
+def describe(src: str | os.PathLike) -> str:
+    """What manifests and reports record as the source: the URL as given, or the absolute local path."""
+    return str(src) if is_url(src) else str(Path(src).resolve())
