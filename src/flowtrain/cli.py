@@ -84,6 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             progress=not args.quiet,
             keep_duplicates=args.keep_duplicates,
+            min_frames=args.min_frames,
         )
     if args.quiet:  # otherwise prepare() has printed the summary, with the skip reasons
         print(summary(report, args.out, keep_duplicates=args.keep_duplicates))
@@ -385,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "prepare",
         help="images + captions → raw Parquet shards",
-        description="Read a folder (image + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
+        description="Read a folder (image or video + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
         "manifest (image, caption) or a Parquet file; write raw shards, a manifest and a report of "
-        "skipped items.",
+        "skipped items. Videos (.mp4, .webm, .mov) are stored as they are, with fps and frame count (docs/video.md).",
     )
-    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet")
+    s.add_argument("src", type=_path, help="folder, .tsv, .jsonl or .parquet (images and/or videos)")
     s.add_argument("--out", type=_path, required=True, help="output folder for raw shards")
     _overwrite_flag(s)
     s.add_argument("--resolution", type=_positive_int, help="downscale so the short side is at most this")
@@ -397,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
     )
+    s.add_argument(
+        "--min-frames", type=_positive_int, default=1,
+        help="skip videos with fewer frames than this as too short (default 1; docs/video.md)",
+    )  # fmt: skip
     s.add_argument(
         "--keep-duplicates",
         action="store_true",
