@@ -110,6 +110,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             progress=not args.quiet,
+            video=cfg.dataset.video,
         )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
     return 0

@@ -27,7 +27,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from flowtrain.data.sources import SourceItem, count_items, iter_source
-from flowtrain.data.video import VIDEO_EXTENSIONS, VideoError, probe, sniff_video
+from flowtrain.data.video import VIDEO_EXTENSIONS, VIDEO_FORMATS, VideoError, probe, sniff_video
 
 # Pillow's own default warns at ~89M pixels and fails at ~179M; we skip above this limit instead.
 MAX_IMAGE_PIXELS = 178_956_970
@@ -53,6 +53,7 @@ class PrepareReport:
     skipped: int
     skipped_items: list[dict] = field(default_factory=list)  # each {"key", "path", "reason"}
     duplicates: int = 0  # byte-identical copies dropped (counted in `skipped` too); 0 with keep_duplicates
+    videos: int = 0  # written rows that are videos (the rest are images)
     shards: list[str] = field(default_factory=list)
 
 
@@ -377,6 +378,7 @@ def prepare(
                     first_key_by_hash[digest] = item.key
                 writer.add({"key": item.key, "caption": caption, **asdict(enc)})
                 report.written += 1
+                report.videos += enc.format in VIDEO_FORMATS
                 if report.written % 64 == 0:
                     bar.set_postfix(written=report.written, skipped=report.skipped, refresh=False)
         writer.close()
@@ -426,6 +428,7 @@ def _finish(
         "resolution": settings["resolution"],
         "settings": settings,
         "num_rows": report.written,
+        "videos": report.videos,  # > 0 puts precompute on its video path (data/clips.py)
         "columns": SCHEMA.names,
         "shards": shards,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

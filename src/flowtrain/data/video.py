@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".m4v"})
+# The raw shard's `format` of a video row: its extension upper-cased, or `sniff_video`'s name for embedded bytes.
+VIDEO_FORMATS = frozenset({e[1:].upper() for e in VIDEO_EXTENSIONS} | {"VIDEO"})
 Selection = Literal["head", "uniform", "chunk", "slide"]
 SELECTIONS: tuple[str, ...] = ("head", "uniform", "chunk", "slide")
 
@@ -76,7 +78,8 @@ def select_clips(
     """Source frame indices of each clip of `frames` frames taken from a video of `num_frames` frames.
 
     head     one clip: the first `frames` frames (of the re-timed video).
-    uniform  one clip: `frames` frames spread evenly over the whole video (first and last included).
+    uniform  one clip: `frames` frames spread evenly over the whole video (first and last included; positions
+             rounded half to even, as numpy.linspace(...).round()).
     chunk    consecutive non-overlapping clips from the start; a remainder shorter than a clip is dropped.
     slide    overlapping clips starting every `stride` frames (default: half a clip, at least 1).
     `max_clips` caps chunk / slide (the first ones are kept). An empty list: the video is too short.
@@ -202,11 +205,12 @@ def frames_to_tensor(frames: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def row_frames(row: dict[str, Any], indices: Sequence[int]) -> list[Image.Image]:
-    """A raw shard row (its `image` bytes, `num_frames`) → the frames at `indices`; an image row is a one-frame
+    """A raw shard row (its `image` bytes and `format`) → the frames at `indices`; an image row is a one-frame
     video (index 0)."""
     from PIL import Image
 
-    if (row.get("num_frames") or 1) == 1 and sniff_video(row["image"]) is None:
+    is_video = row["format"] in VIDEO_FORMATS if "format" in row else sniff_video(row["image"]) is not None
+    if not is_video:
         if list(indices) != [0] * len(indices):
             raise VideoError(f"row {row.get('key')!r} is an image (one frame); asked for frames {list(indices)}")
         return [Image.open(io.BytesIO(row["image"])).convert("RGB")] * len(indices)
