@@ -124,3 +124,57 @@ def test_an_image_family_refuses_multi_frame_clips_with_the_fix(tmp_path, raw_vi
                        r"dataset.video.frames: 1"):  # fmt: skip
         precompute(raw_videos, tmp_path / "c", model, resolution=32, progress=False, video=VideoConfig(frames=5))
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_clip_pixels_hands_a_video_family_b_3_f_h_w_in_frame_order(raw_videos, tiny_pipeline_dir):
+    """The layout contract of models/base.py: a family with `video = True` receives (B, 3, F, H, W), frame f of
+    clip b being the family's own preprocessing of that source frame. Klein's real preprocessing, flagged as a video
+    family only to read the layout off (its VAE is not asked to encode it)."""
+    from flowtrain.data.clips import clip_pixels
+    from flowtrain.models import get_family
+    from flowtrain.testing.data import tiny_model
+
+    klein = get_family("flux2_klein")
+    as_video = type("KleinFramesAsVideo", (type(klein),), {"video": True})()
+    encoders = klein.load_encoders(tiny_model(tiny_pipeline_dir, max_sequence_length=32), dtype=torch.float32,
+                                   device="cpu")  # fmt: skip
+    part = pq.read_table(raw_videos / "raw-00000.parquet")
+    table, left_out = plan(part, VideoConfig(frames=5, selection="slide", stride=2))
+    assert left_out == 1  # the image
+    walk, wave = [f"walk#{i}" for i in range(4)], [f"wave#{i}" for i in range(3)]  # starts 0 2 4 6 of 11; 0 2 4 of 9
+    assert table.column("key").to_pylist() == walk + wave
+    rows = table.to_pydict()
+    assert rows[FRAMES][1] == [2, 3, 4, 5, 6] and rows[FRAMES][6] == [4, 5, 6, 7, 8]
+    pixels = clip_pixels(as_video, encoders, rows, 32)
+    assert pixels.shape == (7, 3, 5, 32, 32)
+    raw = {r["key"]: r for r in part.to_pylist()}
+    for b in (1, 6):  # walk frames 2..6, wave frames 4..8
+        src = rows["key"][b].split("#")[0]
+        frames = decode_frames(raw[src]["image"], rows[FRAMES][b])
+        want = klein.preprocess_images(encoders, frames, resolution=32)  # (F, 3, H, W)
+        assert torch.equal(pixels[b], want.permute(1, 0, 2, 3))
+    flat = clip_pixels(klein, encoders, plan(part, VideoConfig(frames=1))[0].to_pydict(), 32)
+    assert flat.shape == (3, 3, 32, 32)  # an image family: one frame per clip, its usual (B, 3, H, W)
+
+
+def test_an_interrupted_clip_precompute_continues_where_it_stopped(tmp_path, raw_videos, tiny_pipeline_dir):
+    """Cache shards of the video path are named and checked by their planned clip keys, so a rerun keeps the
+    finished ones and recomputes only what is missing."""
+    from flowtrain.data.precompute import precompute
+    from flowtrain.testing.data import tiny_model
+
+    model = tiny_model(tiny_pipeline_dir, max_sequence_length=32)
+    video = VideoConfig(frames=1, selection="chunk", max_clips=2)
+    out = tmp_path / "cache"
+    first = precompute(raw_videos, out, model, resolution=32, rows_per_shard=1, progress=False, video=video)
+    assert [s["rows"] for s in first.shards] == [1, 2, 2]  # still, walk#0 walk#1, wave#0 wave#1 (raw key order)
+    kept = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in first.shards}
+    lost = first.shards[2]["file"]
+    before = pq.read_table(out / lost)
+    (out / lost).unlink()
+    (out / "manifest.json").unlink()  # as if killed before the end
+    again = precompute(raw_videos, out, model, resolution=32, rows_per_shard=1, progress=False, video=video)
+    assert again.shards == first.shards and again.fingerprint == first.fingerprint
+    for name, mtime in kept.items():
+        assert ((out / name).stat().st_mtime_ns == mtime) == (name != lost), name
+    assert pq.read_table(out / lost).equals(before)
