@@ -47,6 +47,11 @@ def make_source(root: Path) -> dict[str, str]:
     data[len(data) // 3 : len(data) // 3 + 100] = bytes(100)  # a hole in the frame data: it opens, then fails
     (root / "damaged.mp4").write_bytes(bytes(data))
     caption(root / "damaged.mp4", "a damaged file")
+    write_video(root / "alien.mkv", grey_frames(5), fps=8)  # Matroska names its codec by a string: make it unknown
+    data = (root / "alien.mkv").read_bytes()
+    assert data.count(b"V_MPEG4/ISO/AVC") == 1
+    (root / "alien.mkv").write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/QQQ"))
+    caption(root / "alien.mkv", "a codec nobody decodes")
     (root / "noise.webm").write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 4)  # WebM magic, then garbage
     caption(root / "noise.webm", "not a video")
     import av
@@ -59,7 +64,8 @@ def make_source(root: Path) -> dict[str, str]:
     Image.fromarray(grey_frames(1, start=3)[0]).save(root / "still.png")
     caption(root / "still.png", "a still image")
     return {"walk": "ok", "wave": "ok", "turn": "ok", "still": "ok", "short": "too short", "broken": "corrupt",
-            "noise": "corrupt", "damaged": "corrupt video: decoding failed", "empty": "zero frames"}  # fmt: skip
+            "noise": "corrupt", "damaged": "corrupt video: decoding failed", "empty": "zero frames",
+            "alien": "unreadable codec"}  # fmt: skip
 
 
 def test_prepare_cli_stores_videos_and_reports_every_bad_one(tmp_path, capsys):
@@ -70,7 +76,7 @@ def test_prepare_cli_stores_videos_and_reports_every_bad_one(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "src"), "--out", str(out), "--min-frames", "5"]) == 0
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["seen"] == len(expected) == report["written"] + report["skipped"]
-    assert report["written"] == 4 and report["skipped"] == 5
+    assert report["written"] == 4 and report["skipped"] == 6
     assert sum(report["skipped_by_reason"].values()) == report["skipped"]
     reasons = {s["key"]: s["reason"] for s in report["skipped_items"]}
     for key, kind in expected.items():
@@ -79,7 +85,7 @@ def test_prepare_cli_stores_videos_and_reports_every_bad_one(tmp_path, capsys):
         else:
             assert reasons[key].startswith(kind), (key, reasons[key])
     assert reasons["short"] == "too short (3 frames < min_frames 5)"
-    assert "skipped 5" in capsys.readouterr().out
+    assert "skipped 6" in capsys.readouterr().out
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["min_frames"] == 5
