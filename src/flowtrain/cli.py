@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw shards → VAE latents + text embeddings cache",
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
         "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
-        "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's).",
+        "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's). "
+        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md).",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
     s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
