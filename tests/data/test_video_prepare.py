@@ -144,3 +144,20 @@ def test_decoding_picks_exactly_the_requested_frames(tmp_path):
     assert frame_numbers(decode_frames(data, [0, 3, 3, 10])) == [0, 3, 3, 10]
     with pytest.raises(ValueError, match="no frame 11"):
         decode_frames(data, [11])
+
+
+def test_parquet_rows_with_embedded_video_bytes_are_recognised_by_their_magic(tmp_path):
+    import pyarrow as pa
+
+    from flowtrain.data.prepare import prepare
+
+    write_video(tmp_path / "a.mp4", grey_frames(5), fps=10)
+    write_video(tmp_path / "b.webm", grey_frames(9), fps=10)
+    blobs = [(tmp_path / "a.mp4").read_bytes(), (tmp_path / "b.webm").read_bytes(), b"\x00\x00\x00\x18ftypmp42junk"]
+    pq.write_table(pa.table({"image": blobs, "caption": ["a", "b", "fake"]}), tmp_path / "clips.parquet")
+    report = prepare(tmp_path / "clips.parquet", tmp_path / "raw", progress=False)
+    assert (report.written, report.videos, report.skipped) == (2, 2, 1)
+    assert report.skipped_items[0]["reason"].startswith("corrupt or unreadable video")
+    rows = pq.read_table(tmp_path / "raw" / "raw-00000.parquet").to_pylist()
+    assert [(r["format"], r["num_frames"]) for r in rows] == [("MP4", 5), ("WEBM", 9)]
+    assert rows[0]["image"] == blobs[0]

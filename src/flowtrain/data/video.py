@@ -164,6 +164,7 @@ def probe(data: bytes, fmt: str = "") -> VideoInfo:
         # Fail on damaged data instead of concealing it (FFmpeg's default patches broken macroblocks over and
         # decodes on): like a truncated image, a damaged video is skipped here rather than trained on.
         stream.codec_context.options = {"err_detect": "explode"}
+        stream.thread_type = "AUTO"  # FFmpeg's frame + slice threads: same frames, decoded sooner
         count = 0
         try:
             for _ in container.decode(stream):
