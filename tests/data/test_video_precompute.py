@@ -127,15 +127,21 @@ def test_an_image_family_refuses_multi_frame_clips_with_the_fix(tmp_path, raw_vi
 
 
 def test_clip_pixels_hands_a_video_family_b_3_f_h_w_in_frame_order(raw_videos, tiny_pipeline_dir):
-    """The layout contract of models/base.py: a family with `video = True` receives (B, 3, F, H, W), frame f of
-    clip b being the family's own preprocessing of that source frame. Klein's real preprocessing, flagged as a video
-    family only to read the layout off (its VAE is not asked to encode it)."""
-    from flowtrain.data.clips import clip_pixels
+    """The layout contract of models/base.py: a video family (its `cache_columns` takes `frames`) receives
+    (B, 3, F, H, W), frame f of clip b being the family's own preprocessing of that source frame. Klein's real
+    preprocessing, declared a video family only to read the layout off (its VAE is not asked to encode it)."""
+    from flowtrain.data.clips import clip_pixels, is_video_family
     from flowtrain.models import get_family
     from flowtrain.testing.data import tiny_model
 
     klein = get_family("flux2_klein")
-    as_video = type("KleinFramesAsVideo", (type(klein),), {"video": True})()
+
+    class KleinFramesAsVideo(type(klein)):
+        def cache_columns(self, encoders, model, *, resolution, frames=1):
+            return super().cache_columns(encoders, model, resolution=resolution)
+
+    as_video = KleinFramesAsVideo()
+    assert is_video_family(as_video) and not is_video_family(klein)
     encoders = klein.load_encoders(tiny_model(tiny_pipeline_dir, max_sequence_length=32), dtype=torch.float32,
                                    device="cpu")  # fmt: skip
     part = pq.read_table(raw_videos / "raw-00000.parquet")

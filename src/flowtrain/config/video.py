@@ -15,8 +15,8 @@ class VideoConfig(Section):
         81,
         ge=1,
         description="Frames per clip; must be 4k+1 (1, 5, 9, ..., 81: the video VAE keeps the first frame and "
-        "compresses each further 4 into one latent frame). Used when the raw shards hold videos or the family is a "
-        "video family; an image row is a one-frame video (cached only when frames is 1).",
+        "compresses each further 4 into one latent frame). Used when the raw shards hold videos; an image row is a "
+        "one-frame video (cached alongside them only when frames is 1).",
     )
     selection: Literal["head", "uniform", "chunk", "slide"] = Field(
         "head",

@@ -1,14 +1,16 @@
 """Precompute's video path: raw rows → clips (`dataset.video`) → pixels for the family's encoder (docs/video.md).
 
-It is on when the raw shards hold videos or the family encodes clips (`ModelFamily.video`); otherwise precompute
-runs its image path unchanged. One raw row becomes as many cache rows as `video.select_clips` gives it (an image
-row is a one-frame video), each keyed by the raw key (`KEY#i` for the i-th clip of `chunk` / `slide`). The plan is a
-pure function of the raw shard's metadata columns, so an interrupted precompute knows which keys each cache shard
-must hold without decoding anything.
+It is on when the raw shards hold videos; otherwise precompute runs its image path unchanged (a video family gets
+images there as (B, 3, H, W), one-frame videos, and `cache_columns` without `frames`: its default of 1). One raw
+row becomes as many cache rows as `video.select_clips` gives it (an image row is a one-frame video), each keyed by
+the raw key (`KEY#i` for the i-th clip of `chunk` / `slide`). The plan is a pure function of the raw shard's
+metadata columns, so an interrupted precompute knows which keys each cache shard must hold without decoding
+anything.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from typing import Any
@@ -25,15 +27,16 @@ FRAMES, RAW_ROW = "frames", "raw_row"  # the plan's extra columns: source frame 
 
 
 def is_video_family(family: Any) -> bool:
-    """Whether the family's VAE encodes clips: `encode_pixels` takes (B, 3, F, H, W), `cache_columns` `frames`."""
-    return bool(getattr(family, "video", False))
+    """Whether the family's VAE encodes clips, declared by a `frames` keyword in its `cache_columns` (models/base.py):
+    then `encode_pixels` takes (B, 3, F, H, W). The signature itself is the declaration, so it cannot disagree with
+    what the family accepts."""
+    return "frames" in inspect.signature(family.cache_columns).parameters
 
 
 def clip_options(family: Any, raw_manifest: dict, video: VideoConfig | None) -> VideoConfig | None:
-    """The clip settings precompute runs with, or None for the image path (no videos, an image family).
+    """The clip settings precompute runs with, or None for the image path (the raw shards hold no video).
     ValueError when an image family is asked for clips of more than one frame."""
-    has_videos = raw_manifest.get("videos", 0) > 0
-    if not (has_videos or is_video_family(family)):
+    if raw_manifest.get("videos", 0) == 0:
         return None
     video = video or VideoConfig()
     if not is_video_family(family) and video.frames != 1:
