@@ -87,7 +87,8 @@ def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
             frames.append(indices)
     columns = {"key": pa.array(out_keys, pa.string()), "caption": pa.array(out_captions, pa.string())}
     if "image" in names:  # absent when only counting (`plan_size`)
-        image = part.column("image").combine_chunks()
+        # 64-bit offsets: a slice of videos can pass the 2 GiB that one `binary` array can address
+        image = part.column("image").cast(pa.large_binary()).combine_chunks()
         columns["image"] = pa.DictionaryArray.from_arrays(pa.array(rows, pa.int32()), image)
     columns |= {
         "format": pa.array([formats[r] for r in rows], pa.string()),
