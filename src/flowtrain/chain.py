@@ -119,12 +119,15 @@ def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
             print(f"prepare: reusing {raw} ({why})")
         else:
             prep.func(prep)
-    from flowtrain.data.precompute import cache_fingerprint
+    from flowtrain.data.clips import clip_options, clip_settings
+    from flowtrain.data.precompute import cache_fingerprint, read_raw_manifest
+    from flowtrain.models import get_family
 
     resolution = resolution_for(cache, args.resolution, PRECOMPUTE_RESOLUTION)
     pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", str(resolution),
                       *args.overrides, *shared])  # fmt: skip
-    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution)["id"])
+    video = clip_settings(clip_options(get_family(cfg.model.family), read_raw_manifest(raw), cfg.dataset.video))
+    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video)["id"])
     if current:
         print(f"precompute: reusing {cache} ({why})")
         return

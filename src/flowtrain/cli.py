@@ -78,7 +78,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     src = _source(args)
     options = dict(resolution=args.resolution, shard_size=args.shard_size, min_size=args.min_size,
-                   progress=not args.quiet, keep_duplicates=args.keep_duplicates)  # fmt: skip
+                   progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+                   min_frames=args.min_frames)  # fmt: skip
     if is_url(args.out):  # object storage: staged locally, uploaded when complete (flowtrain.data.remote)
         from flowtrain.data.remote import prepare_to_url
 
@@ -161,6 +162,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             progress=not args.quiet,
+            video=cfg.dataset.video,
         )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
     return 0
@@ -437,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "prepare",
         help="images + captions → raw Parquet shards",
-        description="Read a folder (image + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
+        description="Read a folder (image or video + same-name .txt), a TSV (image_path<TAB>caption), a JSONL "
         "manifest (image, caption), a Parquet file, WebDataset shards or a Hugging Face dataset, locally or at an "
-        "fsspec URL; write raw shards, a manifest and a report of skipped items (docs/prepare.md).",
+        "fsspec URL; write raw shards, a manifest and a report of skipped items (docs/prepare.md). Videos (.mp4, "
+        ".webm, .mov, or `video` fields in TSV/JSONL) are kept as they are, with fps and frame count (docs/video.md).",
     )
     _source_flags(s)
     s.add_argument(
@@ -452,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--min-size", type=_positive_int, default=16, help="skip images smaller than this on a side (default 16)"
     )
+    s.add_argument(
+        "--min-frames", type=_positive_int, default=1,
+        help="skip videos with fewer frames than this as too short (default 1; docs/video.md)",
+    )  # fmt: skip
     s.add_argument(
         "--keep-duplicates",
         action="store_true",
@@ -517,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw shards → VAE latents + text embeddings cache",
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
         "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
-        "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's).",
+        "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's). "
+        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md).",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
     s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")

@@ -149,7 +149,7 @@ def test_folder_shards_and_manifest(messy):
     assert not list(out.glob("*.tmp"))
     schema = pq.read_schema(out / "raw-00000.parquet")
     assert schema.field("image").type == pa.binary() and schema.field("width").type == pa.int32()
-    assert schema.names == ["key", "caption", "image", "width", "height", "format"]
+    assert schema.names == ["key", "caption", "image", "width", "height", "format", "num_frames", "fps"]
     rows = read_rows(out)
     assert set(rows) == GOOD
     for row in rows.values():

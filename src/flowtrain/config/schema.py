@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from flowtrain.config.section import Section
+from flowtrain.config.video import VideoConfig
 from flowtrain.models import detect_family, family_names, family_options
 
 
@@ -48,6 +49,7 @@ class DatasetConfig(Section):
         description="DreamBooth class (regularisation) images: a second latent cache; each batch adds as many class "
         "rows as instance rows. Needs loss.name: prior_preservation.",
     )
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
 
 class TrainConfig(Section):

@@ -28,6 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
+from flowtrain.config.video import VideoConfig
+from flowtrain.data import clips
 from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.prepare import raw_digest
@@ -51,12 +53,14 @@ def read_raw_manifest(raw_dir: str | Path) -> dict:
     return manifest
 
 
-def cache_fingerprint(model: ModelOptions, resolution: int) -> dict:
+def cache_fingerprint(model: ModelOptions, resolution: int, clips: dict | None = None) -> dict:
     """What a cache of `model` (the validated `model:` section) at `resolution` will be, from the options and the
-    model's files alone: known before any encoder loads."""
+    model's files alone: known before any encoder loads. `clips`: the video path's settings (`clips.clip_settings`),
+    None for images (whose fingerprint is then what it always was)."""
     family = get_family(model.family)
+    settings = family.cache_settings(model) | ({"video": clips} if clips is not None else {})
     return fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
-                       family.cache_settings(model), family.identity(model))  # fmt: skip
+                       settings, family.identity(model))  # fmt: skip
 
 
 def _decode(rows: dict[str, list]) -> list[Image.Image]:
@@ -105,25 +109,33 @@ def precompute(
     rows_per_shard: int = 256,
     device: str | None = None,
     progress: bool = True,
+    video: VideoConfig | None = None,
 ) -> CacheManifest:
-    """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest."""
+    """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest.
+    Videos (or a video family) take the clip path, cut as `video` (`dataset.video`) says: docs/video.md."""
     raw_dir, out = as_path(raw_dir), Path(out)
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
+    clip_opts = clips.clip_options(family, raw, video)  # None: the image path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
-    fp = cache_fingerprint(model, resolution)
+    fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts))
     _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
-    columns = family.cache_columns(encoders, model, resolution=resolution)
+    frames = {"frames": clip_opts.frames} if clip_opts is not None and clips.is_video_family(family) else {}
+    columns = family.cache_columns(encoders, model, resolution=resolution, **frames)
     out.mkdir(parents=True, exist_ok=True)
     (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
     (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
     _save_empty_prompt(out, family, encoders, model, columns)
 
-    total = sum(s["rows"] for s in raw["shards"])
+    if clip_opts is None:
+        total = sum(s["rows"] for s in raw["shards"])
+    else:
+        total = sum(clips.plan_size(raw_dir / s["file"], clip_opts, rows_per_shard) for s in raw["shards"])
+    left_out = 0
     bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
     shards: list[dict] = []
     t0 = time.perf_counter()
@@ -134,16 +146,25 @@ def precompute(
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
-            table = read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
+            path = raw_dir / raw_shard["file"]
+            read = ["key", "caption", "image"] if clip_opts is None else clips.raw_columns(path)
+            table = read_table(path, columns=read)
             for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
                 name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
                 part = table.slice(start, rows_per_shard)
+                if clip_opts is not None:  # one row per clip
+                    part, dropped = clips.plan(part, clip_opts)
+                    left_out += dropped
+                    if part.num_rows == 0:
+                        continue
                 if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
                     write_shard(encode(part, pool, bar), out / name)
                 else:
                     bar.update(part.num_rows)
                 shards.append({"file": name, "rows": part.num_rows})
     bar.close()
+    if clip_opts is not None:
+        clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
     _remove_stale(out, {s["file"] for s in shards})
     manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
                              source_digest=raw_digest(raw_dir))  # fmt: skip
@@ -191,6 +212,8 @@ class _ShardEncoder:
         self.resolution, self.batch_size = resolution, batch_size
 
     def _pixels(self, rows: dict) -> torch.Tensor:
+        if clips.FRAMES in rows:  # a planned clip batch (data/clips.py)
+            return clips.clip_pixels(self.family, self.encoders, rows, self.resolution)
         return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
 
     def __call__(self, part: pa.Table, pool: Any, bar: Any) -> pa.Table:

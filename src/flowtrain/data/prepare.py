@@ -28,13 +28,17 @@ from tqdm import tqdm
 
 from flowtrain.data.fs import as_path, describe
 from flowtrain.data.sources import SourceItem, count_items, iter_source, source_files
+from flowtrain.data.video import VIDEO_EXTENSIONS, VIDEO_FORMATS, VideoError, probe, sniff_video
 
 # Pillow's own default warns at ~89M pixels and fails at ~179M; we skip above this limit instead.
 MAX_IMAGE_PIXELS = 178_956_970
 ROW_GROUP_ROWS = 128  # small row groups keep memory bounded (images are large) and allow random access
 ROW_GROUP_BYTES = 64 << 20
 _STR, _I32 = pa.string(), pa.int32()
-SCHEMA = pa.schema({"key": _STR, "caption": _STR, "image": pa.binary(), "width": _I32, "height": _I32, "format": _STR})
+# `image` holds the file's bytes, a video's too (then `format` names its container, `num_frames` and `fps` say what
+# it holds; an image is one frame with no fps).
+SCHEMA = pa.schema({"key": _STR, "caption": _STR, "image": pa.binary(), "width": _I32, "height": _I32, "format": _STR,
+                    "num_frames": _I32, "fps": pa.float32()})  # fmt: skip
 _SHARD_RE = re.compile(r"^raw-\d{5}\.parquet(\.tmp)?$")
 
 
@@ -50,6 +54,7 @@ class PrepareReport:
     skipped: int
     skipped_items: list[dict] = field(default_factory=list)  # each {"key", "path", "reason"}
     duplicates: int = 0  # byte-identical copies dropped (counted in `skipped` too); 0 with keep_duplicates
+    videos: int = 0  # written rows that are videos (the rest are images)
     shards: list[str] = field(default_factory=list)
 
 
@@ -59,6 +64,8 @@ class _Encoded:
     width: int
     height: int
     format: str
+    num_frames: int = 1
+    fps: float | None = None
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -171,8 +178,35 @@ def _read_bytes(item: SourceItem) -> bytes:
         raise SkipItem(f"cannot read image file: {exc.strerror or exc}") from exc
 
 
+def decode_video(data: bytes, fmt: str, min_size: int, min_frames: int) -> _Encoded:
+    """Decode every frame once (`video.probe`); the original bytes are kept (re-encoding would lose quality, and
+    clips are cut and resized in precompute). SkipItem with the reason when unusable."""
+    try:
+        info = probe(data, fmt)
+    except VideoError as exc:
+        raise SkipItem(str(exc)) from exc
+    if min(info.width, info.height) < min_size:
+        raise SkipItem(f"too small ({info.width}x{info.height} < min_size {min_size})")
+    if info.num_frames < min_frames:
+        raise SkipItem(f"too short ({info.num_frames} frames < min_frames {min_frames})")
+    return _Encoded(data, info.width, info.height, info.format, info.num_frames, info.fps)
+
+
+def _video_format(item: SourceItem, data: bytes) -> str | None:
+    """The container name ("MP4", "WEBM", ...) when the item is a video (by its extension, or for embedded
+    bytes by their magic number); None for an image."""
+    if item.image_path is not None:
+        suffix = item.image_path.suffix.lower()
+        return suffix[1:].upper() if suffix in VIDEO_EXTENSIONS else None
+    return sniff_video(data)
+
+
 def _process(
-    item: SourceItem, first_key_by_hash: dict[str, str] | None, resolution: int | None, min_size: int
+    item: SourceItem,
+    first_key_by_hash: dict[str, str] | None,
+    resolution: int | None,
+    min_size: int,
+    min_frames: int = 1,
 ) -> tuple[str, str, _Encoded]:
     """(caption, sha256 of the file bytes, encoded image) or SkipItem. Captions first: they are cheapest.
     `first_key_by_hash` None keeps duplicates (e.g. the same image deliberately listed under two captions)."""
@@ -187,6 +221,9 @@ def _process(
     digest = hashlib.sha256(data).hexdigest()
     if first_key_by_hash is not None and digest in first_key_by_hash:
         raise SkipItem(f"duplicate of {first_key_by_hash[digest]}")
+    video = _video_format(item, data)
+    if video is not None:
+        return caption, digest, decode_video(data, video, min_size, min_frames)
     return caption, digest, decode_image(data, resolution, min_size)
 
 
@@ -302,13 +339,17 @@ def prepare(
     progress: bool = True,
     *,
     keep_duplicates: bool = False,
+    min_frames: int = 1,
 ) -> PrepareReport:
     """Validate and convert the items of `src` into raw Parquet shards under `out`; see docs/prepare.md.
 
-    Byte-identical copies of an image already written are skipped (`duplicate of KEY`) unless `keep_duplicates`."""
-    if shard_size < 1 or min_size < 1 or (resolution is not None and resolution < 1):
+    Byte-identical copies of an image already written are skipped (`duplicate of KEY`) unless `keep_duplicates`.
+    Videos (docs/video.md) are stored as they are, with their frame count and fps; `resolution` applies to images
+    only, and a video with fewer than `min_frames` frames is skipped as too short."""
+    if shard_size < 1 or min_size < 1 or min_frames < 1 or (resolution is not None and resolution < 1):
         raise ValueError(
-            f"need shard_size, min_size >= 1 and resolution >= 1 or None; got {shard_size=}, {min_size=}, {resolution=}"
+            f"need shard_size, min_size, min_frames >= 1 and resolution >= 1 or None; got {shard_size=}, "
+            f"{min_size=}, {min_frames=}, {resolution=}"
         )
     items = iter_source(src)  # raises ValueError for an unknown source before anything is written
     out = Path(out)
@@ -326,7 +367,7 @@ def prepare(
                 bar.update(1)
                 hasher.add(item)
                 try:
-                    caption, digest, enc = _process(item, first_key_by_hash, resolution, min_size)
+                    caption, digest, enc = _process(item, first_key_by_hash, resolution, min_size, min_frames)
                 except Exception as exc:  # SkipItem, or a bug/odd file we did not foresee: still never crash
                     reason = str(exc) if isinstance(exc, SkipItem) else f"unexpected error: {type(exc).__name__}: {exc}"
                     path = str(item.image_path) if item.image_path is not None else item.origin
@@ -338,6 +379,7 @@ def prepare(
                     first_key_by_hash[digest] = item.key
                 writer.add({"key": item.key, "caption": caption, **asdict(enc)})
                 report.written += 1
+                report.videos += enc.format in VIDEO_FORMATS
                 if report.written % 64 == 0:
                     bar.set_postfix(written=report.written, skipped=report.skipped, refresh=False)
         writer.close()
@@ -348,6 +390,8 @@ def prepare(
         bar.close()
     report.shards = [s["file"] for s in writer.shards]
     settings = {"resolution": resolution, "min_size": min_size, "keep_duplicates": keep_duplicates}
+    if min_frames > 1:  # only then: image-only manifests stay as they were
+        settings["min_frames"] = min_frames
     _finish(src, out, settings, report, writer.shards, progress, hasher.hexdigest())
     return report
 
@@ -385,6 +429,7 @@ def _finish(
         "resolution": settings["resolution"],
         "settings": settings,
         "num_rows": report.written,
+        "videos": report.videos,  # > 0 puts precompute on its video path (data/clips.py)
         "columns": SCHEMA.names,
         "shards": shards,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,18 +18,21 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from flowtrain.data.fs import FsPath, as_path
+from flowtrain.data.video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Videos are listed like images (an image is a one-frame video); `prepare` tells them apart by extension.
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 ACCEPTED_KINDS = (
-    "a folder of images with same-name .txt captions",
-    "a .tsv file (image_path<TAB>caption)",
+    "a folder of images / videos (.mp4, .webm, .mov) with same-name .txt captions",
+    "a .tsv file (image_or_video_path<TAB>caption)",
     "a .jsonl/.json manifest (image + caption fields)",
     "a .parquet file (image + caption columns)",
     "WebDataset .tar shards (a .tar, a {000..009} brace range or a *.tar glob)",
     "a Hugging Face dataset (a save_to_disk folder, or hf-dataset:NAME)",
     "any of these at an fsspec URL (s3://, gs://, hf://, memory://, file://...)",
 )
-_IMAGE_FIELDS = ("image", "file_name", "path", "image_path")
+_IMAGE_FIELDS = ("image", "file_name", "path", "image_path", "video", "video_path")
 _CAPTION_FIELDS = ("caption", "text")
 
 
@@ -141,18 +144,18 @@ def _parquet_file(path: Path | FsPath) -> pq.ParquetFile:
 
 
 def list_folder_images(root: Path | FsPath) -> list[Path] | list[FsPath]:
-    """Image files under `root`, recursively, in sorted (deterministic) order.
+    """Image and video files under `root`, recursively, in sorted (deterministic) order.
 
     Hidden files and folders are ignored: they are tool debris such as macOS `._x.png` resource forks,
     which carry an image extension but are not images.
     """
     if isinstance(root, FsPath):
-        return [p for p in root.walk_files() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        return [p for p in root.walk_files() if p.suffix.lower() in MEDIA_EXTENSIONS]
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS:
                 found.append(Path(dirpath) / name)
     return found
 

@@ -16,6 +16,16 @@ below. Everything that differs from one model family to the next lives behind it
 
 A batch, as the family sees it, is a dict of (B, ...) CPU tensors named after its declared columns; a
 variable-length column `c` arrives padded to the batch's longest row with a (B, L_max) bool `c_mask`.
+
+Video (docs/video.md): a family whose VAE encodes clips says so by taking a keyword `frames` in `cache_columns`
+(`cache_columns(encoders, model, *, resolution, frames=1)`); image families keep the signature below and nothing
+about them changes. When the raw shards hold videos, precompute cuts every raw row into clips of F = 4k+1 frames
+(`dataset.video`; an image row is a one-frame video), runs each clip's F frames through `preprocess_images` and
+hands `encode_pixels` a (B, 3, F, H, W) batch; `cache_columns` gets `frames=F`, and the image column's rows are
+rank 4, e.g. (2C, (F-1)/4+1, H/8, W/8) moments; the loader stacks them to (B, 2C, F', H', W') and
+`training_latents` returns an (f, h, w) token grid. Images alone take the image path, (B, 3, H, W) pixels and
+`cache_columns` without `frames`, for every family. An image family is handed videos only as one-frame clips
+(`dataset.video.frames: 1`), through that unchanged path.
 """
 
 from __future__ import annotations
@@ -116,7 +126,8 @@ class ModelFamily(Protocol):
 
     # ---- precompute ------------------------------------------------------------------------------------------
     def cache_columns(self, encoders: Any, model: ModelOptions, *, resolution: int) -> list[Column]:
-        """The columns a cache at this square `resolution` holds (image and text), with dtypes and shapes."""
+        """The columns a cache at this square `resolution` holds (image and text), with dtypes and shapes. A video
+        family is called with `frames=F` too (clip length, 4k+1) and declares its latent column for it."""
         ...
 
     def cache_settings(self, model: ModelOptions) -> dict[str, Any]:
@@ -138,11 +149,14 @@ class ModelFamily(Protocol):
 
     def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
         """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped: what the
-        pipeline's own image processor feeds its VAE in crop mode (`models.common.preprocess_images`)."""
+        pipeline's own image processor feeds its VAE in crop mode (`models.common.preprocess_images`). On the video
+        path it is called once per clip with the clip's F frames (→ (F, 3, res, res))."""
         ...
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) pixels → {image column: (B, *shape)} VAE posterior moments (mean ‖ logvar), float32."""
+        """(B, 3, H, W) pixels → {image column: (B, *shape)} VAE posterior moments (mean ‖ logvar), float32. A video
+        family (one whose `cache_columns` takes `frames`) receives (B, 3, F, H, W) clips instead (F frames in
+        [-1, 1], the layout of diffusers' video VAEs) and returns (B, 2C, F', H', W') moments."""
         ...
 
     def latent_norm(self, encoders: Any) -> dict[str, list[float]]:
