@@ -1,0 +1,189 @@
+"""`stages:`: a training pipeline, one stage after another, each the base config plus its own overrides.
+
+A stage is validated here as a whole config (the base with its `overrides` merged in), so a typo in any stage
+fails at load time with the stage's name. Running the stages is `flowtrain.train.stages`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from flowtrain.config.section import Section
+
+STAGES_DIR = "stages"  # each stage runs in {output_dir}/stages/{name}
+# Keys a stage may not override: the pipeline owns them (where each stage writes; the stage list itself).
+_FIXED = ("stages", "output_dir")
+
+
+class StageEndConfig(Section):
+    """When a stage ends before its length: on the smoothed logged train loss (`train.log_every` sets how often
+    it is looked at). Both conditions may be set; the first to hold ends the stage."""
+
+    loss_below: float | None = Field(
+        None, description="End the stage once the smoothed loss is below this value; null: off."
+    )
+    patience: int | None = Field(
+        None,
+        gt=0,
+        description="Early stop: end the stage when the smoothed loss has not improved by more than min_delta for "
+        "this many optimizer steps; null: off.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="Plateau: the absolute decrease of the smoothed loss that counts as an improvement."
+    )
+    smoothing: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="EMA β over the logged losses: s ← β·s + (1-β)·loss, bias-corrected (0: the logged loss as is).",
+    )
+    min_steps: int = Field(0, ge=0, description="Neither condition is looked at before this many steps of the stage.")
+
+
+class StageConfig(Section):
+    """One stage of `stages:`."""
+
+    name: str = Field(description="Unique; the stage's run folder is {output_dir}/stages/{name}.")
+    steps: int | None = Field(
+        None, gt=0, description="Length in optimizer steps (sets the stage's train.max_steps); null: see epochs."
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Length in epochs of the stage's dataset (rounded up to whole steps); null with steps null: "
+        "the stage's train.max_steps.",
+    )
+    end: StageEndConfig = Field(default_factory=StageEndConfig)
+    optimizer_state: Literal["keep", "reset"] = Field(
+        "reset",
+        description="`keep`: start from the previous stage's optimizer state (moments; the stage's own lr and "
+        "hyper-parameters apply), which needs the same optimizer and the same trainable parameters; `reset`: a "
+        "new optimizer.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Regexes of parameter names or module prefixes to keep fixed in this stage (each also matches "
+        "as a name suffix: `proj_out` freezes `proj_out.weight` and `proj_out.bias`).",
+    )
+    unfreeze: list[str] = Field(
+        default_factory=list,
+        description="Exceptions to `freeze`, same syntax: parameters matched here train even if `freeze` matches "
+        "them (only parameters the train_mode trains: LoRA never unfreezes the base).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sections of the base config this stage changes, deep-merged, e.g. {train: {learning_rate: "
+        "1e-4}, train_mode: full, loss: {base: l1}, dataset: {cache_dir: ...}}.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"stage name {v!r}: use letters, digits, '_', '-', '.' (it names a folder)")
+        return v
+
+    @field_validator("freeze", "unfreeze")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regex ({e})") from None
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _not_fixed(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in _FIXED:
+            if key in v:
+                raise ValueError(f"overrides.{key}: the pipeline sets it for every stage; remove it from the stage")
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> StageConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"stage {self.name!r}: give steps or epochs, not both")
+        return self
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` deep-merged in (mappings merge key by key; anything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_dict(base: dict[str, Any], stage: StageConfig) -> dict[str, Any]:
+    """The config dict a stage runs: the base (without `stages`) with the stage's overrides, its own run folder,
+    its length in steps, and a final checkpoint (the next stage starts from it)."""
+    d = merge({k: v for k, v in base.items() if k != "stages"}, stage.overrides)
+    d["output_dir"] = f"{base['output_dir']}/{STAGES_DIR}/{stage.name}"
+    d["train"] = {**d.get("train", {}), **({"max_steps": stage.steps} if stage.steps else {})}
+    d["checkpoint"] = {**d.get("checkpoint", {}), "final": True}
+    return d
+
+
+def stage_configs(cfg: Any) -> list[Any]:
+    """Each stage of `cfg` (a FlowtrainConfig with `stages`) as the whole FlowtrainConfig it runs. Raises
+    ValueError naming the stage and the key when one does not validate."""
+    from pydantic import ValidationError
+
+    base = cfg.model_dump(mode="json", exclude_unset=True, exclude={"stages"})
+    base["output_dir"] = cfg.output_dir
+    out = []
+    for i, stage in enumerate(cfg.stages):
+        try:
+            out.append(type(cfg).model_validate(stage_dict(base, stage)))
+        except ValidationError as e:
+            lines = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in e.errors()
+            )
+            raise ValueError(
+                f"stages[{i}] ({stage.name!r}): the base config with this stage's overrides is invalid: {lines}"
+            ) from None
+    return out
+
+
+def _carried(c: Any) -> tuple:
+    """What must stay the same for one stage's weights to load into the next by name."""
+    lora = (c.lora.rank, c.lora.kind, str(c.lora.targets)) if c.train_mode == "lora" else None
+    return c.model.family, c.model.pretrained, c.model.dit, c.train_mode, lora
+
+
+def check_stages(cfg: Any) -> list[Any]:
+    """Validate the pipeline as a whole; returns the stage configs (`stage_configs`)."""
+    names = [s.name for s in cfg.stages]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"stages: names must be unique (each names a folder); repeated: {dup}")
+    configs = stage_configs(cfg)
+    for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
+        if i == 0:
+            if stage.optimizer_state == "keep":
+                raise ValueError(f"stages[0] ({stage.name!r}): optimizer_state keep needs a previous stage; use reset")
+            continue
+        prev = configs[i - 1]
+        if _carried(prev) != _carried(c):
+            raise ValueError(
+                f"stages[{i}] ({stage.name!r}) changes the model, train_mode or LoRA shape of stage "
+                f"{cfg.stages[i - 1].name!r} ({_carried(prev)} → {_carried(c)}): weights carry over by name, so "
+                "every stage trains the same model in the same train_mode (and LoRA rank / kind / targets)"
+            )
+        if stage.optimizer_state == "keep":
+            if prev.optimizer.name != c.optimizer.name:
+                raise ValueError(
+                    f"stages[{i}] ({stage.name!r}): optimizer_state keep, but the optimizer changes "
+                    f"{prev.optimizer.name} → {c.optimizer.name}; use optimizer_state: reset"
+                )
+            if (cfg.stages[i - 1].freeze, cfg.stages[i - 1].unfreeze) != (stage.freeze, stage.unfreeze):
+                raise ValueError(
+                    f"stages[{i}] ({stage.name!r}): optimizer_state keep, but freeze / unfreeze differ from stage "
+                    f"{cfg.stages[i - 1].name!r}, so the trained parameters differ; use optimizer_state: reset"
+                )
+    return configs
