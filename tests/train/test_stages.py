@@ -9,13 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from flowtrain.config import FlowtrainConfig
-from flowtrain.config.stages import StageEndConfig, stage_configs
+from flowtrain.config.stages import StageEndConfig, plan_lines, stage_configs
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.train.stages import (
     StageEnd,
     apply_freeze,
     below,
-    plan_lines,
     plateau_update,
     run_pipeline,
     smoothed,
@@ -220,3 +219,28 @@ def test_pipeline_switches_on_a_loss_threshold_carries_weights_and_stops_early(t
     assert [r["lr"] for r in _rows(run / "stages" / "tail")] == [1e-3, 1e-3]  # ...with its own learning rate
     assert res.stages["tail"] == {"status": "done", "step": 2, "ended": "length",
                                   "checkpoint": str(run / "stages" / "tail" / "checkpoint-2")}  # fmt: skip
+
+
+def test_check_prints_the_plan_as_comments(tmp_path, capsys):
+    import yaml
+
+    from flowtrain.cli import main
+
+    d = _pipeline_dict(
+        tmp_path,
+        [
+            {"name": "warm", "steps": 5, "freeze": ["single_transformer_blocks"], "unfreeze": ["proj_out"],
+             "end": {"loss_below": 0.4, "min_steps": 2}},
+            {"name": "main", "overrides": {"train": {"max_steps": 7}}, "end": {"patience": 3, "min_delta": 0.01}},
+        ],
+    )  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d))
+    assert main(["check", str(tmp_path / "p.yaml")]) == 0
+    out = capsys.readouterr().out
+    plan = [line for line in out.splitlines() if line.startswith("# ")]
+    assert plan[0] == f"# pipeline: 2 stages in {tmp_path / 'run'}/stages/"
+    assert "# 1. warm: trains the transformer, LoRA rank 4 (lora) on attention" in plan
+    assert "#    freezes ['single_transformer_blocks'] except ['proj_out']" in plan
+    assert "#    ends after 5 steps, or when the smoothed loss (β 0.9) < 0.4 from step 2" in plan
+    assert "#    ends after 7 steps, or on a plateau: no improvement > 0.01 for 3 steps (early stop)" in plan
+    assert [s["name"] for s in yaml.safe_load(out)["stages"]] == ["warm", "main"]  # still a config

@@ -187,3 +187,33 @@ def check_stages(cfg: Any) -> list[Any]:
                     f"{cfg.stages[i - 1].name!r}, so the trained parameters differ; use optimizer_state: reset"
                 )
     return configs
+
+
+def _length_text(stage: StageConfig, cfg: Any) -> str:
+    if stage.epochs is not None:
+        return f"{stage.epochs:g} epochs of {cfg.dataset.cache_dir}"
+    return f"{cfg.train.max_steps} steps"
+
+
+def plan_lines(cfg: Any) -> list[str]:
+    """The pipeline as `flowtrain check` prints it: per stage what it trains and freezes and how it ends."""
+    configs = check_stages(cfg)
+    lines = [f"pipeline: {len(configs)} stages in {cfg.output_dir}/stages/"]
+    for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
+        lora = f"LoRA rank {c.lora.rank} ({c.lora.kind}) on {c.lora.targets}"
+        what = lora if c.train_mode == "lora" else "all weights"
+        lines.append(f"{i + 1}. {stage.name}: trains the transformer, {what}")
+        lines.append(f"   data {c.dataset.cache_dir}, loss {c.loss.name} ({c.loss.base})")
+        lines.append(f"   optimizer {c.optimizer.name} lr {c.train.learning_rate:g} ({c.lr_scheduler.name}), state "
+                     f"{'kept from the previous stage' if stage.optimizer_state == 'keep' else 'new'}")  # fmt: skip
+        if stage.freeze:
+            lines.append(f"   freezes {stage.freeze}" + (f" except {stage.unfreeze}" if stage.unfreeze else ""))
+        ends = [f"after {_length_text(stage, c)}"]
+        e = stage.end
+        since = f" from step {e.min_steps}" if e.min_steps else ""
+        if e.loss_below is not None:
+            ends.append(f"when the smoothed loss (β {e.smoothing:g}) < {e.loss_below:g}{since}")
+        if e.patience is not None:
+            ends.append(f"on a plateau: no improvement > {e.min_delta:g} for {e.patience} steps{since} (early stop)")
+        lines.append("   ends " + ", or ".join(ends))
+    return lines
