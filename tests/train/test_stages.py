@@ -130,12 +130,16 @@ def test_stage_overrides_merge_into_the_base(tmp_path):
     [
         ([{"name": "a", "overrides": {"train": {"learning_rat": 1}}}], r"stages\[0\] \('a'\).*learning_rat"),
         ([{"name": "a"}, {"name": "a"}], "unique"),
-        ([{"name": "a", "optimizer_state": "keep"}], "needs a previous stage"),
+        ([{"name": "a", "optimizer_state": "keep"}], "needs a previous transformer stage"),
         ([{"name": "a"}, {"name": "b", "overrides": {"train_mode": "full"}}], "train_mode"),
         ([{"name": "a"}, {"name": "b", "optimizer_state": "keep", "freeze": ["x"]}], "freeze / unfreeze differ"),
         ([{"name": "a", "steps": 2, "epochs": 1}], "steps or epochs, not both"),
         ([{"name": "a", "overrides": {"output_dir": "x"}}], "the pipeline sets it"),
         ([{"name": "a b"}], "names a folder"),
+        ([{"name": "a", "kind": "autoencoder"}], "needs `autoencoder:`"),
+        ([{"name": "a", "kind": "autoencoder", "autoencoder": "x.yaml", "freeze": ["x"]}], "options of transformer"),
+        ([{"name": "a", "autoencoder": "x.yaml"}], "need kind: autoencoder"),
+        ([{"name": "a", "kind": "autoencoder", "autoencoder": "/nonexistent.yaml"}], r"stages\[0\] \('a'\): auto"),
         ([{"name": "a", "freeze": ["("]}], "not a valid regex"),
     ],
 )
@@ -244,3 +248,38 @@ def test_check_prints_the_plan_as_comments(tmp_path, capsys):
     assert "#    ends after 5 steps, or when the smoothed loss (β 0.9) < 0.4 from step 2" in plan
     assert "#    ends after 7 steps, or on a plateau: no improvement > 0.01 for 3 steps (early stop)" in plan
     assert [s["name"] for s in yaml.safe_load(out)["stages"]] == ["warm", "main"]  # still a config
+
+
+def test_autoencoder_stage_runs_once_and_restarts_when_cut_short(tiny_pipeline_dir, tiny_cache, tmp_path):
+    """kind autoencoder trains the family's VAE in its stage folder (the demo's autoencoder config on the tiny
+    images); a finished pipeline resumed redoes nothing; an autoencoder stage that was cut short (not in
+    pipeline.json) is trained again from its start, to the same weights."""
+    from pathlib import Path
+
+    ae_yaml = Path(__file__).parents[2] / "configs" / "demo" / "autoencoder.yaml"
+    over = [f"data.raw_dir={tiny_cache[0]}", "data.resolution=32", "train.batch_size=4", "train.log_every=1",
+            "tracking.report_to=[jsonl]", "lr_scheduler.warmup_steps=0"]  # fmt: skip
+    stages = [
+        {"name": "vae", "kind": "autoencoder", "autoencoder": str(ae_yaml), "steps": 3, "autoencoder_overrides": over},
+        {"name": "dit", "steps": 2},
+    ]
+    cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
+    assert "1. vae: trains the autoencoder" in "\n".join(plan_lines(cfg))
+    res = run_pipeline(cfg, progress=False)
+    vae = tmp_path / "run" / "stages" / "vae" / "vae"
+    assert res.stages["vae"]["step"] == 3 and res.stages["vae"]["vae"] == str(vae)
+    assert [r["step"] for r in _rows(vae.parent)] == [1, 2, 3, 3]  # 3 steps, then the fitted stats' row
+    assert res.stages["dit"]["step"] == 2
+    weights = next(vae.glob("*.safetensors"))
+    first, stamp = load_file(str(weights)), weights.stat().st_mtime_ns
+
+    again = run_pipeline(cfg, resume="latest", progress=False)
+    assert again.stages == res.stages and weights.stat().st_mtime_ns == stamp  # nothing redone
+
+    record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    del record["stages"]["vae"]  # as if killed inside the autoencoder stage
+    (tmp_path / "run" / "pipeline.json").write_text(json.dumps(record))
+    run_pipeline(cfg, resume="latest", progress=False)
+    assert weights.stat().st_mtime_ns != stamp
+    second = load_file(str(weights))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the trainer is seeded: the same VAE again

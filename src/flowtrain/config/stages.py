@@ -47,6 +47,18 @@ class StageConfig(Section):
     """One stage of `stages:`."""
 
     name: str = Field(description="Unique; the stage's run folder is {output_dir}/stages/{name}.")
+    kind: Literal["transformer", "autoencoder"] = Field(
+        "transformer",
+        description="`transformer`: the base config plus `overrides`, through `flowtrain train`'s loop; "
+        "`autoencoder`: the model family's autoencoder trainer (`flowtrain autoencoder`) on the config file "
+        "`autoencoder` plus `autoencoder_overrides`.",
+    )
+    autoencoder: str | None = Field(
+        None, description="kind autoencoder: its config file (absolute, or relative to the working directory)."
+    )
+    autoencoder_overrides: list[str] = Field(
+        default_factory=list, description="kind autoencoder: dotted overrides of that file, e.g. [train.batch_size=8]."
+    )
     steps: int | None = Field(
         None, gt=0, description="Length in optimizer steps (sets the stage's train.max_steps); null: see epochs."
     )
@@ -108,6 +120,20 @@ class StageConfig(Section):
     def _one_length(self) -> StageConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"stage {self.name!r}: give steps or epochs, not both")
+        if self.kind == "autoencoder":
+            if self.autoencoder is None:
+                raise ValueError(f"stage {self.name!r}: kind autoencoder needs `autoencoder:` (its config file)")
+            fixed = StageEndConfig()
+            other = {"epochs": self.epochs is not None, "end": self.end != fixed, "freeze": bool(self.freeze),
+                     "unfreeze": bool(self.unfreeze), "overrides": bool(self.overrides),
+                     "optimizer_state": self.optimizer_state != "reset"}  # fmt: skip
+            if any(other.values()):
+                raise ValueError(
+                    f"stage {self.name!r} (kind autoencoder): {[k for k, v in other.items() if v]} are options of "
+                    "transformer stages; an autoencoder stage takes steps and autoencoder_overrides"
+                )
+        elif self.autoencoder is not None or self.autoencoder_overrides:
+            raise ValueError(f"stage {self.name!r}: autoencoder / autoencoder_overrides need kind: autoencoder")
         return self
 
 
@@ -138,6 +164,9 @@ def stage_configs(cfg: Any) -> list[Any]:
     base["output_dir"] = cfg.output_dir
     out = []
     for i, stage in enumerate(cfg.stages):
+        if stage.kind == "autoencoder":
+            out.append(autoencoder_config(cfg, stage, i))
+            continue
         try:
             out.append(type(cfg).model_validate(stage_dict(base, stage)))
         except ValidationError as e:
@@ -148,6 +177,24 @@ def stage_configs(cfg: Any) -> list[Any]:
                 f"stages[{i}] ({stage.name!r}): the base config with this stage's overrides is invalid: {lines}"
             ) from None
     return out
+
+
+def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
+    """An autoencoder stage's config, validated by the model family that trains it, run in the stage's folder."""
+    from flowtrain.models import TrainsAutoencoder, get_family
+
+    family = get_family(cfg.model.family)
+    if not isinstance(family, TrainsAutoencoder):
+        raise ValueError(
+            f"stages[{index}] ({stage.name!r}): model family {cfg.model.family!r} has no autoencoder trainer"
+        )
+    overrides = [*stage.autoencoder_overrides, f"output_dir={cfg.output_dir}/{STAGES_DIR}/{stage.name}"]
+    if stage.steps is not None:
+        overrides.append(f"train.max_steps={stage.steps}")
+    try:
+        return family.load_autoencoder_config(stage.autoencoder, overrides)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"stages[{index}] ({stage.name!r}): autoencoder {stage.autoencoder}: {e}") from None
 
 
 def _carried(c: Any) -> tuple:
@@ -163,16 +210,24 @@ def check_stages(cfg: Any) -> list[Any]:
     if dup:
         raise ValueError(f"stages: names must be unique (each names a folder); repeated: {dup}")
     configs = stage_configs(cfg)
+    last = None  # the previous transformer stage's index
     for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
-        if i == 0:
-            if stage.optimizer_state == "keep":
-                raise ValueError(f"stages[0] ({stage.name!r}): optimizer_state keep needs a previous stage; use reset")
+        if stage.kind == "autoencoder":
             continue
-        prev = configs[i - 1]
+        j, last = last, i
+        if j is None or cfg.stages[i - 1].kind == "autoencoder":
+            if stage.optimizer_state == "keep":
+                raise ValueError(
+                    f"stages[{i}] ({stage.name!r}): optimizer_state keep needs a previous transformer stage right "
+                    "before it; use reset"
+                )
+            if j is None:
+                continue
+        prev = configs[j]
         if _carried(prev) != _carried(c):
             raise ValueError(
                 f"stages[{i}] ({stage.name!r}) changes the model, train_mode or LoRA shape of stage "
-                f"{cfg.stages[i - 1].name!r} ({_carried(prev)} → {_carried(c)}): weights carry over by name, so "
+                f"{cfg.stages[j].name!r} ({_carried(prev)} → {_carried(c)}): weights carry over by name, so "
                 "every stage trains the same model in the same train_mode (and LoRA rank / kind / targets)"
             )
         if stage.optimizer_state == "keep":
@@ -181,10 +236,10 @@ def check_stages(cfg: Any) -> list[Any]:
                     f"stages[{i}] ({stage.name!r}): optimizer_state keep, but the optimizer changes "
                     f"{prev.optimizer.name} → {c.optimizer.name}; use optimizer_state: reset"
                 )
-            if (cfg.stages[i - 1].freeze, cfg.stages[i - 1].unfreeze) != (stage.freeze, stage.unfreeze):
+            if (cfg.stages[j].freeze, cfg.stages[j].unfreeze) != (stage.freeze, stage.unfreeze):
                 raise ValueError(
                     f"stages[{i}] ({stage.name!r}): optimizer_state keep, but freeze / unfreeze differ from stage "
-                    f"{cfg.stages[i - 1].name!r}, so the trained parameters differ; use optimizer_state: reset"
+                    f"{cfg.stages[j].name!r}, so the trained parameters differ; use optimizer_state: reset"
                 )
     return configs
 
@@ -200,6 +255,11 @@ def plan_lines(cfg: Any) -> list[str]:
     configs = check_stages(cfg)
     lines = [f"pipeline: {len(configs)} stages in {cfg.output_dir}/stages/"]
     for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
+        if stage.kind == "autoencoder":
+            lines.append(f"{i + 1}. {stage.name}: trains the autoencoder ({stage.autoencoder}), all its weights")
+            lines.append(f"   data {c.data.raw_dir}, {c.train.max_steps} steps at lr {c.train.learning_rate:g}")
+            lines.append(f"   ends after {c.train.max_steps} steps")
+            continue
         lora = f"LoRA rank {c.lora.rank} ({c.lora.kind}) on {c.lora.targets}"
         what = lora if c.train_mode == "lora" else "all weights"
         lines.append(f"{i + 1}. {stage.name}: trains the transformer, {what}")

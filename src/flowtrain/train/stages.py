@@ -279,6 +279,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     last_final: Path | None = None
     for i, (stage, scfg) in enumerate(zip(cfg.stages, configs, strict=True)):
         done = record["stages"].get(stage.name)
+        if done is not None and done.get("status") == "done" and stage.kind == "autoencoder":
+            last_final, result.stages[stage.name] = None, done  # nothing of it carries into the transformer
+            continue
         if done is not None and done.get("status") == "done":
             final = Path(done["checkpoint"])
             if not (final / "trainable.safetensors").exists():
@@ -288,6 +291,18 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 )
             carry.append(final / "trainable.safetensors")
             last_final, result.stages[stage.name] = final, done
+            continue
+        if stage.kind == "autoencoder":
+            if main:
+                log.info("stage %d/%d %s: training the autoencoder", i + 1, len(configs), stage.name)
+            ae = run_autoencoder_stage(cfg.model.family, scfg, progress=progress)
+            entry = {"status": "done", "step": ae.step, "ended": "length", "checkpoint": None,
+                     "vae": str(ae.vae_dir)}  # fmt: skip
+            result.stages[stage.name] = record["stages"][stage.name] = entry
+            result.output_dir, result.step, result.losses = Path(scfg.output_dir), ae.step, {}
+            if main:
+                _write_record(out, record)
+            last_final = None
             continue
         scfg = resolve_length(stage, scfg)
         stage_out = Path(scfg.output_dir)
@@ -316,6 +331,18 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         carry.append(final / "trainable.safetensors")
         last_final = final
     return result
+
+
+def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) -> Any:
+    """The one call into the autoencoder trainer: `cfg` (its output_dir is the stage's folder) trained by the
+    model family's `train_autoencoder`; returns its result (`step`, `vae_dir`). That trainer does not resume, so a
+    stage that was cut short is trained again from its start (a finished one is never redone: pipeline.json)."""
+    from flowtrain.models import get_family
+
+    out = Path(cfg.output_dir)
+    if out.exists():
+        shutil.rmtree(out)  # a cut-short attempt: the trainer starts over
+    return get_family(family_name).train_autoencoder(cfg, progress=progress)
 
 
 _PRECISION: dict[str, str] = {}
