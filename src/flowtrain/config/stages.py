@@ -47,12 +47,19 @@ class StageConfig(Section):
     """One stage of `stages:`."""
 
     name: str = Field(description="Unique; the stage's run folder is {output_dir}/stages/{name}.")
-    kind: Literal["transformer", "autoencoder"] = Field(
+    kind: Literal["transformer", "autoencoder", "python"] = Field(
         "transformer",
         description="`transformer`: the base config plus `overrides`, through `flowtrain train`'s loop; "
         "`autoencoder`: the model family's autoencoder trainer (`flowtrain autoencoder`) on the config file "
-        "`autoencoder` plus `autoencoder_overrides`.",
+        "`autoencoder` plus `autoencoder_overrides`; `python`: the function `call` (a step between trainings, "
+        "e.g. assembling a pipeline folder and encoding a latent cache).",
     )
+    call: str | None = Field(
+        None,
+        description="kind python: `package.module:function`, called as function(config, stage_dir, args, "
+        "progress=...) with the pipeline's base config; what it returns (a JSON mapping) is recorded.",
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="kind python: keyword data handed to `call`.")
     autoencoder: str | None = Field(
         None, description="kind autoencoder: its config file (absolute, or relative to the working directory)."
     )
@@ -134,6 +141,15 @@ class StageConfig(Section):
                 )
         elif self.autoencoder is not None or self.autoencoder_overrides:
             raise ValueError(f"stage {self.name!r}: autoencoder / autoencoder_overrides need kind: autoencoder")
+        if self.kind == "python":
+            if not self.call or ":" not in self.call:
+                raise ValueError(f"stage {self.name!r}: kind python needs `call: package.module:function`")
+            given = [k for k in ("steps", "epochs", "autoencoder") if getattr(self, k) is not None]
+            given += [k for k in ("freeze", "unfreeze", "overrides") if getattr(self, k)]
+            if given or self.end != StageEndConfig() or self.optimizer_state != "reset":
+                raise ValueError(f"stage {self.name!r} (kind python) takes only call and args, not {given or 'end'}")
+        elif self.call is not None or self.args:
+            raise ValueError(f"stage {self.name!r}: call / args need kind: python")
         return self
 
 
@@ -166,6 +182,9 @@ def stage_configs(cfg: Any) -> list[Any]:
     for i, stage in enumerate(cfg.stages):
         if stage.kind == "autoencoder":
             out.append(autoencoder_config(cfg, stage, i))
+            continue
+        if stage.kind == "python":
+            out.append(None)  # nothing to validate beyond the stage itself: `call` is imported when it runs
             continue
         try:
             out.append(type(cfg).model_validate(stage_dict(base, stage)))
@@ -212,10 +231,10 @@ def check_stages(cfg: Any) -> list[Any]:
     configs = stage_configs(cfg)
     last = None  # the previous transformer stage's index
     for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
-        if stage.kind == "autoencoder":
+        if stage.kind != "transformer":
             continue
         j, last = last, i
-        if j is None or cfg.stages[i - 1].kind == "autoencoder":
+        if j is None or cfg.stages[i - 1].kind != "transformer":
             if stage.optimizer_state == "keep":
                 raise ValueError(
                     f"stages[{i}] ({stage.name!r}): optimizer_state keep needs a previous transformer stage right "
@@ -259,6 +278,9 @@ def plan_lines(cfg: Any) -> list[str]:
             lines.append(f"{i + 1}. {stage.name}: trains the autoencoder ({stage.autoencoder}), all its weights")
             lines.append(f"   data {c.data.raw_dir}, {c.train.max_steps} steps at lr {c.train.learning_rate:g}")
             lines.append(f"   ends after {c.train.max_steps} steps")
+            continue
+        if stage.kind == "python":
+            lines.append(f"{i + 1}. {stage.name}: runs {stage.call} (trains nothing)")
             continue
         lora = f"LoRA rank {c.lora.rank} ({c.lora.kind}) on {c.lora.targets}"
         what = lora if c.train_mode == "lora" else "all weights"

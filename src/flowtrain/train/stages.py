@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from flowtrain.config.stages import StageConfig, StageEndConfig, check_stages
+from flowtrain.config.stages import STAGES_DIR, StageConfig, StageEndConfig, check_stages
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     configs = check_stages(cfg)
     out = Path(cfg.output_dir)
     main = int(os.environ.get("RANK", "0")) == 0
+    single = [s.name for s in cfg.stages if s.kind != "transformer"]
+    if single and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"stages {single} (autoencoder / python) run in one process: launch this pipeline without "
+                         "accelerate launch / torchrun, or split it")  # fmt: skip
     record = read_record(out) if resume else {"stages": {}}
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +283,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     last_final: Path | None = None
     for i, (stage, scfg) in enumerate(zip(cfg.stages, configs, strict=True)):
         done = record["stages"].get(stage.name)
-        if done is not None and done.get("status") == "done" and stage.kind == "autoencoder":
+        if done is not None and done.get("status") == "done" and stage.kind != "transformer":
             last_final, result.stages[stage.name] = None, done  # nothing of it carries into the transformer
             continue
         if done is not None and done.get("status") == "done":
@@ -292,12 +296,23 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             carry.append(final / "trainable.safetensors")
             last_final, result.stages[stage.name] = final, done
             continue
+        if stage.kind == "python":
+            if main:
+                log.info("stage %d/%d %s: %s", i + 1, len(configs), stage.name, stage.call)
+                value = run_python_stage(cfg, stage, Path(cfg.output_dir) / STAGES_DIR / stage.name, progress=progress)
+                entry = {"status": "done", "step": 0, "ended": "done", "checkpoint": None, "result": value}
+                result.stages[stage.name] = record["stages"][stage.name] = entry
+                _write_record(out, record)
+            last_final = None
+            continue
         if stage.kind == "autoencoder":
             if main:
                 log.info("stage %d/%d %s: training the autoencoder", i + 1, len(configs), stage.name)
             ae = run_autoencoder_stage(cfg.model.family, scfg, progress=progress)
+            stats = getattr(ae, "stats", None) or {}
             entry = {"status": "done", "step": ae.step, "ended": "length", "checkpoint": None,
-                     "vae": str(ae.vae_dir)}  # fmt: skip
+                     "vae": str(ae.vae_dir), "final": getattr(ae, "final", None),
+                     "reconstruction_l1": stats.get("reconstruction_l1")}  # fmt: skip
             result.stages[stage.name] = record["stages"][stage.name] = entry
             result.output_dir, result.step, result.losses = Path(scfg.output_dir), ae.step, {}
             if main:
@@ -331,6 +346,23 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         carry.append(final / "trainable.safetensors")
         last_final = final
     return result
+
+
+def run_python_stage(cfg: Any, stage: StageConfig, stage_dir: Path, *, progress: bool = True) -> Any:
+    """Call a kind python stage's `call` (imported like a user loss, `package.module:function`) in a fresh stage
+    folder: function(base config, stage_dir, args, progress=...). A stage cut short runs again from its start."""
+    import importlib
+
+    module, _, name = stage.call.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"stage {stage.name!r}: call {stage.call!r} cannot be imported ({e})") from None
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    value = fn(cfg, stage_dir, dict(stage.args), progress=progress)
+    return json.loads(json.dumps(value if value is not None else {}, default=str))
 
 
 def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) -> Any:
