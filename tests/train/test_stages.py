@@ -188,8 +188,9 @@ def test_pipeline_switches_on_a_loss_threshold_carries_weights_and_stops_early(t
         {"name": "warm", "steps": 8, "end": {"loss_below": threshold, "smoothing": 0.5, "min_steps": 2}},
         {"name": "main", "steps": 10, "freeze": ["single_transformer_blocks"],
          "end": {"patience": 3, "min_delta": 1e9, "smoothing": 0.0}},
-        {"name": "tail", "steps": 2, "optimizer_state": "keep", "freeze": ["single_transformer_blocks"],
-         "overrides": {"train": {"learning_rate": 1e-3}}},
+        {"name": "tail", "steps": 5, "optimizer_state": "keep", "freeze": ["single_transformer_blocks"],
+         "overrides": {"train": {"learning_rate": 1e-3},
+                       "validation": {"every_steps": 5, "prompts": ["a photo"], "num_inference_steps": 1}}},
     ]  # fmt: skip
     res = run_pipeline(_cfg(tiny_pipeline_dir, cache, tmp_path / "run", stages), progress=False)
     run = tmp_path / "run"
@@ -217,12 +218,16 @@ def test_pipeline_switches_on_a_loss_threshold_carries_weights_and_stops_early(t
         match = [v for ek, v in exported.items() if ek.endswith(k.replace(".default", ""))]
         assert len(match) == 1 and torch.equal(match[0], warm_final[k]), k
     # optimizer_state keep: tail's step counts go on from main's (reset: main's started at 0)
-    for stage, last, want in (("main", 4, 4), ("tail", 2, 6)):
+    for stage, last, want in (("main", 4, 4), ("tail", 5, 9)):
         opt = torch.load(run / "stages" / stage / f"checkpoint-{last}" / "optimizer.pt", weights_only=False)
         assert {float(s["step"]) for s in opt["state"].values()} == {float(want)}, stage
-    assert [r["lr"] for r in _rows(run / "stages" / "tail")] == [1e-3, 1e-3]  # ...with its own learning rate
-    assert res.stages["tail"] == {"status": "done", "step": 2, "ended": "length",
-                                  "checkpoint": str(run / "stages" / "tail" / "checkpoint-2")}  # fmt: skip
+    assert [r["lr"] for r in _rows(run / "stages" / "tail")] == [1e-3] * 5  # ...with its own learning rate
+    assert res.stages["tail"] == {"status": "done", "step": 5, "ended": "length",
+                                  "checkpoint": str(run / "stages" / "tail" / "checkpoint-5")}  # fmt: skip
+    # Validation images carry the stage, the epoch (8 rows / batch 2: step 5 is in epoch 1) and the step.
+    samples = sorted(p.name for p in (run / "stages" / "tail" / "samples").glob("*.png"))
+    assert samples == ["tail_epoch001_step000005_00_0.png", "tail_epoch001_step000005_grid.png"]
+    assert _rows(run / "stages" / "tail")[-1]["epoch"] == 1
 
 
 def test_check_prints_the_plan_as_comments(tmp_path, capsys):

@@ -217,6 +217,8 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     teacher = load_teacher(cfg, family, accelerator.device) if cfg.loss.teacher else None
     loss_fn = loss_from_config(cfg, family=family, teacher=teacher)
     validator = Validator(cfg, family, out, resolution=dataset.manifest.resolution)
+    if stage is not None:  # a pipeline stage's sample names carry the stage and the epoch
+        validator.name_prefix = stage.sample_prefix(sampler, start_step, cfg.train.gradient_accumulation_steps)
     tracker = open_tracking(cfg, out, resume_step=start_step if restored else None, is_main=accelerator.is_main_process,
                             started=early_tracker)  # fmt: skip
     cleanup.callback(tracker.close, "FAILED")  # a run that raises ends FAILED now (no-op after a normal finish)

@@ -198,6 +198,11 @@ class StageContext:
         log.info("stage %d/%d %s: %d tensors carried over, %d parameters frozen", self.index + 1, self.count,
                  self.name, n, len(frozen))  # fmt: skip
 
+    def sample_prefix(self, sampler: Any, start_step: int, accumulation: int) -> Any:
+        """step → `{stage}_epoch{epoch:03d}_` for validation image names: the epoch the metrics log at that step
+        (the data position after it; `sampler` counts from the run's start position, `start_step`)."""
+        return lambda step: f"{self.name}_epoch{sampler.position_after((step - start_step) * accumulation)[0]:03d}_"
+
     def prepare_optimizer(self, optimizer: Any) -> None:
         if self.optimizer_from is not None:
             load_optimizer_moments(optimizer, self.optimizer_from)
