@@ -196,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with slot as claimed:  # claimed first: a refused output_dir costs no preparing; a failed stage restores it
         from flowtrain.track import start_tracking
 
-        start_tracking(cfg, is_main=_is_main_process())  # MLflow's child process imports while torch does
+        if not cfg.stages:  # a pipeline's stages each start their own
+            start_tracking(cfg, is_main=_is_main_process())  # MLflow's child process imports while torch does
         if args.from_source is not None:
             from flowtrain.chain import prepare_and_precompute
 

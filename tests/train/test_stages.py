@@ -288,3 +288,22 @@ def test_autoencoder_stage_runs_once_and_restarts_when_cut_short(tiny_pipeline_d
     assert weights.stat().st_mtime_ns != stamp
     second = load_file(str(weights))
     assert all(torch.equal(first[k], second[k]) for k in first)  # the trainer is seeded: the same VAE again
+
+
+def test_stage_runs_nest_under_the_pipelines_mlflow_run(tiny_pipeline_dir, tiny_cache, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    stages = [{"name": "one", "steps": 1}, {"name": "two", "steps": 1}]
+    tracking = {"report_to": ["mlflow", "jsonl"], "mlflow_async": False, "log_weights": False}
+    cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages, tracking=tracking)
+    run_pipeline(cfg, progress=False)
+    parent = json.loads((tmp_path / "run" / "pipeline.json").read_text())["mlflow_parent"]
+    assert parent["uri"] == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=parent["uri"])
+    runs = client.search_runs(client.get_experiment_by_name("flowtrain").experiment_id)
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"run", "one", "two"}
+    assert by_name["run"].info.run_id == parent["run_id"] and by_name["run"].info.status == "FINISHED"
+    for name in ("one", "two"):
+        assert by_name[name].data.tags["mlflow.parentRunId"] == parent["run_id"]
+        assert "loss" in by_name[name].data.metrics

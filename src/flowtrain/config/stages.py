@@ -168,7 +168,18 @@ def stage_dict(base: dict[str, Any], stage: StageConfig) -> dict[str, Any]:
     d["output_dir"] = f"{base['output_dir']}/{STAGES_DIR}/{stage.name}"
     d["train"] = {**d.get("train", {}), **({"max_steps": stage.steps} if stage.steps else {})}
     d["checkpoint"] = {**d.get("checkpoint", {}), "final": True}
+    tracking = d.get("tracking", {})
+    if "mlflow" in tracking.get("report_to", ["mlflow"]) and not tracking.get("uri"):
+        # one MLflow store for the pipeline, so each stage's run can nest under the pipeline's run
+        d["tracking"] = {**tracking, "uri": pipeline_store_uri(base["output_dir"])}
     return d
+
+
+def pipeline_store_uri(output_dir: str) -> str:
+    """The MLflow store of a pipeline whose tracking.uri is unset: `{output_dir}/mlflow.db`."""
+    from pathlib import Path
+
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
 def stage_configs(cfg: Any) -> list[Any]:

@@ -284,6 +284,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     result = PipelineResult(output_dir=out)
+    parent = _mlflow_parent(cfg, record) if main else None
+    if parent is not None:
+        _write_record(out, record)
     carry: list[Path] = []
     last_final: Path | None = None
     for i, (stage, scfg) in enumerate(zip(cfg.stages, configs, strict=True)):
@@ -339,6 +342,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         _fresh_precision(scfg, i)
         r = train(scfg, resume="latest" if own else None, progress=progress, stage=ctx)
         result.output_dir, result.step, result.losses = r.output_dir, r.step, r.losses
+        if parent is not None:
+            _nest(parent, stage_out)
         if r.interrupted:
             result.interrupted = r.interrupted
             return result
@@ -350,7 +355,56 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             log.info("stage %d/%d %s ended at step %d (%s)", i + 1, len(configs), stage.name, r.step, entry["ended"])
         carry.append(final / "trainable.safetensors")
         last_final = final
+    if parent is not None:
+        _mlflow_client(parent).set_terminated(parent["run_id"], "FINISHED")
     return result
+
+
+def _mlflow_client(parent: dict[str, str]) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=parent["uri"])
+
+
+def _mlflow_parent(cfg: Any, record: dict[str, Any]) -> dict[str, str] | None:
+    """The pipeline's own MLflow run, under which each transformer stage's run nests (`mlflow.parentRunId`):
+    made once (its id in pipeline.json, so a resumed pipeline keeps it), in the store every stage logs to."""
+    from flowtrain.config.stages import pipeline_store_uri
+
+    t = cfg.tracking
+    if "mlflow" not in t.report_to:
+        return None
+    if record.get("mlflow_parent"):
+        return record["mlflow_parent"]
+    from flowtrain.track.mlflow_store import telemetry_off_by_default
+
+    telemetry_off_by_default(os.environ)
+    out = Path(cfg.output_dir).resolve()
+    parent = {"uri": t.uri or pipeline_store_uri(cfg.output_dir)}
+    client = _mlflow_client(parent)
+    exp = client.get_experiment_by_name(t.experiment_name)
+    if exp is None:  # made here first, with the artifact folder a plain run's local store gets
+        exp_id = client.create_experiment(
+            t.experiment_name, artifact_location=None if t.uri else (out / "mlartifacts").as_uri()
+        )
+    else:
+        exp_id = exp.experiment_id
+    tags = {"flowtrain.output_dir": str(out), "flowtrain.pipeline": ",".join(s.name for s in cfg.stages)}
+    run = client.create_run(exp_id, run_name=t.run_name or out.name, tags=tags)
+    parent["run_id"] = run.info.run_id
+    record["mlflow_parent"] = parent
+    return parent
+
+
+def _nest(parent: dict[str, str], stage_dir: Path) -> None:
+    """Tag a stage's MLflow run (its id in logs/mlflow_run.json) as a child of the pipeline's run."""
+    from flowtrain.track.mlflow_store import RUN_FILE
+
+    path = stage_dir / RUN_FILE
+    if not path.exists():
+        log.warning("mlflow: %s is missing; stage run not nested under the pipeline's run", path)
+        return
+    _mlflow_client(parent).set_tag(json.loads(path.read_text())["run_id"], "mlflow.parentRunId", parent["run_id"])
 
 
 def run_python_stage(cfg: Any, stage: StageConfig, stage_dir: Path, *, progress: bool = True) -> Any:
