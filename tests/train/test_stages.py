@@ -290,13 +290,16 @@ def test_autoencoder_stage_runs_once_and_restarts_when_cut_short(tiny_pipeline_d
     assert all(torch.equal(first[k], second[k]) for k in first)  # the trainer is seeded: the same VAE again
 
 
-def test_stage_runs_nest_under_the_pipelines_mlflow_run(tiny_pipeline_dir, tiny_cache, tmp_path):
+def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
+    tiny_pipeline_dir, tiny_cache, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
-    stages = [{"name": "one", "steps": 1}, {"name": "two", "steps": 1}]
+    stages = [{"name": "one", "steps": 1}, {"name": "two", "epochs": 0.5}]  # 8 rows, batch 2: half an epoch = 2 steps
     tracking = {"report_to": ["mlflow", "jsonl"], "mlflow_async": False, "log_weights": False}
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages, tracking=tracking)
-    run_pipeline(cfg, progress=False)
+    res = run_pipeline(cfg, progress=False)
+    assert (res.stages["one"]["step"], res.stages["two"]["step"]) == (1, 2)
     parent = json.loads((tmp_path / "run" / "pipeline.json").read_text())["mlflow_parent"]
     assert parent["uri"] == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
     client = MlflowClient(tracking_uri=parent["uri"])
