@@ -443,7 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_precompute)
 
     for verb, helptext, func in (
-        ("train", "train a LoRA or full fine-tune on a latent cache", cmd_train),
+        (
+            "train",
+            "train a LoRA or full fine-tune on a latent cache (a config with stages: runs them, docs/pipelines.md)",
+            cmd_train,
+        ),
         ("check", "validate a config and print it resolved (a pipeline: also its plan of stages)", cmd_check),
     ):
         s = sub.add_parser(
