@@ -220,7 +220,8 @@ def _train_config(args: argparse.Namespace):
 def _has_checkpoint(run_dir: Path) -> bool:
     from flowtrain.train.checkpoint import list_checkpoints
 
-    return bool(list_checkpoints(run_dir))
+    stages = sorted((run_dir / "stages").glob("*")) if (run_dir / "stages").is_dir() else []  # a pipeline's
+    return any(list_checkpoints(d) for d in [run_dir, *stages])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -232,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--overwrite starts the run afresh and --resume_from_checkpoint continues it: give one")
     if args.from_source is None and (args.raw_dir is not None or args.keep_duplicates or args.resolution):
         raise ValueError("--raw-dir, --keep-duplicates and --resolution are for `train --from SRC`; give --from")
-    if resume not in (None, "latest"):  # checked now, not after the model has loaded
+    if resume not in (None, "latest") and not cfg.stages:  # checked now, not after the model has loaded
         from flowtrain.train.checkpoint import resolve_resume
 
         resolve_resume(cfg.output_dir, resume)
@@ -249,12 +250,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     with slot as claimed:  # claimed first: a refused output_dir costs no preparing; a failed stage restores it
         from flowtrain.track import start_tracking
 
-        start_tracking(cfg, is_main=_is_main_process())  # MLflow's child process imports while torch does
+        if not cfg.stages:  # a pipeline's stages each start their own
+            start_tracking(cfg, is_main=_is_main_process())  # MLflow's child process imports while torch does
         if args.from_source is not None:
             from flowtrain.chain import prepare_and_precompute
 
             prepare_and_precompute(args, cfg)
-        from flowtrain.train.loop import train
+        if cfg.stages:  # a pipeline (docs/pipelines.md): its stages one after another
+            from flowtrain.train.stages import run_pipeline as train
+        else:
+            from flowtrain.train.loop import train
 
         result = train(cfg, resume=resume, progress=not args.quiet)
         claimed.unfinished = bool(result.interrupted)  # resumable: the replaced output stays until it finishes
@@ -269,6 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     last = result.losses[max(result.losses)] if result.losses else float("nan")
+    for name, end in getattr(result, "stages", {}).items():
+        print(f"stage {name}: ended at step {end['step']} ({end['ended']})")
     print(f"train: step {result.step}, last loss {last:.4f} → {result.output_dir}")
     return 0
 
@@ -278,6 +285,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     print(dump_config(cfg), end="")
+    if cfg.stages:  # the plan, as YAML comments: the output stays a config
+        from flowtrain.config.stages import plan_lines
+
+        print("\n".join(f"# {line}" for line in plan_lines(cfg)))
     print(f"# {args.config}: OK", file=sys.stderr)
     return 0
 
@@ -546,8 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_precompute)
 
     for verb, helptext, func in (
-        ("train", "train a LoRA or full fine-tune on a latent cache", cmd_train),
-        ("check", "validate a config and print it resolved", cmd_check),
+        (
+            "train",
+            "train a LoRA or full fine-tune on a latent cache (a config with stages: runs them, docs/pipelines.md)",
+            cmd_train,
+        ),
+        ("check", "validate a config and print it resolved (a pipeline: also its plan of stages)", cmd_check),
     ):
         s = sub.add_parser(
             verb,

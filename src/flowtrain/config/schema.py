@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from flowtrain.config.section import Section
+from flowtrain.config.stages import StageConfig
 from flowtrain.config.video import VideoConfig
 from flowtrain.models import detect_family, family_names, family_options
 
@@ -544,6 +545,11 @@ class FlowtrainConfig(Section):
     ema: EmaConfig = Field(default_factory=EmaConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     output_dir: str = Field("runs/default", description="Run folder: checkpoints, logs, exported weights, samples.")
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="A training pipeline: stages run in order, each this config plus its overrides, weights carried "
+        "over (docs/pipelines.md); empty: one plain run.",
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -597,4 +603,13 @@ class FlowtrainConfig(Section):
             from flowtrain.train.offload import check_swap_config
 
             check_swap_config(self.train.blocks_to_swap, self.train_mode, self.train.compile)
+        return self
+
+    @model_validator(mode="after")
+    def _stages(self) -> FlowtrainConfig:
+        """Every stage validates as a whole config (`config.stages`), so `flowtrain check` catches its typos."""
+        if self.stages:
+            from flowtrain.config.stages import check_stages
+
+            check_stages(self)
         return self

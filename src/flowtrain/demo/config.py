@@ -1,6 +1,6 @@
-"""`configs/demo/demo.yaml`: the demo's own knobs. The stages themselves are driven by the shipped autoencoder and
-training configs it names (paths relative to the demo config's folder), with the demo's run folder layout applied
-as overrides."""
+"""`configs/demo/demo.yaml`: the demo's own knobs. The training is the shipped pipeline config it names
+(configs/demo/pipeline.yaml, relative to the demo config's folder), with the demo's run folder applied as
+overrides."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from flowtrain.config.section import Section
-from flowtrain.models.flux2_klein.scratch import ScratchPipelineConfig
 
 
 class DemoDataConfig(Section):
@@ -41,10 +40,12 @@ class DemoSampleConfig(Section):
 
 
 class StageOverrides(Section):
-    """Dotted overrides of the stage configs, e.g. `train: [train.max_steps=1000, ema.enabled=true]`."""
+    """Dotted overrides of the pipeline, e.g. `train: [train.max_steps=1000, ema.enabled=true]`."""
 
-    autoencoder: list[str] = Field(default_factory=list, description="Applied to `autoencoder_config`.")
-    train: list[str] = Field(default_factory=list, description="Applied to `train_config`.")
+    autoencoder: list[str] = Field(
+        default_factory=list, description="Appended to the pipeline's autoencoder stage's autoencoder_overrides."
+    )
+    train: list[str] = Field(default_factory=list, description="Applied to `pipeline_config` (its base config).")
 
 
 class DemoQuickConfig(StageOverrides):
@@ -55,10 +56,10 @@ class DemoQuickConfig(StageOverrides):
 
 class DemoConfig(Section):
     kind: Literal["demo"] = "demo"
-    autoencoder_config: str = Field("autoencoder.yaml", description="Stage 1 config, relative to this file.")
-    train_config: str = Field("train.yaml", description="Stage 3 config, relative to this file.")
+    pipeline_config: str = Field(
+        "pipeline.yaml", description="The training pipeline (autoencoder → assemble → dit), relative to this file."
+    )
     data: DemoDataConfig = Field(default_factory=DemoDataConfig)
-    pipeline: ScratchPipelineConfig = Field(default_factory=ScratchPipelineConfig)
     sample: DemoSampleConfig = Field(default_factory=DemoSampleConfig)
     target_adherence: float = Field(0.9, ge=0, le=1, description="Reported as met / not met (benchmarks assert it).")
     stage_overrides: StageOverrides = Field(default_factory=StageOverrides)

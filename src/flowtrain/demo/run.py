@@ -1,17 +1,18 @@
 """`flowtrain demo`: the whole job on real data, on a CPU, in minutes, with a number to trust.
 
     load_digits → PNG folder (+ held-out test split) ─prepare─▶ raw shards
-      ─autoencoder─▶ AutoencoderKLFlux2 + fitted latent stats (configs/demo/autoencoder.yaml)
-      ─assemble────▶ Klein pipeline folder: that VAE, tiny Qwen3, random transformer (configs/demo/demo.yaml)
-      ─precompute──▶ latent cache ─train─▶ transformer trained from scratch (configs/demo/train.yaml)
+      ─the training pipeline (configs/demo/pipeline.yaml, what `flowtrain train` runs):
+         vae:      AutoencoderKLFlux2 + fitted latent stats (configs/demo/autoencoder.yaml)
+         assemble: Klein pipeline folder (that VAE, tiny Qwen3, random transformer) + latent cache (demo.pipeline)
+         dit:      transformer trained from scratch (configs/demo/train.yaml)
       ─sample──────▶ N images per digit prompt with CFG ─score─▶ prompt adherence vs the classifier's ceiling
 
-Every stage is the product's own function (prepare, train_autoencoder, assemble_pipeline, precompute, train,
-sample.generate); this module only wires them to one run folder. What is demo-only: the data set builder
-(`demo.digits`) and the scorer (`demo.score`).
+Every stage is the product's own function (prepare, the pipeline runner, sample.generate); this module only
+wires them to one run folder. What is demo-only: the data set builder (`demo.digits`), the assemble step
+(`demo.pipeline`) and the scorer (`demo.score`).
 
-Run folder (`--out`, default runs/demo): data/, raw/, autoencoder/, pipeline/, cache/, train/, samples/,
-samples.png, loss_curve.png, demo_report.json. `flowtrain demo` refuses an earlier demo's folder unless given
+Run folder (`--out`, default runs/demo): data/, raw/, stages/{vae,assemble,dit}/, pipeline.json, config.yaml,
+samples/, samples.png, loss_curve.png, demo_report.json. `flowtrain demo` refuses an earlier demo's folder unless given
 `--overwrite` (`flowtrain.outputs`); `run_demo` itself replaces the stage folders of an earlier demo.
 """
 
@@ -33,13 +34,14 @@ from flowtrain.outputs import DEMO_MARKER
 
 log = logging.getLogger(__name__)
 
-STAGE_DIRS = ("data", "raw", "autoencoder", "pipeline", "cache", "train", "samples")
-OUTPUT_FILES = ("samples.png", "loss_curve.png", "demo_report.json")
+STAGE_DIRS = ("data", "raw", "stages", "samples")
+OUTPUT_FILES = ("samples.png", "loss_curve.png", "demo_report.json", "pipeline.json", "config.yaml")
+ROOT = Path(__file__).resolve().parents[3]  # this checkout (the package is installed editable from src/)
 
 
 def default_config_path() -> Path:
     """configs/demo/demo.yaml of this checkout (the package is installed editable from src/)."""
-    return Path(__file__).resolve().parents[3] / "configs" / "demo" / "demo.yaml"
+    return ROOT / "configs" / "demo" / "demo.yaml"
 
 
 class _Stages:
@@ -78,25 +80,6 @@ def _claim(out: Path) -> None:
     (out / MARKER).write_text("written by `flowtrain demo`; its stage folders here are replaced on each run\n")
 
 
-def check_prompts_distinct(pipeline_dir: Path, prompts: Sequence[str], max_sequence_length: int) -> None:
-    """The Klein prompt path (chat template, truncation to max_sequence_length) must keep prompts apart."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer")
-    seen: dict[tuple[int, ...], str] = {}
-    for p in prompts:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
-        ids = tuple(tok(text, truncation=True, max_length=max_sequence_length)["input_ids"])
-        if ids in seen:
-            raise ValueError(
-                f"prompts {seen[ids]!r} and {p!r} are identical after truncation to model.max_sequence_length="
-                f"{max_sequence_length} tokens: raise it in the training config"
-            )
-        seen[ids] = p
-
-
 def run_demo(
     config: str | Path | None = None,
     out: str | Path = "runs/demo",
@@ -108,56 +91,32 @@ def run_demo(
     """Run every stage into `out`; returns the report (also written to `{out}/demo_report.json`)."""
     import torch
 
-    from flowtrain.config import load_config
-    from flowtrain.data.precompute import precompute
+    from flowtrain.config import FlowtrainConfig
     from flowtrain.data.prepare import prepare
     from flowtrain.demo import digits, report, score
-    from flowtrain.models.flux2_klein.autoencoder.config import load_autoencoder_config
-    from flowtrain.models.flux2_klein.autoencoder.train import train_autoencoder
-    from flowtrain.models.flux2_klein.scratch import assemble_pipeline
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
-    from flowtrain.train.loop import train
+    from flowtrain.train.stages import run_pipeline
 
     t_start = time.perf_counter()
     config = Path(config) if config is not None else default_config_path()
     cfg: DemoConfig = load_demo_config(config, overrides, quick=quick)
     out = Path(out)
     paths = {name: out / name for name in STAGE_DIRS}
-    # Both stage configs are validated before anything runs: a typo fails in a second, not after training.
-    ae_cfg = load_autoencoder_config(
-        config.parent / cfg.autoencoder_config,
-        [
-            *cfg.stage_overrides.autoencoder,
-            *(cfg.quick.autoencoder if quick else []),
-            f"data.raw_dir={paths['raw']}",
-            f"data.resolution={cfg.data.image_size}",
-            f"output_dir={paths['autoencoder']}",
-        ],
-    )
-    train_cfg = load_config(
-        config.parent / cfg.train_config,
-        [
-            *cfg.stage_overrides.train,
-            *(cfg.quick.train if quick else []),
-            f"model.pretrained={paths['pipeline']}",
-            f"dataset.cache_dir={paths['cache']}",
-            f"output_dir={paths['train']}",
-        ],
-    )
-    if train_cfg.train_mode != "full":
-        raise ValueError(f"{cfg.train_config}: the demo trains a transformer from scratch; set train_mode: full")
+    size = cfg.data.image_size
+    # The pipeline is validated before anything runs: a typo fails in a second, not after training.
+    pipe_cfg = _pipeline_config(config.parent / cfg.pipeline_config, cfg, out, quick)
+    vae_dir, dit_dir = paths["stages"] / "vae", paths["stages"] / "dit"
     _claim(out)
     for name in STAGE_DIRS:
         shutil.rmtree(paths[name], ignore_errors=True)
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
-    stage = _Stages(total=7, progress=progress)
+    stage = _Stages(total=5, progress=progress)
     _quiet_library_progress_bars()
     prompts = [digits.caption_for(d, cfg.data.caption_template) for d in range(10)]
 
     with stage("data", "scikit-learn digits → captioned PNGs → `prepare` shards"):
         split = digits.load_split(cfg.data.test_fraction, cfg.data.seed)
-        size = cfg.data.image_size
         n_gen = cfg.data.max_train_images or len(split.train_y)
         digits.write_folder(
             paths["data"] / "train", split.train_x[:n_gen], split.train_y[:n_gen], size, cfg.data.caption_template
@@ -165,26 +124,15 @@ def run_demo(
         digits.write_folder(paths["data"] / "test", split.test_x, split.test_y, size, cfg.data.caption_template)
         prep = prepare(paths["data"] / "train", paths["raw"], progress=progress)
 
-    with stage("autoencoder", f"train AutoencoderKLFlux2 {ae_cfg.train.max_steps} steps, fit latent stats"):
-        ae = train_autoencoder(ae_cfg, progress=progress)
-
-    with stage("precompute", "assemble the Klein pipeline, encode latents + captions once"):
-        assemble_pipeline(paths["pipeline"], ae.vae_dir, cfg.pipeline, train_cfg.model.text_encoder_layers)
-        check_prompts_distinct(paths["pipeline"], prompts, train_cfg.model.max_sequence_length)
-        precompute(
-            paths["raw"],
-            paths["cache"],
-            train_cfg.model,
-            resolution=size,
-            batch_size=cfg.precompute_batch_size,
-            progress=progress,
-        )
-
-    with stage("train", f"Klein transformer from scratch, {train_cfg.train.max_steps} steps (flow matching)"):
-        result = train(train_cfg, progress=progress)
+    dit_steps = pipe_cfg.train.max_steps
+    with stage("pipeline", f"configs/demo/{cfg.pipeline_config}: autoencoder, assemble + precompute, transformer "
+               f"from scratch ({dit_steps} steps)"):  # fmt: skip
+        result = run_pipeline(pipe_cfg, progress=progress)
+    ae = result.stages["vae"]
+    train_cfg = FlowtrainConfig.model_validate({**pipe_cfg.model_dump(mode="json"), "stages": []})
 
     with stage("sample", f"{cfg.sample.per_digit} images per digit prompt, CFG {cfg.sample.guidance_scale}"):
-        pipe = load_sampling_pipeline(train_cfg.model, transformer=str(paths["train"] / "transformer"))
+        pipe = load_sampling_pipeline(train_cfg.model, transformer=str(dit_dir / "transformer"))
         images = generate(
             pipe,
             prompts,
@@ -214,8 +162,8 @@ def run_demo(
         grid.save(out / "samples.png")
         report.loss_curve(
             {
-                "stage 1: autoencoder reconstruction loss": (paths["autoencoder"], "rec"),
-                "stage 3: transformer flow-matching loss": (paths["train"], "loss"),
+                "stage vae: autoencoder reconstruction loss": (vae_dir, "rec"),
+                "stage dit: transformer flow-matching loss": (dit_dir, "loss"),
             },
             out / "loss_curve.png",
         )
@@ -246,8 +194,8 @@ def run_demo(
         },
         "models": {"vae_parameters": ae_params, "transformer_parameters": dit_params},
         "final_losses": {
-            "autoencoder": ae.final,
-            "autoencoder_reconstruction_l1": ae.stats.get("reconstruction_l1"),
+            "autoencoder": ae.get("final"),
+            "autoencoder_reconstruction_l1": ae.get("reconstruction_l1"),
             "transformer": result.losses[max(result.losses)] if result.losses else None,
             "transformer_steps": result.step,
         },
@@ -263,13 +211,53 @@ def run_demo(
             "samples": str(out / "samples.png"),
             "loss_curve": str(out / "loss_curve.png"),
             "report": str(out / "demo_report.json"),
-            "autoencoder_run": str(paths["autoencoder"]),
-            "train_run": str(paths["train"]),
-            "pipeline": str(paths["pipeline"]),
+            "autoencoder_run": str(vae_dir),
+            "train_run": str(dit_dir),
+            "pipeline": str(pipe_cfg.model.pretrained),
+            "pipeline_config": str(config.parent / cfg.pipeline_config),
         },
     }
     report.write_report(out / "demo_report.json", rep)
     return rep
+
+
+def _pipeline_config(path: Path, cfg: DemoConfig, out: Path, quick: bool) -> Any:
+    """configs/demo/pipeline.yaml for the run folder `out`: its stages' paths moved there, the demo's image size
+    and overrides applied (the autoencoder stage's to its autoencoder_overrides)."""
+    from flowtrain.config import FlowtrainConfig, resolve_config, validate_config
+
+    assemble = out / "stages" / "assemble"
+    resolved = resolve_config(
+        path,
+        [
+            *cfg.stage_overrides.train,
+            *(cfg.quick.train if quick else []),
+            f"output_dir={out}",
+            f"model.pretrained={assemble / 'pipeline'}",
+            f"dataset.cache_dir={assemble / 'cache'}",
+        ],
+    )
+    raw, size = out / "raw", cfg.data.image_size
+    for st in resolved.data.get("stages", []):
+        if st.get("kind") == "autoencoder":
+            given = Path(st["autoencoder"])
+            st["autoencoder"] = str(given if given.is_absolute() or given.exists() else ROOT / given)
+            st["autoencoder_overrides"] = [
+                *st.get("autoencoder_overrides", []),
+                *cfg.stage_overrides.autoencoder,
+                *(cfg.quick.autoencoder if quick else []),
+                f"data.raw_dir={raw}",
+                f"data.resolution={size}",
+            ]
+        elif st.get("kind") == "python":
+            st.setdefault("args", {}).update(
+                raw_dir=str(raw), resolution=size, caption_template=cfg.data.caption_template,
+                batch_size=cfg.precompute_batch_size,
+            )  # fmt: skip
+    pipe_cfg = validate_config(resolved, FlowtrainConfig)
+    if pipe_cfg.train_mode != "full":
+        raise ValueError(f"{path}: the demo trains a transformer from scratch; set train_mode: full")
+    return pipe_cfg
 
 
 def _quiet_library_progress_bars() -> None:

@@ -172,3 +172,88 @@ def final_weights(output_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(list_checkpoints(output_dir)[-1][1] / "trainable.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipelines (`stages:`): kills aimed at a stage's step, inside a stage's checkpoint write, and at the transitions.
+
+
+@dataclass
+class StageKill:
+    """A kill aimed at a point of a pipeline: `phase` "step" (inside the step after `stage`'s checkpoint-`step`),
+    "write" (inside the write of `stage`'s checkpoint-`step`), "final" (the moment `stage`'s checkpoint-`step`,
+    its last, is complete: before pipeline.json records the stage), or "next" (the moment pipeline.json records
+    `stage` as done: the next stage is being built)."""
+
+    phase: str
+    stage: str
+    step: int = 0
+    returncode: int | None = None
+    hit: bool = False  # the aimed-at point was seen before the kill (not the process ending on its own)
+    recorded: bool = False  # pipeline.json recorded `stage` as done when the process was dead
+    log_tail: str = ""
+
+
+def _stage_done(output_dir: Path, stage: str) -> bool:
+    try:
+        record = json.loads((output_dir / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("stages", {}).get(stage, {}).get("status") == "done"
+
+
+def _reached(output_dir: Path, kill: StageKill) -> bool:
+    d = output_dir / "stages" / kill.stage
+    if kill.phase == "write":
+        return _writing(d, kill.step)
+    if kill.phase in ("step", "final"):
+        return latest_step(d) >= kill.step if d.is_dir() else False
+    return _stage_done(output_dir, kill.stage)
+
+
+def kill_pipeline_and_resume(
+    config: Path,
+    output_dir: Path,
+    kills: list[StageKill],
+    *,
+    seed: int = 0,
+    overrides: list[str] = (),
+    write_pause_s: float = 0.25,
+    poll_s: float = 0.002,
+    timeout_s: float = 300,
+) -> HarnessResult:
+    """Start `flowtrain train` on a pipeline config, SIGKILL it at each of `kills` in turn (every start resumes
+    `latest`), then run it to completion. The caller compares each stage's losses and weights with an
+    uninterrupted pipeline's."""
+    rng = random.Random(seed)
+    result = HarnessResult()
+    log_path = output_dir.parent / f"{output_dir.name}.log"
+    cmd = train_command(config, output_dir, list(overrides))
+    t0 = time.monotonic()
+    for i, kill in enumerate(kills):
+        env = child_env({TEST_SLEEP_ENV: str(write_pause_s)} if kill.phase == "write" else None)
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== start {result.starts}: kill {i} aimed at {kill}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            result.starts += 1
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _reached(output_dir, kill):
+                    kill.hit = True
+                    if kill.phase == "step":
+                        time.sleep(rng.uniform(0.0, 0.05))  # somewhere in the next step
+                    break
+                time.sleep(poll_s)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            kill.returncode = proc.wait()
+        kill.recorded = _stage_done(output_dir, kill.stage)
+        kill.log_tail = _tail(log_path, 600)
+        result.kills.append(kill)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== start {result.starts}: run to the end\n".encode())
+    result.final_returncode = run_once(cmd, child_env(), log_path, timeout=timeout_s)
+    result.starts += 1
+    result.wall_s = time.monotonic() - t0
+    return result

@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,15 +45,17 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # logged mean loss by step (this process's view)
     transformer: torch.nn.Module | None = None  # unwrapped, trained
     interrupted: str | None = None  # the signal (e.g. "SIGTERM") that stopped the run after a checkpoint, if any
+    ended: str | None = None  # a pipeline stage's end condition that ended it before max_steps (train.stages)
 
 
-def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = True, stage: Any = None) -> TrainResult:
     """Run training to `cfg.train.max_steps`, resuming from `resume` ('latest' or a checkpoint path) if given.
 
     A first SIGTERM / SIGINT finishes the current step, writes a checkpoint and returns with `interrupted` set (the
     CLI exits with EXIT_INTERRUPTED); a second one aborts at once. Raises `NonFiniteLossError` /
     `CheckpointWriteError` (see `flowtrain.train.errors`) when the run cannot go on; the last checkpoint is intact.
-    Under DDP, an exception on one process stops all of them (`flowtrain.train.failures`).
+    Under DDP, an exception on one process stops all of them (`flowtrain.train.failures`). `stage`: the pipeline
+    stage this run is (`flowtrain.train.stages` runs pipelines).
     """
     with (
         StopSignals() as stop,
@@ -61,7 +64,7 @@ def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = T
         # innermost: a failing process leaves the process group before any other cleanup runs
         one_failure_stops_all(Path(cfg.output_dir), cfg.train.collective_timeout_minutes),
     ):
-        return run_loop(build_run(cfg, resume, cleanup), stop, progress)
+        return run_loop(build_run(cfg, resume, cleanup, stage), stop, progress)
 
 
 def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
@@ -83,11 +86,18 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     clock = SaveClock(cfg.checkpoint.every_minutes)
     # fp16: a GradScaler skips overflowing updates itself (and must see every step), so only the loss is checked.
     check_grads = accelerator.scaler is None
+    # A pipeline stage may end early on its smoothed loss (train.stages); its state is checkpointed with the loop's.
+    end = run.stage.end if run.stage is not None and run.stage.end.active else None
+    if end is not None:
+        end.load_state_dict(loop_state.get("stage_end"))
+    last_step = cfg.train.max_steps
+    if end is not None and end.ended:  # resumed from the checkpoint the stage ended at: nothing left to train
+        last_step, result.ended = run.start_step, end.reason
     halt: Exception | None = None
     ema_weights = run.ema.swap_factory(engines.unwrap(accelerator, model)) if run.ema is not None else None
     with meter.paused():  # the base model's images, when validation.at_start
         run.validator.maybe_run(run.start_step, accelerator, model, run.tracker, start=True, weights=ema_weights)
-    for step in range(run.start_step, cfg.train.max_steps):
+    for step in range(run.start_step, last_step):
         if not model.training:  # validation restores the mode itself; a full .train() walk costs ~0.5 ms a step
             model.train()
         faults.at_step(accelerator.process_index, step + 1)  # test hook (train.faults); a no-op unless set
@@ -142,6 +152,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
                             epoch=epoch)  # fmt: skip
             row["nonfinite_skipped"] = guard.total
             result.losses[done] = row["loss"]
+            if end is not None and end.observe(done, row["loss"]):
+                result.ended = end.reason
+            if end is not None and end.value is not None:
+                row["loss_smoothed"] = end.value
             if hasattr(run.lr_scheduler, "observe"):  # lr_scheduler plateau: on the (process-averaged) logged loss
                 run.lr_scheduler.observe(row["loss"])
             run.tracker.log_metrics(done, row)
@@ -150,17 +164,21 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
 
         every = cfg.checkpoint.every_steps
         due = bool(every and done % every == 0) or time_due or stop_now
-        if done == cfg.train.max_steps:  # a stop there promises a checkpoint to resume (and export) from
+        # A stop there (or a stage's early end) promises a checkpoint to resume (and export) from.
+        if done == cfg.train.max_steps or result.ended:
             due = cfg.checkpoint.final or stop_now
         if due:
             try:
                 save_checkpoint(run, done, run.sampler.position_after(consumed), guard,
-                                loop={"loss_acc": loss_acc.item(), "steps_acc": steps_acc})  # fmt: skip
+                                loop={"loss_acc": loss_acc.item(), "steps_acc": steps_acc,
+                                      **({"stage_end": end.state_dict()} if end is not None else {})})  # fmt: skip
             except CheckpointWriteError as e:
                 halt = e
                 break
             clock.saved()
         result.step = done
+        if result.ended:
+            break
         if stop_now:
             result.interrupted = stop.name or "signal"
             if run.is_main:

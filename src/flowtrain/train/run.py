@@ -67,6 +67,7 @@ class Run:
     transformer_id: dict[str, str]  # the trained transformer's identity (checkpoints record it for resume)
     restored: dict[str, Any] | None  # the checkpoint resumed from (checkpoint.load_checkpoint), if any
     restored_state: TrainState | None
+    stage: Any = None  # the pipeline stage this run is (`train.stages.StageContext`), if any
 
     @property
     def device(self) -> torch.device:
@@ -81,9 +82,10 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.ExitStack) -> Run:
+def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.ExitStack, stage: Any = None) -> Run:
     """Build the run from `cfg`, resumed from `resume` ('latest' or a checkpoint path) if given. `cleanup` gets
-    the callbacks that must run however the run ends (the batch prefetch thread)."""
+    the callbacks that must run however the run ends (the batch prefetch thread). `stage`: a pipeline stage
+    (`train.stages.StageContext`): earlier stages' weights and its freezing go in before the optimizer is made."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import parse_flag_from_env, set_seed
 
@@ -131,6 +133,8 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         transformer, lora_cfg = build_transformer(cfg, family)
         for cache in caches:
             family.check_cache(cfg.model, cache.manifest, transformer, allow_other_weights=allow)
+    if stage is not None:
+        stage.prepare_model(transformer)
     dataset, class_dataset = caches[0], (caches[1] if len(caches) > 1 else None)
 
     transformer_id = transformer_identity(cfg.model)  # what resume compares, by content (train.resume)
@@ -176,6 +180,8 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, start_step, epoch, batch_pos)
     elif resume == "latest" and accelerator.is_main_process:
         log.info("no checkpoint in %s yet: starting from scratch", out)
+    if stage is not None and resume_path is None:  # a resumed stage has its own optimizer state
+        stage.prepare_optimizer(optimizer)
     with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: the EMA starts from whole weights
         ema = ema_for_run(cfg, engines.unwrap(accelerator, model), restored)  # None unless ema.enabled
 
@@ -211,6 +217,8 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     teacher = load_teacher(cfg, family, accelerator.device) if cfg.loss.teacher else None
     loss_fn = loss_from_config(cfg, family=family, teacher=teacher)
     validator = Validator(cfg, family, out, resolution=dataset.manifest.resolution)
+    if stage is not None:  # a pipeline stage's sample names carry the stage and the epoch
+        validator.name_prefix = stage.sample_prefix(sampler, start_step, cfg.train.gradient_accumulation_steps)
     tracker = open_tracking(cfg, out, resume_step=start_step if restored else None, is_main=accelerator.is_main_process,
                             started=early_tracker)  # fmt: skip
     cleanup.callback(tracker.close, "FAILED")  # a run that raises ends FAILED now (no-op after a normal finish)
@@ -227,5 +235,5 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         dataset=dataset, sampler=sampler, batches=batches, norm=norm, empty=empty, loss_fn=loss_fn,
         validator=validator, tracker=tracker, ema=ema, start_step=start_step, transformer_id=transformer_id,
         restored=restored,
-        restored_state=state,
+        restored_state=state, stage=stage,
     )  # fmt: skip

@@ -88,6 +88,8 @@ class Validator:
         self.guidance_scale = defaults["guidance_scale"] if self.v.guidance_scale is None else self.v.guidance_scale
         self.out = Path(output_dir) / SAMPLES_DIR
         self.enabled = self.v.enabled
+        # Put before every file name (a pipeline stage sets `{stage}_epoch{e}_`, train.stages); step → text.
+        self.name_prefix: Any = lambda step: ""
         self._pipe: Any = None
         self._conds: list[dict[str, torch.Tensor]] = []
         self._negative: dict[str, torch.Tensor] | None = None
@@ -198,7 +200,8 @@ class Validator:
                             guidance_scale=self.guidance_scale,
                             generator=torch.Generator("cpu").manual_seed(seed),
                         )
-                        path = self.out / image_name(step, i, seed, size if len(self.sizes) > 1 else None)
+                        name = image_name(step, i, seed, size if len(self.sizes) > 1 else None)
+                        path = self.out / f"{self.name_prefix(step)}{name}"
                         if write:
                             image.save(path)
                             paths.append(path)
@@ -212,7 +215,7 @@ class Validator:
                 torch.cuda.empty_cache()
         if not write:
             return []
-        grid_path = self.out / f"step{step:06d}_grid.png"
+        grid_path = self.out / f"{self.name_prefix(step)}step{step:06d}_grid.png"
         grid(rows).save(grid_path)
         paths.append(grid_path)
         log.info(
