@@ -109,9 +109,22 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             progress=not args.quiet,
+            buckets=_bucket_spec(args, cfg.model),
         )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
     return 0
+
+
+def _bucket_spec(args: argparse.Namespace, model):
+    """precompute's aspect-ratio buckets (--buckets): targets --resolution and --bucket-sides, sides multiples of
+    the model's pixel multiple; None without --buckets."""
+    if not args.buckets:
+        return None
+    from flowtrain.data.buckets import BucketSpec
+    from flowtrain.models import get_family
+
+    multiple = get_family(model.family).pixel_multiple(model)
+    return BucketSpec((args.resolution, *args.bucket_sides), multiple, args.max_aspect)
 
 
 def _model_config(args: argparse.Namespace, model: str | None, *, need: str, base=None):
@@ -424,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
         help=f"square training resolution (default {PRECOMPUTE_RESOLUTION})",
+    )  # fmt: skip
+    s.add_argument(
+        "--buckets", action="store_true",
+        help="aspect-ratio buckets: each image at the bucket nearest its aspect (area about --resolution², sides "
+        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md",
+    )  # fmt: skip
+    s.add_argument(
+        "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
+        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-aspect", type=float, default=2.0,
+        help="with --buckets, the largest long / short side ratio of a bucket (default 2.0); wider images are cropped",
     )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")

@@ -13,6 +13,7 @@ since), and the manifest is removed at the start and written last, so it never v
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
+from flowtrain.data.buckets import BucketSpec, bucket_parts, bucket_shapes
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
@@ -50,12 +52,13 @@ def read_raw_manifest(raw_dir: str | Path) -> dict:
     return manifest
 
 
-def cache_fingerprint(model: ModelOptions, resolution: int) -> dict:
-    """What a cache of `model` (the validated `model:` section) at `resolution` will be, from the options and the
-    model's files alone: known before any encoder loads."""
+def cache_fingerprint(model: ModelOptions, resolution: int, buckets: BucketSpec | None = None) -> dict:
+    """What a cache of `model` (the validated `model:` section) at `resolution` (bucketed by `buckets`) will be,
+    from the options and the model's files alone: known before any encoder loads."""
     family = get_family(model.family)
     return fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
-                       family.cache_settings(model), family.identity(model))  # fmt: skip
+                       family.cache_settings(model), family.identity(model),
+                       buckets.to_json() if buckets is not None else None)  # fmt: skip
 
 
 def _decode(rows: dict[str, list]) -> list[Image.Image]:
@@ -104,15 +107,17 @@ def precompute(
     rows_per_shard: int = 256,
     device: str | None = None,
     progress: bool = True,
+    buckets: BucketSpec | None = None,
 ) -> CacheManifest:
-    """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest."""
+    """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest.
+    `buckets`: each image at its aspect-ratio bucket (`flowtrain.data.buckets`), one bucket per cache shard."""
     raw_dir, out = Path(raw_dir), Path(out)
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
-    fp = cache_fingerprint(model, resolution)
+    fp = cache_fingerprint(model, resolution, buckets)
     _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
@@ -133,15 +138,20 @@ def precompute(
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
-            table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
-            for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-                name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
-                part = table.slice(start, rows_per_shard)
-                if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                    write_shard(encode(part, pool, bar), out / name)
-                else:
-                    bar.update(part.num_rows)
-                shards.append({"file": name, "rows": part.num_rows})
+            table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image", "width", "height"])
+            # Square: the shard's rows in order; bucketed: its rows grouped by bucket, one bucket per cache shard.
+            for stem, bucket, rows in bucket_parts(table, raw_idx, buckets):
+                for chunk, start in enumerate(range(0, rows.num_rows, rows_per_shard)):
+                    name = f"{stem}-{chunk:04d}.parquet"
+                    part = rows.slice(start, rows_per_shard)
+                    if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
+                        write_shard(encode(part, pool, bar, bucket), out / name)
+                    else:
+                        bar.update(part.num_rows)
+                    entry = {"file": name, "rows": part.num_rows}
+                    if bucket is not None:
+                        entry |= {"bucket": list(bucket), "shapes": bucket_shapes(columns, resolution, bucket)}
+                    shards.append(entry)
     bar.close()
     _remove_stale(out, {s["file"] for s in shards})
     manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
@@ -189,25 +199,33 @@ class _ShardEncoder:
         self.family, self.encoders, self.model, self.columns = family, encoders, model, columns
         self.resolution, self.batch_size = resolution, batch_size
 
-    def _pixels(self, rows: dict) -> torch.Tensor:
-        return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
+    def _pixels(self, rows: dict, size: tuple[int, int] | None) -> torch.Tensor:
+        if size is None:  # square: the family's call as it always was
+            return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
+        return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution, size=size)
 
-    def __call__(self, part: pa.Table, pool: Any, bar: Any) -> pa.Table:
+    def __call__(self, part: pa.Table, pool: Any, bar: Any, size: tuple[int, int] | None = None) -> pa.Table:
+        """`size`: the (height, width) bucket of every row of `part`; None: the square `resolution`."""
+        columns = self.columns
+        if size is not None:
+            shapes = bucket_shapes(columns, self.resolution, size)
+            columns = [dataclasses.replace(c, shape=tuple(shapes[c.name])) if c.name in shapes else c for c in columns]
+        part = part.select(["key", "caption", "image"])
         batches = [part.slice(i, self.batch_size).to_pydict() for i in range(0, part.num_rows, self.batch_size)]
-        encoded: dict[str, list] = {c.name: [] for c in self.columns}
-        pending = pool.submit(self._pixels, batches[0])
+        encoded: dict[str, list] = {c.name: [] for c in columns}
+        pending = pool.submit(self._pixels, batches[0], size)
         for i, rows in enumerate(batches):
             pixels = pending.result()
             if i + 1 < len(batches):
-                pending = pool.submit(self._pixels, batches[i + 1])
+                pending = pool.submit(self._pixels, batches[i + 1], size)
             image = self.family.encode_pixels(self.encoders, pixels)
             text = self.family.encode_prompts(self.encoders, rows["caption"], self.model)
-            for c in self.columns:
+            for c in columns:
                 values = (image if c.source == "image" else text)[c.name]
                 encoded[c.name].extend([v.cpu() for v in values] if c.variable else [values.cpu()])
             bar.update(len(rows["key"]))
         arrays = {
-            c.name: column_array(c, encoded[c.name] if c.variable else torch.cat(encoded[c.name])) for c in self.columns
+            c.name: column_array(c, encoded[c.name] if c.variable else torch.cat(encoded[c.name])) for c in columns
         }
         return pa.table(
             {
