@@ -188,3 +188,74 @@ def test_precompute_flags_refuse_bad_values(capsys):
     with pytest.raises(SystemExit):
         main(["precompute", "raw", "--buckets", "--bucket-sides", "0"])
     assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["flux1", "qwen_image"])
+def test_every_family_trains_on_a_bucketed_cache(family, tmp_path):
+    """FLUX.1 (fixed-length text, pooled vector, scheduler shift) and Qwen-Image (variable-length text, a frame
+    axis in its latents) on the same mixed shapes: per-shard shapes as declared, one bucket per batch, finite losses,
+    and the scheduler shift of each batch's token count."""
+    from flowtrain.models import get_family
+    from flowtrain.testing.ddp_probe import train_recording
+
+    pipeline = get_family(family).save_tiny_pipeline(tmp_path / "pipeline")
+    _, cache = make_bucketed_cache(tmp_path / "data", pipeline, family=family)
+    manifest = CacheManifest.read(cache)
+    image = [c for c in manifest.columns if c.source == "image"]
+    ds = CacheDataset(cache)
+    buckets = _bucket_of_rows(manifest)
+    for i in range(len(ds)):
+        for c in image:
+            assert ds[i][c.name].shape[-2:] == tuple(x // 2 for x in buckets[i])  # the tiny VAEs halve each side
+    cfg = train_config(pipeline, cache, tmp_path / "run", family=family, train={"max_steps": 8, "batch_size": 2},
+                       timesteps={"shift_mode": "resolution"})  # fmt: skip
+    result, rows = train_recording(cfg)
+    assert all(len({buckets[i] for i in batch}) == 1 for batch in rows), rows
+    assert len({buckets[batch[0]] for batch in rows}) == 4
+    assert len(result.losses) == 8 and all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_a_square_only_dataset_with_buckets_trains_bitwise_like_the_square_cache(tiny_pipeline_dir, tmp_path):
+    """Square images bucketed: one bucket, so the plain sampler and the square cache's rows: the same losses and
+    weights to the last bit as the square cache (the golden-loss path is untouched)."""
+    from safetensors.torch import load_file
+
+    from flowtrain.data.precompute import precompute
+    from flowtrain.train.checkpoint import list_checkpoints
+    from flowtrain.train.loop import train
+
+    sizes = ((32, 32), (48, 48), (40, 40), (64, 64), (33, 33), (90, 90))
+    raw, cache = make_bucketed_cache(tmp_path / "data", tiny_pipeline_dir, sizes=sizes)
+    assert {b for b in CacheManifest.read(cache).shard_buckets} == {(32, 32)}
+    assert rows_by_bucket(CacheManifest.read(cache)) is None  # one bucket: read as a square cache
+    square = tmp_path / "square"
+    precompute(raw, square, tiny_model(tiny_pipeline_dir), resolution=32, batch_size=4, progress=False)
+    extra = {"train": {"max_steps": 4, "caption_dropout": 0.2}, "dataset": {"latent_sampling": "sample"}}
+    outs = [tmp_path / "run-bucketed", tmp_path / "run-square"]
+    runs = [train(train_config(tiny_pipeline_dir, c, o, **extra), progress=False)
+            for c, o in zip((cache, square), outs, strict=True)]  # fmt: skip
+    assert runs[0].losses == runs[1].losses and len(runs[0].losses) == 4
+    a, b = (load_file(str(list_checkpoints(o)[-1][1] / "trainable.safetensors")) for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_bucketed_precompute_continues(bucketed, tiny_pipeline_dir, tmp_path):
+    """A rerun into an unfinished bucketed cache keeps the finished bucket shards and redoes only the missing one:
+    the result equals the uninterrupted cache."""
+    import shutil
+
+    from flowtrain.data.precompute import precompute
+
+    raw, cache = bucketed
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    manifest = CacheManifest.read(cache)
+    lost = manifest.shards[1]["file"]
+    (copy / lost).unlink()
+    (copy / "manifest.json").unlink()  # as a killed run leaves it: no manifest yet
+    kept = {s["file"]: (copy / s["file"]).stat().st_mtime_ns for s in manifest.shards if s["file"] != lost}
+    again = precompute(raw, copy, tiny_model(tiny_pipeline_dir), resolution=32, batch_size=4, progress=False,
+                       buckets=SPEC)  # fmt: skip
+    assert again.shards == manifest.shards and again.fingerprint == manifest.fingerprint
+    assert {f: (copy / f).stat().st_mtime_ns for f in kept} == kept  # not rewritten
+    assert pq.read_table(copy / lost).equals(pq.read_table(cache / lost))

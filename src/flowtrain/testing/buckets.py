@@ -37,17 +37,26 @@ def make_mixed_image_folder(root: Path, sizes: tuple[tuple[int, int], ...] = MIX
     return root
 
 
-def make_bucketed_cache(root: Path, pipeline: Path, *, rows_per_shard: int = 256) -> tuple[Path, Path]:
-    """prepare + precompute (`--buckets` at 32 px) the `MIXED_SIZES` images for the tiny Klein pipeline; returns
-    (raw_dir, cache_dir)."""
+def make_bucketed_cache(
+    root: Path,
+    pipeline: Path,
+    *,
+    family: str = "flux2_klein",
+    sizes: tuple[tuple[int, int], ...] = MIXED_SIZES,
+    rows_per_shard: int = 256,
+) -> tuple[Path, Path]:
+    """prepare + precompute (`--buckets` at the family's tiny resolution, its pixel multiple, max aspect 2) images
+    of `sizes` for a family's tiny pipeline; returns (raw_dir, cache_dir)."""
     from flowtrain.data.buckets import BucketSpec
     from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
+    from flowtrain.models import get_family
     from flowtrain.testing.data import tiny_model
 
-    images = make_mixed_image_folder(root / "images")
+    images = make_mixed_image_folder(root / "images", sizes)
     prepare(images, root / "raw", progress=False)
-    spec = BucketSpec(**TINY_BUCKET_SPEC)
-    precompute(root / "raw", root / "cache", tiny_model(pipeline), resolution=32, batch_size=4, progress=False,
+    fam, model = get_family(family), tiny_model(pipeline, family)
+    spec = BucketSpec((fam.tiny_resolution,), fam.pixel_multiple(model), TINY_BUCKET_SPEC["max_aspect"])
+    precompute(root / "raw", root / "cache", model, resolution=fam.tiny_resolution, batch_size=4, progress=False,
                rows_per_shard=rows_per_shard, buckets=spec)  # fmt: skip
     return root / "raw", root / "cache"
