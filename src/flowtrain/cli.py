@@ -112,6 +112,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             buckets=_bucket_spec(args, cfg.model),
         )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
+    if args.buckets:
+        from flowtrain.data.buckets import describe_counts, shard_counts
+
+        print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
     return 0
 
 

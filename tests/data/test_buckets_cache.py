@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from flowtrain.data.bucket_sampler import rows_by_bucket
-from flowtrain.data.buckets import BucketSpec, bucket_counts, cover_size, crop_box
+from flowtrain.data.buckets import BucketSpec, bucket_counts, cover_size, crop_box, shard_counts
 from flowtrain.data.cache import CacheDataset
 from flowtrain.data.manifest import CacheManifest
 from flowtrain.testing.buckets import MIXED_SIZES, TINY_BUCKET_SPEC, make_bucketed_cache, make_mixed_image_folder
@@ -52,6 +52,7 @@ def test_the_cache_records_each_rows_bucket_and_the_counts_add_up(bucketed):
         # readable with pyarrow alone: each shard's tensor column carries its bucket's shape
         assert pq.read_schema(cache / shard["file"]).field("latent_moments").type.shape == [channels, h // 2, w // 2]
     assert dict(per_bucket) == bucket_counts(MIXED_SIZES, SPEC) == {(24, 40): 4, (32, 32): 4, (36, 28): 4, (40, 24): 4}
+    assert shard_counts(manifest.shards) == per_bucket and sum(per_bucket.values()) == manifest.num_rows
     ds = CacheDataset(cache)
     buckets = _bucket_of_rows(manifest)
     keys = []
@@ -149,7 +150,7 @@ def test_resume_mid_epoch_is_exact_on_a_bucketed_cache(bucketed, tiny_pipeline_d
     assert_resume_exact(straight, interrupted, stop=3)  # 8 batches an epoch: stopped mid-epoch
 
 
-def test_mixed_shape_dataset_trains_through_the_cli(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_mixed_shape_dataset_trains_through_the_cli(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     """prepare (sizes kept) → precompute --buckets → train with validation at two configured sizes."""
     from flowtrain.cli import main
 
@@ -171,6 +172,7 @@ def test_mixed_shape_dataset_trains_through_the_cli(tiny_pipeline_dir, tmp_path,
     }  # fmt: skip
     Path("tiny.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["precompute", "raw", "--config", "tiny.yaml", "--resolution", "32", "--buckets", "--quiet"]) == 0
+    assert "buckets (height x width: rows): 24x40: 4, 32x32: 4, 36x28: 4, 40x24: 4" in capsys.readouterr().out
     manifest = json.loads(Path("cache/manifest.json").read_text())
     assert sorted({tuple(s["bucket"]) for s in manifest["shards"]}) == [(24, 40), (32, 32), (36, 28), (40, 24)]
     assert main(["train", "tiny.yaml", "--output_dir", "runs/b", "--quiet"]) == 0

@@ -120,6 +120,22 @@ def bucket_counts(sizes: Sequence[Size], spec: BucketSpec) -> dict[Size, int]:
     return {b: counts[b] for b in spec.buckets if b in counts}
 
 
+def shard_counts(shards: Sequence[dict]) -> dict[Size, int]:
+    """Rows per bucket of a cache's manifest `shards` (entries with a `bucket`), sorted by bucket; they add up to
+    the rows of the bucketed shards."""
+    counts: dict[Size, int] = {}
+    for s in shards:
+        if s.get("bucket"):
+            b = (int(s["bucket"][0]), int(s["bucket"][1]))
+            counts[b] = counts.get(b, 0) + int(s["rows"])
+    return dict(sorted(counts.items()))
+
+
+def describe_counts(counts: dict[Size, int]) -> str:
+    """`24x40: 4, 32x32: 12` (height x width: rows), for summaries."""
+    return ", ".join(f"{h}x{w}: {n}" for (h, w), n in counts.items())
+
+
 # ---- the cache side: precompute's grouping, and the shapes a bucket's shard declares ------------------------------
 def bucket_shapes(columns: Sequence[Any], resolution: int, bucket: Size) -> dict[str, list[int]]:
     """The per-row shapes of the image columns in a shard of `bucket`: a family declares its image columns at the
