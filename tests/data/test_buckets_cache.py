@@ -184,12 +184,21 @@ def test_mixed_shape_dataset_trains_through_the_cli(tiny_pipeline_dir, tmp_path,
     assert sorted(Image.open(p).size for p in samples) == [(24, 40), (40, 24)]  # PIL: (width, height)
 
 
-def test_precompute_flags_refuse_bad_values(capsys):
+def test_bad_bucket_settings_are_refused(bucketed, tiny_pipeline_dir, tmp_path, capsys):
     from flowtrain.cli import main
+    from flowtrain.data.precompute import precompute
 
+    raw, _ = bucketed
     with pytest.raises(SystemExit):
-        main(["precompute", "raw", "--buckets", "--bucket-sides", "0"])
+        main(["precompute", str(raw), "--buckets", "--bucket-sides", "0"])
     assert "positive integer" in capsys.readouterr().err
+    args = ["precompute", str(raw), "--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "c")]
+    assert main([*args, "--max-aspect", "3"]) != 0
+    assert "add --buckets" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="resolution 30 is not a multiple of the model's pixel multiple 4: use e.g"):
+        precompute(raw, tmp_path / "c", tiny_model(tiny_pipeline_dir), resolution=30, progress=False, buckets=SPEC)
+    assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("family", ["flux1", "qwen_image"])

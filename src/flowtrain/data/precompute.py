@@ -112,6 +112,11 @@ def precompute(
     """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest.
     `buckets`: each image at its aspect-ratio bucket (`flowtrain.data.buckets`), one bucket per cache shard."""
     raw_dir, out = Path(raw_dir), Path(out)
+    if buckets is not None and resolution % buckets.multiple:  # the declared columns' latent grid is at it
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of the model's pixel multiple {buckets.multiple}: use e.g. "
+            f"{max(buckets.multiple, resolution // buckets.multiple * buckets.multiple)}"
+        )
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
