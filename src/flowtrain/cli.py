@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
     s.add_argument(
         "--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
-        help=f"square training resolution (default {PRECOMPUTE_RESOLUTION})",
+        help=f"square training resolution; with --buckets, the target area's side (default {PRECOMPUTE_RESOLUTION})",
     )  # fmt: skip
     s.add_argument(
         "--buckets", action="store_true",
