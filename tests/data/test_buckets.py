@@ -14,6 +14,7 @@ from flowtrain.data.buckets import (
     assign,
     bucket_counts,
     buckets_for_area,
+    cache_slices,
     choose_target,
     cover_size,
     crop_box,
@@ -106,6 +107,27 @@ def test_per_bucket_counts_add_up():
     assert sum(counts.values()) == len(sizes)
     assert all(n > 0 for n in counts.values()) and list(counts) == [b for b in MULTI.buckets if b in counts]
     assert counts == dict(Counter(assign(s, MULTI) for s in sizes))
+
+
+def test_cache_slices_group_a_raw_shard_by_bucket_in_raw_order():
+    import pyarrow as pa
+
+    sizes = [(64, 32), (32, 32), (60, 30), (33, 33), (62, 31), (32, 64), (40, 40)]
+    table = pa.table({"key": [f"k{i}" for i in range(7)], "height": [h for h, _ in sizes],
+                      "width": [w for _, w in sizes]})  # fmt: skip
+    spec = BucketSpec((32,), 4, 2.0)
+    square = [(n, b, t.column("key").to_pylist()) for n, b, t in cache_slices(table, 3, 4, None)]
+    assert square == [("cache-00003-0000.parquet", None, ["k0", "k1", "k2", "k3"]),
+                      ("cache-00003-0001.parquet", None, ["k4", "k5", "k6"])]  # fmt: skip
+    got = [(n, b, t.column("key").to_pylist()) for n, b, t in cache_slices(table, 3, 2, spec)]
+    i = {b: k for k, b in enumerate(spec.buckets)}
+    assert got == [
+        (f"cache-00003-b{i[(24, 40)]:03d}-0000.parquet", (24, 40), ["k5"]),
+        (f"cache-00003-b{i[(32, 32)]:03d}-0000.parquet", (32, 32), ["k1", "k3"]),
+        (f"cache-00003-b{i[(32, 32)]:03d}-0001.parquet", (32, 32), ["k6"]),
+        (f"cache-00003-b{i[(40, 24)]:03d}-0000.parquet", (40, 24), ["k0", "k2"]),
+        (f"cache-00003-b{i[(40, 24)]:03d}-0001.parquet", (40, 24), ["k4"]),
+    ]
 
 
 def test_bad_specs_are_refused():

@@ -156,17 +156,31 @@ def bucket_shapes(columns: Sequence[Any], resolution: int, bucket: Size) -> dict
     return out
 
 
-def bucket_parts(table: Any, raw_index: int, spec: BucketSpec | None) -> Iterator[tuple[str, Size | None, Any]]:
-    """(shard name stem, bucket, rows) of one raw shard (a pyarrow table with `width` and `height` columns).
-    Square (`spec` None): the whole table under `cache-RRRRR`; bucketed: the rows of each bucket, in raw order,
-    under `cache-RRRRR-bBBB` (BBB the bucket's index in `spec.buckets`), buckets in that order."""
+def cache_slices(
+    table: Any, raw_index: int, rows_per_shard: int, spec: BucketSpec | None
+) -> Iterator[tuple[str, Size | None, Any]]:
+    """(cache shard file name, bucket, rows) for one raw shard (a pyarrow table with `width` and `height` columns),
+    at most `rows_per_shard` rows each. Square (`spec` None): slices of the table in order, `cache-RRRRR-CCCC.parquet`.
+    Bucketed: the rows of each bucket in raw order, buckets in `spec.buckets` order, sliced the same way,
+    `cache-RRRRR-bBBB-CCCC.parquet` (BBB the bucket's index in `spec.buckets`)."""
     if spec is None:
-        yield f"cache-{raw_index:05d}", None, table
-        return
-    sizes = zip(table.column("height").to_pylist(), table.column("width").to_pylist(), strict=True)
-    index = {b: i for i, b in enumerate(spec.buckets)}
-    rows: dict[int, list[int]] = {}
-    for row, size in enumerate(sizes):
-        rows.setdefault(index[assign(size, spec)], []).append(row)
-    for i in sorted(rows):
-        yield f"cache-{raw_index:05d}-b{i:03d}", spec.buckets[i], table.take(rows[i])
+        parts = [(f"cache-{raw_index:05d}", None, table)]
+    else:
+        sizes = zip(table.column("height").to_pylist(), table.column("width").to_pylist(), strict=True)
+        index = {b: i for i, b in enumerate(spec.buckets)}
+        rows: dict[int, list[int]] = {}
+        for row, size in enumerate(sizes):
+            rows.setdefault(index[assign(size, spec)], []).append(row)
+        parts = [(f"cache-{raw_index:05d}-b{i:03d}", spec.buckets[i], table.take(rows[i])) for i in sorted(rows)]
+    for stem, bucket, group in parts:
+        for chunk, start in enumerate(range(0, group.num_rows, rows_per_shard)):
+            yield f"{stem}-{chunk:04d}.parquet", bucket, group.slice(start, rows_per_shard)
+
+
+def shard_entry(name: str, rows: int, bucket: Size | None, columns: Sequence[Any], resolution: int) -> dict:
+    """A cache manifest's `shards` entry: `file` and `rows`, plus `bucket` (height, width) and the image columns'
+    `shapes` for a bucket's shard."""
+    entry: dict[str, Any] = {"file": name, "rows": rows}
+    if bucket is not None:
+        entry |= {"bucket": list(bucket), "shapes": bucket_shapes(columns, resolution, bucket)}
+    return entry

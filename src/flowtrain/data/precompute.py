@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
-from flowtrain.data.buckets import BucketSpec, bucket_parts, bucket_shapes
+from flowtrain.data.buckets import BucketSpec, bucket_shapes, cache_slices, shard_entry
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
@@ -144,19 +144,13 @@ def precompute(
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
             table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image", "width", "height"])
-            # Square: the shard's rows in order; bucketed: its rows grouped by bucket, one bucket per cache shard.
-            for stem, bucket, rows in bucket_parts(table, raw_idx, buckets):
-                for chunk, start in enumerate(range(0, rows.num_rows, rows_per_shard)):
-                    name = f"{stem}-{chunk:04d}.parquet"
-                    part = rows.slice(start, rows_per_shard)
-                    if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                        write_shard(encode(part, pool, bar, bucket), out / name)
-                    else:
-                        bar.update(part.num_rows)
-                    entry = {"file": name, "rows": part.num_rows}
-                    if bucket is not None:
-                        entry |= {"bucket": list(bucket), "shapes": bucket_shapes(columns, resolution, bucket)}
-                    shards.append(entry)
+            # Square: slices of the shard's rows in order; bucketed: of its rows grouped by bucket (data.buckets).
+            for name, bucket, part in cache_slices(table, raw_idx, rows_per_shard, buckets):
+                if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
+                    write_shard(encode(part, pool, bar, bucket), out / name)
+                else:
+                    bar.update(part.num_rows)
+                shards.append(shard_entry(name, part.num_rows, bucket, columns, resolution))
     bar.close()
     _remove_stale(out, {s["file"] for s in shards})
     manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
