@@ -151,6 +151,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     out = _given(args.out, cfg.dataset.cache_dir)
     if not out:
         raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
+    buckets = _bucket_spec(args, cfg.model)  # before the output folder is touched: a bad flag changes nothing
     # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
     unfinished = not args.overwrite and not cache_is_finished(Path(out))
     with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished):
@@ -163,9 +164,28 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
             video=cfg.dataset.video,
+            buckets=buckets,
         )
     print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
+    if args.buckets:
+        from flowtrain.data.buckets import describe_counts, shard_counts
+
+        print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
     return 0
+
+
+def _bucket_spec(args: argparse.Namespace, model):
+    """precompute's aspect-ratio buckets (--buckets): targets --resolution and --bucket-sides, sides multiples of
+    the model's pixel multiple; None without --buckets."""
+    if not args.buckets:
+        if args.bucket_sides or args.max_aspect is not None:
+            raise ValueError("--bucket-sides and --max-aspect shape aspect-ratio buckets: add --buckets")
+        return None
+    from flowtrain.data.buckets import BucketSpec
+    from flowtrain.models import get_family
+
+    multiple = get_family(model.family).pixel_multiple(model)
+    return BucketSpec((args.resolution, *args.bucket_sides), multiple, args.max_aspect or 2.0)
 
 
 def _model_config(args: argparse.Namespace, model: str | None, *, need: str, base=None):
@@ -548,7 +568,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
     s.add_argument(
         "--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
-        help=f"square training resolution (default {PRECOMPUTE_RESOLUTION})",
+        help=f"square training resolution; with --buckets, the target area's side (default {PRECOMPUTE_RESOLUTION})",
+    )  # fmt: skip
+    s.add_argument(
+        "--buckets", action="store_true",
+        help="aspect-ratio buckets: each image at the bucket nearest its aspect (area about --resolution², sides "
+        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md",
+    )  # fmt: skip
+    s.add_argument(
+        "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
+        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-aspect", type=float,
+        help="with --buckets, the largest long / short side ratio of a bucket (default 2.0); wider images are cropped",
     )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")

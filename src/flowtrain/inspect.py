@@ -156,12 +156,19 @@ def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> list[list[int]]
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
-def bucket_assignment(sizes: list[tuple[int, int]], resolution: int | None) -> dict[str, int] | None:
-    """BUCKET HOOK: {"WxH": count} of the bucket `precompute` would give each (width, height) at `resolution`.
+def bucket_assignment(
+    sizes: list[tuple[int, int]], resolution: int | None, *, multiple: int = 16, max_aspect: float = 2.0
+) -> dict[str, int] | None:
+    """{"WxH": count} of the aspect-ratio bucket `precompute --buckets --resolution R` would give each (width,
+    height), in bucket order; None without a resolution. `multiple`: the model's pixel multiple (16 for every
+    shipped family: VAE factor 8 x 2x2 patches), `max_aspect`: precompute's --max-aspect (default 2)."""
+    if resolution is None or not sizes:
+        return None
+    from flowtrain.data.buckets import BucketSpec, bucket_counts
 
-    The bucket rule belongs to `flowtrain.data.buckets` (aspect-ratio buckets, issue 18); it is wired in here when
-    that module lands. Until then this returns None and the report says `"buckets": null`."""
-    return None
+    spec = BucketSpec((max(resolution // multiple * multiple, multiple),), multiple, max_aspect)
+    counts = bucket_counts([(h, w) for w, h in sizes], spec)
+    return {f"{w}x{h}": n for (h, w), n in counts.items()}
 
 
 # ---- reading the items -----------------------------------------------------------------------------------------

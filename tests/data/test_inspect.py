@@ -81,7 +81,13 @@ def test_report_counts_and_stats(folder, tmp_path):
     t = report["trigger"]
     assert (t["with"], t["without"]) == (3, 3) and set(t["keys_without"]) == {"tall", "wide", "corrupt"}
     assert report["near_duplicates"]["groups"] == [["a", "a_copy", "a_resized"]]
-    assert report["buckets"] is None  # the bucket hook is not wired yet
+    # the buckets `precompute --buckets --resolution 64` would use (data.buckets), one per measured image
+    from flowtrain.data.buckets import BucketSpec, assign
+
+    assert sum(report["buckets"].values()) == 7
+    spec = BucketSpec((64,), 16, 2.0)  # buckets (h, w): 48x80, 64x64, 80x48
+    assert assign((32, 48), spec) == (48, 80)  # 48x32 (3:2 landscape): the wide bucket, reported as "80x48"
+    assert report["buckets"] == {"80x48": 4, "64x64": 1, "48x80": 2}  # as landscape / square / portrait above
     saved = json.loads((tmp_path / "inspect_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     with Image.open(tmp_path / "inspect_histogram.png") as png:

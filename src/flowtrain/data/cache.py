@@ -120,8 +120,10 @@ class CacheDataset(Dataset):
                 raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
             for col in self.columns:
                 got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
-                # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values
-                want = [None, math.prod(col.shape[1:])] if col.variable else list(col.shape)
+                # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
+                # column of an aspect-ratio bucket's shard has that bucket's latent grid (manifest `shapes`)
+                fixed = s.get("shapes", {}).get(col.name, col.shape)
+                want = [None, math.prod(col.shape[1:])] if col.variable else list(fixed)
                 if got != want:
                     raise CacheError(
                         f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "

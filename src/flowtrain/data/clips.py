@@ -53,6 +53,21 @@ def clip_settings(options: VideoConfig | None) -> dict | None:
     return None if options is None else options.model_dump()
 
 
+def planned_slices(
+    table: pa.Table, raw_index: int, rows_per_shard: int, options: VideoConfig
+) -> tuple[list[tuple[str, None, pa.Table]], int]:
+    """A raw shard's clips as precompute writes them: (cache shard name, bucket (always None: clips are cached at
+    one size), clip rows) per slice of `rows_per_shard` raw rows, slices without a clip left out; plus how many raw
+    rows gave no clip."""
+    slices, left_out = [], 0
+    for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        part, dropped = plan(table.slice(start, rows_per_shard), options)
+        left_out += dropped
+        if part.num_rows:
+            slices.append((f"cache-{raw_index:05d}-{chunk:04d}.parquet", None, part))
+    return slices, left_out
+
+
 def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
     """A raw slice → one row per clip: key, caption, image (dictionary-encoded: a video's bytes are not copied per
     clip), `frames` (its source frame indices) and `raw_row`; plus how many raw rows gave no clip (videos shorter

@@ -44,8 +44,10 @@ def fingerprint(
     dtype: str,
     settings: dict[str, Any],
     identity: dict[str, str],
+    buckets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What determines a cache's content, with an `id` hashing all of it."""
+    """What determines a cache's content, with an `id` hashing all of it. `buckets` (`BucketSpec.to_json`) only
+    for an aspect-ratio bucketed cache: a square cache's fingerprint (and id) is what it always was."""
     fp = {
         "family": family,
         "model": model,
@@ -55,6 +57,8 @@ def fingerprint(
         "settings": settings,
         "identity": identity,
     }
+    if buckets is not None:
+        fp["buckets"] = buckets
     fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     return fp
 
@@ -79,6 +83,11 @@ class CacheManifest:
     @property
     def resolution(self) -> int | None:
         return self.fingerprint.get("resolution")
+
+    @property
+    def shard_buckets(self) -> list[tuple[int, int] | None]:
+        """Each shard's aspect-ratio bucket (height, width) in pixels; None for shards of a square cache."""
+        return [tuple(s["bucket"]) if s.get("bucket") else None for s in self.shards]
 
     def column(self, name: str) -> Column:
         for c in self.columns:

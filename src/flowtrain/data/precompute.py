@@ -13,6 +13,7 @@ since), and the manifest is removed at the start and written last, so it never v
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from flowtrain.config.model import ModelOptions
 from flowtrain.config.video import VideoConfig
 from flowtrain.data import clips
+from flowtrain.data.buckets import BucketSpec, bucket_shapes, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.prepare import raw_digest
@@ -53,14 +55,18 @@ def read_raw_manifest(raw_dir: str | Path) -> dict:
     return manifest
 
 
-def cache_fingerprint(model: ModelOptions, resolution: int, clips: dict | None = None) -> dict:
+def cache_fingerprint(
+    model: ModelOptions, resolution: int, clips: dict | None = None, buckets: BucketSpec | None = None
+) -> dict:
     """What a cache of `model` (the validated `model:` section) at `resolution` will be, from the options and the
     model's files alone: known before any encoder loads. `clips`: the video path's settings (`clips.clip_settings`),
-    None for images (whose fingerprint is then what it always was)."""
+    None for images; `buckets`: the aspect-ratio buckets, None for a square cache (either None leaves the
+    fingerprint what it always was)."""
     family = get_family(model.family)
     settings = family.cache_settings(model) | ({"video": clips} if clips is not None else {})
     return fingerprint(family.name, model.pretrained, model.revision, resolution, model.dtype,
-                       settings, family.identity(model))  # fmt: skip
+                       settings, family.identity(model),
+                       buckets.to_json() if buckets is not None else None)  # fmt: skip
 
 
 def _decode(rows: dict[str, list]) -> list[Image.Image]:
@@ -110,17 +116,26 @@ def precompute(
     device: str | None = None,
     progress: bool = True,
     video: VideoConfig | None = None,
+    buckets: BucketSpec | None = None,
 ) -> CacheManifest:
     """Encode every raw row once with `model` (the validated `model:` section); returns the written manifest.
-    Videos (or a video family) take the clip path, cut as `video` (`dataset.video`) says: docs/video.md."""
+    Videos (or a video family) take the clip path, cut as `video` (`dataset.video`) says: docs/video.md.
+    `buckets`: each image at its aspect-ratio bucket (`flowtrain.data.buckets`), one bucket per cache shard."""
     raw_dir, out = as_path(raw_dir), Path(out)
+    if buckets is not None and resolution % buckets.multiple:  # the declared columns' latent grid is at it
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of the model's pixel multiple {buckets.multiple}: use e.g. "
+            f"{max(buckets.multiple, resolution // buckets.multiple * buckets.multiple)}"
+        )
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     clip_opts = clips.clip_options(family, raw, video)  # None: the image path
+    if clip_opts is not None and buckets is not None:
+        raise ValueError("aspect-ratio buckets are for images: video clips are cached at one size (drop --buckets)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
-    fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts))
+    fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts), buckets)
     _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
@@ -147,21 +162,19 @@ def precompute(
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
         for raw_idx, raw_shard in enumerate(raw["shards"]):
             path = raw_dir / raw_shard["file"]
-            read = ["key", "caption", "image"] if clip_opts is None else clips.raw_columns(path)
-            table = read_table(path, columns=read)
-            for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-                name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
-                part = table.slice(start, rows_per_shard)
-                if clip_opts is not None:  # one row per clip
-                    part, dropped = clips.plan(part, clip_opts)
-                    left_out += dropped
-                    if part.num_rows == 0:
-                        continue
+            if clip_opts is None:  # images: slices of the shard's rows in order, or grouped by bucket (data.buckets)
+                table = read_table(path, columns=["key", "caption", "image", "width", "height"])
+                slices = cache_slices(table, raw_idx, rows_per_shard, buckets)
+            else:  # videos: one row per clip (data/clips.py)
+                slices, dropped = clips.planned_slices(read_table(path, columns=clips.raw_columns(path)), raw_idx,
+                                                       rows_per_shard, clip_opts)  # fmt: skip
+                left_out += dropped
+            for name, bucket, part in slices:
                 if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                    write_shard(encode(part, pool, bar), out / name)
+                    write_shard(encode(part, pool, bar, bucket), out / name)
                 else:
                     bar.update(part.num_rows)
-                shards.append({"file": name, "rows": part.num_rows})
+                shards.append(shard_entry(name, part.num_rows, bucket, columns, resolution))
     bar.close()
     if clip_opts is not None:
         clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
@@ -211,27 +224,35 @@ class _ShardEncoder:
         self.family, self.encoders, self.model, self.columns = family, encoders, model, columns
         self.resolution, self.batch_size = resolution, batch_size
 
-    def _pixels(self, rows: dict) -> torch.Tensor:
+    def _pixels(self, rows: dict, size: tuple[int, int] | None) -> torch.Tensor:
         if clips.FRAMES in rows:  # a planned clip batch (data/clips.py)
             return clips.clip_pixels(self.family, self.encoders, rows, self.resolution)
-        return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
+        if size is None:  # square: the family's call as it always was
+            return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
+        return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution, size=size)
 
-    def __call__(self, part: pa.Table, pool: Any, bar: Any) -> pa.Table:
+    def __call__(self, part: pa.Table, pool: Any, bar: Any, size: tuple[int, int] | None = None) -> pa.Table:
+        """`size`: the (height, width) bucket of every row of `part`; None: the square `resolution`."""
+        columns = self.columns
+        if size is not None:
+            shapes = bucket_shapes(columns, self.resolution, size)
+            columns = [dataclasses.replace(c, shape=tuple(shapes[c.name])) if c.name in shapes else c for c in columns]
+        part = part.select(["key", "caption", "image"])
         batches = [part.slice(i, self.batch_size).to_pydict() for i in range(0, part.num_rows, self.batch_size)]
-        encoded: dict[str, list] = {c.name: [] for c in self.columns}
-        pending = pool.submit(self._pixels, batches[0])
+        encoded: dict[str, list] = {c.name: [] for c in columns}
+        pending = pool.submit(self._pixels, batches[0], size)
         for i, rows in enumerate(batches):
             pixels = pending.result()
             if i + 1 < len(batches):
-                pending = pool.submit(self._pixels, batches[i + 1])
+                pending = pool.submit(self._pixels, batches[i + 1], size)
             image = self.family.encode_pixels(self.encoders, pixels)
             text = self.family.encode_prompts(self.encoders, rows["caption"], self.model)
-            for c in self.columns:
+            for c in columns:
                 values = (image if c.source == "image" else text)[c.name]
                 encoded[c.name].extend([v.cpu() for v in values] if c.variable else [values.cpu()])
             bar.update(len(rows["key"]))
         arrays = {
-            c.name: column_array(c, encoded[c.name] if c.variable else torch.cat(encoded[c.name])) for c in self.columns
+            c.name: column_array(c, encoded[c.name] if c.variable else torch.cat(encoded[c.name])) for c in columns
         }
         return pa.table(
             {

@@ -147,10 +147,13 @@ class ModelFamily(Protocol):
         variable-length column comes as a list of B (L_i, ...) tensors."""
         ...
 
-    def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1], scaled to cover and centre-cropped: what the
-        pipeline's own image processor feeds its VAE in crop mode (`models.common.preprocess_images`). On the video
-        path it is called once per clip with the clip's F frames (→ (F, 3, res, res))."""
+    def preprocess_images(
+        self, encoders: Any, images: list[Any], *, resolution: int, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """PIL RGB images → (B, 3, res, res) pixels in [-1, 1] (or (B, 3, H, W) for `size` = (H, W), an
+        aspect-ratio bucket), scaled to cover (aspect kept) and centre-cropped: what the pipeline's own image
+        processor feeds its VAE in crop mode (`models.common.preprocess_images`). On the video path it is called once
+        per clip with the clip's F frames (→ (F, 3, res, res))."""
         ...
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -417,23 +417,29 @@ def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], pre
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
-def preprocess_images(pipe: Any, images: list[Any], resolution: int, *, scale_first: bool = False) -> torch.Tensor:
+def preprocess_images(
+    pipe: Any, images: list[Any], resolution: int, *, scale_first: bool = False, size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """`ModelFamily.preprocess_images` through the pipeline's own image processor in "crop" mode: PIL images →
-    (B, 3, res, res) in [-1, 1], the pixels the pipeline itself would feed its VAE.
+    (B, 3, H, W) in [-1, 1] (H = W = res, or `size` = (H, W), an aspect-ratio bucket), the pixels the pipeline
+    itself would feed its VAE.
 
-    diffusers' `VaeImageProcessor` (FLUX.1, Qwen-Image) scales to cover res × res in crop mode (Lanczos, aspect
+    diffusers' `VaeImageProcessor` (FLUX.1, Qwen-Image) scales to cover H × W in crop mode (Lanczos, aspect
     kept, the long side floored), then centre-crops: nothing to add. `Flux2ImageProcessor` (FLUX.2) only
     centre-crops; `scale_first` scales to cover before it (`resize_to_cover`), FLUX.2's documented exception.
     """
-    check_resolution(pipe, resolution)
+    height, width = size if size is not None else (resolution, resolution)
+    check_resolution(pipe, height)
+    check_resolution(pipe, width)
     images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     if scale_first:
-        images = [resize_to_cover(im, resolution) for im in images]
-    return pipe.image_processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
+        images = [resize_to_cover(im, resolution, size=size) for im in images]
+    return pipe.image_processor.preprocess(images, height=height, width=width, resize_mode="crop")
 
 
-def resize_to_cover(image: Any, size: int) -> Any:
-    """Scale a PIL image (aspect kept, Lanczos) so its short side is `size` (the long side rounded).
+def resize_to_cover(image: Any, side: int, *, size: tuple[int, int] | None = None) -> Any:
+    """Scale a PIL image (aspect kept, Lanczos) so its short side is `side` (the long side rounded); with `size`
+    (H, W), by the one factor that makes it cover H × W (`flowtrain.data.buckets.cover_size`).
 
     For image processors whose "crop" mode only centre-crops, never scales (diffusers' `Flux2ImageProcessor`): a
     1024 px photo cached at 512 would keep its middle quarter, and a smaller one would be cut short. Scaling first
@@ -443,7 +449,12 @@ def resize_to_cover(image: Any, size: int) -> Any:
     from PIL import Image
 
     w, h = image.size
-    scale = size / min(w, h)
+    if size is not None:  # a bucket: the same rounding as a square target's, in both axes
+        from flowtrain.data.buckets import cover_size
+
+        ch, cw = cover_size((h, w), size)
+        return image if (cw, ch) == (w, h) else image.resize((cw, ch), Image.Resampling.LANCZOS)
+    scale = side / min(w, h)
     if scale == 1.0:
         return image
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
+    return image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.LANCZOS)

@@ -11,7 +11,9 @@ and optimizer state are on disk and before the checkpoint is sealed. The harness
 `.checkpoint-N.tmp` folder of a write, the `checkpoint-N` folders, logs/metrics.jsonl) rather than the clock, so
 it works the same on a loaded machine.
 
-Used by tests/reliability/test_kill_resume.py (FLOWTRAIN_KILL_POINTS kills, default 5) and
+Used by tests/reliability/test_kill_resume.py (FLOWTRAIN_KILL_POINTS kills, default 5), by
+tests/data/test_buckets_kill.py on an aspect-ratio bucketed cache (`flowtrain.testing.buckets`: each step's batch
+from one bucket, so a resume that lost its place in the bucket order changes the losses) and by
 benchmarks/kill_resume.py (many more).
 """
 

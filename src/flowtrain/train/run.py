@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flowtrain.config import FlowtrainConfig, config_to_flat_dict, save_config
+from flowtrain.data.bucket_sampler import BucketSampler, rows_by_bucket
 from flowtrain.data.cache import CacheDataset, ResumableSampler
 from flowtrain.data.loader import batch_iterator, build_loader, close_batches, use_prefetch_thread
 from flowtrain.data.manifest import warnings_once
@@ -55,7 +56,7 @@ class Run:
     lr_scheduler: Any
     step_optimizer: Any
     dataset: CacheDataset
-    sampler: ResumableSampler
+    sampler: ResumableSampler | BucketSampler
     batches: Any  # iterator of batches (possibly behind a prefetch thread)
     norm: dict[str, torch.Tensor]  # the cache's latent statistics
     empty: dict[str, torch.Tensor] | None  # the empty prompt's conditioning, for caption dropout
@@ -185,17 +186,23 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: the EMA starts from whole weights
         ema = ema_for_run(cfg, engines.unwrap(accelerator, model), restored)  # None unless ema.enabled
 
-    sampler = ResumableSampler(
-        len(dataset),
-        cfg.train.batch_size,
-        seed=shuffle_seed,
-        shuffle=cfg.dataset.shuffle,
-        rank=rank,
-        world_size=world,
-        start_epoch=epoch,
-        start_batch=batch_pos,
-        **dataset.shuffle_blocks(cfg.dataset.shuffle_window),  # row groups read once an epoch (see data.cache)
-    )
+    position = {"seed": shuffle_seed, "shuffle": cfg.dataset.shuffle, "rank": rank, "world_size": world,
+                "start_epoch": epoch, "start_batch": batch_pos}  # fmt: skip
+    buckets = rows_by_bucket(dataset.manifest)  # None: square (or one bucket), read as it always was
+    if buckets is not None:  # aspect-ratio buckets: each batch from one bucket (data.bucket_sampler)
+        if class_dataset is not None:
+            raise ValueError(
+                f"{cfg.dataset.cache_dir} is bucketed by aspect ratio; dataset.class_cache_dir (prior preservation) "
+                "needs a square instance cache: precompute it without --buckets"
+            )
+        sampler = BucketSampler(buckets, cfg.train.batch_size, **position)
+    else:
+        sampler = ResumableSampler(
+            len(dataset),
+            cfg.train.batch_size,
+            **position,
+            **dataset.shuffle_blocks(cfg.dataset.shuffle_window),  # row groups read once an epoch (see data.cache)
+        )
     d = cfg.dataset
 
     def loader_for(data: CacheDataset, rows: ResumableSampler) -> Any:

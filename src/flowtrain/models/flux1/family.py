@@ -186,10 +186,12 @@ class Flux1:
             )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
+    def preprocess_images(
+        self, encoders: Any, images: list[Any], *, resolution: int, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """PIL images → (B, 3, res, res) in [-1, 1] with the pipeline's `VaeImageProcessor` in "crop" mode, which
         (unlike FLUX.2's processor) scales to cover res×res (Lanczos, aspect kept) before centre-cropping."""
-        return common.preprocess_images(encoders, images, resolution)
+        return common.preprocess_images(encoders, images, resolution, size=size)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 2C, H/f, W/f)} posterior mean ‖ logvar (clamped as diffusers

@@ -126,10 +126,12 @@ class Flux2Klein:
             )
         return {TEXT: embeds}
 
-    def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
+    def preprocess_images(
+        self, encoders: Any, images: list[Any], *, resolution: int, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """PIL RGB images → (B, 3, res, res) in [-1, 1]: scaled to cover res×res (`common.resize_to_cover`), then
         the pipeline's `Flux2ImageProcessor`, which in crop mode only centre-crops (and normalises)."""
-        return common.preprocess_images(encoders, images, resolution, scale_first=True)
+        return common.preprocess_images(encoders, images, resolution, scale_first=True, size=size)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] → {latent_moments: (B, 2C, H/f, W/f)} (mean ‖ logvar), float32."""

@@ -176,10 +176,12 @@ class QwenImage:
             )
         return {TEXT: [r.clone() for r in common.rows_of(embeds, mask)]}
 
-    def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
+    def preprocess_images(
+        self, encoders: Any, images: list[Any], *, resolution: int, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """PIL RGB → (B, 3, res, res) in [-1, 1]: the pipeline's `VaeImageProcessor` in crop mode (scale to cover,
         centre-crop), exactly the pixels the pipeline would feed its VAE."""
-        return common.preprocess_images(encoders, images, resolution)
+        return common.preprocess_images(encoders, images, resolution, size=size)
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {"latent_moments": (B, 32, 1, H/8, W/8)} posterior mean ‖ logvar, float32."""
