@@ -385,10 +385,12 @@ def dump_yaml(data: Any) -> str:
 
 
 def dump_config(cfg: FlowtrainConfig) -> str:
-    """YAML for `cfg`: top-level scalars first, then sections, each in schema order; loads back to an equal config."""
+    """YAML for `cfg`: top-level scalars first, then sections, each in schema order, then lists of sections (a
+    pipeline's `stages`); loads back to an equal config."""
     data = cfg.model_dump(mode="python")
-    ordered = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    ordered = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
     ordered.update({k: v for k, v in data.items() if isinstance(v, dict)})
+    ordered.update({k: v for k, v in data.items() if isinstance(v, list)})
     return dump_yaml(ordered)
 
 

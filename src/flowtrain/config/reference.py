@@ -50,6 +50,8 @@ def type_text(annotation: Any) -> str:
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) if origin is None else None
+    if origin is list and all(isinstance(a, type) for a in typing.get_args(annotation)):  # list[StageConfig]
+        text = f"list[{', '.join(a.__name__ for a in typing.get_args(annotation))}]"
     return text or str(annotation).replace("typing.", "").replace("|", "\\|")
 
 
