@@ -34,6 +34,7 @@ from PIL import Image
 
 from flowtrain.config import FlowtrainConfig
 from flowtrain.dtypes import torch_dtype
+from flowtrain.media import sample_fps, save_sample, still
 from flowtrain.models import ModelFamily
 from flowtrain.models.common import pad_rows
 from flowtrain.train import engines
@@ -145,7 +146,10 @@ class Validator:
                     log.exception("validation failed at step %d; validation is off for the rest of this run", step)
                     self.enabled = False
                 if main:
-                    tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
+                    tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths if p.suffix == ".png"})
+                    for p in paths:  # videos (.mp4) and their previews (.gif) are files, not images, to trackers
+                        if p.suffix != ".png":
+                            tracker.log_artifact(p, SAMPLES_DIR)
             accelerator.wait_for_everyone()
         return paths
 
@@ -159,7 +163,8 @@ class Validator:
         *,
         write: bool = True,
     ) -> list[Path]:
-        """Sample every prompt at every size with `transformer`; returns the PNGs written (images, then grid).
+        """Sample every prompt at every size with `transformer`; returns the files written (images, then grid; a video
+        adds its .mp4 and .gif after its PNG).
         `write=False`: sample only (an FSDP process other than the main one, taking part in the all-gathers)."""
         t0 = time.perf_counter()
         if self._pipe is None:
@@ -199,10 +204,9 @@ class Validator:
                             generator=torch.Generator("cpu").manual_seed(seed),
                         )
                         path = self.out / image_name(step, i, seed, size if len(self.sizes) > 1 else None)
-                        if write:
-                            image.save(path)
-                            paths.append(path)
-                        row.append(image)
+                        if write:  # a video: its frame strip at `path`, plus .mp4 and .gif (media.py)
+                            paths += save_sample(image, path, sample_fps(self.cfg.model))
+                        row.append(still(image))
                     rows.append(row)
         finally:
             transformer.train(was_training)
