@@ -148,10 +148,11 @@ def moving_squares(n: int, frames: int = FRAMES, side: int = RES, seed: int = 0)
     return clips
 
 
-def write_video_cache(out, pipeline, captions: list[str], frames: int = FRAMES):
+def write_video_cache(out, pipeline, captions: list[str], frames: int = FRAMES, **options):
     """A latent cache of video clips in exactly the layout `flowtrain precompute` writes (its own writer, column
     types, empty-prompt file and manifest), the clips encoded through the family's `encode_pixels` (B, 3, F, H, W)
-    path. Decoding video files into such tensors is the data layer's part; this builds the tensors directly."""
+    path. Decoding video files into such tensors is the data layer's part; this builds the tensors directly.
+    `options`: more `model:` keys (e.g. `expert` for a two-expert pipeline)."""
     import pyarrow as pa
 
     from flowtrain.data.manifest import CacheManifest
@@ -161,7 +162,7 @@ def write_video_cache(out, pipeline, captions: list[str], frames: int = FRAMES):
 
     if (out / "manifest.json").exists():
         return out
-    fam, model = get_family("wan"), tiny_model(pipeline, "wan", num_frames=frames)
+    fam, model = get_family("wan"), tiny_model(pipeline, "wan", num_frames=frames, **options)
     encoders = fam.load_encoders(model, dtype=torch.float32, device="cpu")
     columns = fam.cache_columns(encoders, model, resolution=RES, frames=frames)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,3 +186,10 @@ def write_video_cache(out, pipeline, captions: list[str], frames: int = FRAMES):
 @pytest.fixture(scope="session")
 def video_cache(wan_dir, tmp_path_factory):
     return write_video_cache(tmp_path_factory.mktemp("video-cache") / "cache", wan_dir, CLIP_CAPTIONS)
+
+
+@pytest.fixture(scope="session")
+def video_cache_writer():
+    """`write(out, pipeline, **model_options)`: `write_video_cache` of the moving-squares clips (test modules cannot
+    import this conftest)."""
+    return lambda out, pipeline, **options: write_video_cache(out, pipeline, CLIP_CAPTIONS, **options)
