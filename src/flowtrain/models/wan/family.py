@@ -120,7 +120,7 @@ class Wan:
     lora_presets = LORA_PRESETS
     # WanPipeline.__call__'s num_inference_steps / guidance_scale (real CFG against the empty negative prompt).
     sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 5.0})
-    tiny_options: Mapping[str, Any] = {"max_sequence_length": 32, "num_frames": 5}
+    tiny_options: Mapping[str, Any] = {"max_sequence_length": 32, "num_frames": 9}
     tiny_resolution = 32  # 8× VAE → 4×4 latents → a 2×2 grid of (1, 2, 2) patches per latent frame
 
     # ---- loading ---------------------------------------------------------------------------------------------

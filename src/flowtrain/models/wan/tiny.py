@@ -44,7 +44,6 @@ _CORPUS = [
 ]
 TINY_RESOLUTION = 32  # pixels: latents 4×4 per frame → a 2×2 patch grid in the transformer
 TINY_SEQ = 32  # UMT5 tokens per prompt in tests (the pipeline pads to max_sequence_length)
-TINY_FRAMES = 5  # 4·1 + 1 frames → 2 latent frames
 
 
 @dataclass(frozen=True)
