@@ -30,3 +30,10 @@ def test_tiny_config_fits_the_tiny_pipeline():
     assert tiny.model.family == "wan" and tiny.model.dtype == "float32"
     assert {k: getattr(tiny.model, k) for k in family.tiny_options} == dict(family.tiny_options)
     assert [list(s) for s in tiny.validation.sizes] == [[family.tiny_resolution] * 2]
+
+
+def test_the_family_is_detected_from_the_pipeline(wan_dir, experts_dir):
+    from flowtrain.models import detect_family
+
+    assert detect_family(str(wan_dir)) == ("wan", "WanPipeline")
+    assert detect_family(str(experts_dir)) == ("wan", "WanPipeline")  # Wan 2.2 A14B is the same pipeline class

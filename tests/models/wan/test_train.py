@@ -97,3 +97,23 @@ def test_validation_videos_equal_flowtrain_sample(wan_dir, video_cache, tmp_path
 
     with av.open(str(run_samples / "step000002_00_5.mp4")) as video:
         assert sum(1 for _ in video.decode(video=0)) == 9
+
+
+@pytest.mark.slow  # ~40 s: the MLflow store and its logging process start
+def test_mlflow_logs_the_validation_videos_as_artifacts(wan_dir, video_cache, tmp_path):
+    """MLflow (the default tracker) holds each validation video: the frame-strip PNG as an image, the .mp4 and the
+    .gif preview as artifacts under samples/."""
+    from mlflow.tracking import MlflowClient
+
+    from flowtrain.track.mlflow_store import local_store_uri
+
+    out = tmp_path / "tracked"
+    validation = {"every_steps": 2, "prompts": ["a red square moving left"], "num_inference_steps": 2}
+    cfg = _cfg(wan_dir, video_cache, out, train={"max_steps": 2}, validation=validation,
+               tracking={"report_to": ["mlflow"], "experiment_name": "wan-tests", "graphs": False})  # fmt: skip
+    train(cfg, progress=False)
+    client = MlflowClient(local_store_uri(out))
+    run_id = json.loads((out / "logs" / "mlflow_run.json").read_text())["run_id"]
+    names = {f.path for f in client.list_artifacts(run_id, "samples")}
+    stem = "samples/step000002_00_0"
+    assert {f"{stem}.png", f"{stem}.mp4", f"{stem}.gif", "samples/step000002_grid.png"} <= names, names
