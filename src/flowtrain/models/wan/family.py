@@ -35,6 +35,7 @@ from flowtrain.models.base import Column
 from flowtrain.models.paths import check_model_path, read_model_index
 from flowtrain.models.wan import PIPELINE_CLASSES
 from flowtrain.models.wan import latents as L
+from flowtrain.models.wan.export import LAYOUT as EXPORT_LAYOUT
 from flowtrain.models.wan.options import WanOptions
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Wan:
     pipeline_classes = PIPELINE_CLASSES
     options = WanOptions
     lora_presets = LORA_PRESETS
+    export_layout = EXPORT_LAYOUT  # `flowtrain export`'s diffusers → original table (export.py)
     # WanPipeline.__call__'s num_inference_steps / guidance_scale (real CFG against the empty negative prompt).
     sampling_defaults: Mapping[str, float | int] = MappingProxyType({"steps": 50, "guidance_scale": 5.0})
     tiny_options: Mapping[str, Any] = {"max_sequence_length": 32, "num_frames": 9}
