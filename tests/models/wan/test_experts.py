@@ -38,6 +38,19 @@ def test_the_expert_must_fit_the_pipeline(fam, experts_dir, wan_dir):
     assert fam.sigma_range(tiny_model(experts_dir, "wan", expert="low_noise")) == (0.0, BOUNDARY)
 
 
+def test_a_ti2v_pipeline_is_refused(fam, wan_dir, tmp_path):
+    """Wan 2.2 TI2V-5B (`expand_timesteps`: per-token timesteps) is another training path: refused, not guessed."""
+    import json
+    import shutil
+
+    ti2v = tmp_path / "ti2v"
+    shutil.copytree(wan_dir, ti2v)
+    index = json.loads((ti2v / "model_index.json").read_text())
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    with pytest.raises(ValueError, match="TI2V pipeline.*expand_timesteps"):
+        fam.load_transformer(tiny_model(ti2v, "wan"), dtype=torch.float32)
+
+
 def test_each_expert_loads_its_own_transformer(fam, experts_dir):
     from diffusers import WanPipeline
 

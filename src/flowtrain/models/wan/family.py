@@ -78,7 +78,15 @@ def boundary_ratio(model: WanOptions) -> float | None:
 
 
 def check_expert(model: WanOptions) -> float | None:
-    """`model.expert` against the pipeline: required with two experts, refused with one. Returns the boundary."""
+    """`model.expert` against the pipeline: required with two experts, refused with one. Returns the boundary.
+    Also refuses a pipeline with `expand_timesteps` (Wan 2.2 TI2V-5B: per-token timesteps and a first-frame
+    condition), whose training path is not the one proved here."""
+    if (read_model_index(model.pretrained, model.revision) or {}).get("expand_timesteps"):
+        raise ValueError(
+            f"model.pretrained={model.pretrained!r} is a Wan 2.2 TI2V pipeline (expand_timesteps: true in "
+            "model_index.json); flowtrain's wan family trains the text-to-video pipelines (Wan 2.1 T2V, Wan 2.2 T2V "
+            "A14B) only"
+        )
     ratio = boundary_ratio(model)
     if ratio is not None and model.expert is None:
         raise ValueError(
