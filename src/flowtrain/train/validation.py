@@ -3,7 +3,9 @@
 Images go to `{output_dir}/samples/step{step:06d}_{prompt_index:02d}_{seed}.png` (with `_{h}x{w}` appended when
 several sizes are configured), plus `step{step:06d}_grid.png` (a row per prompt, a column per size), and to the
 trackers. Prompt i uses seed `validation.seed + i`, like `flowtrain sample --seed`, so a validation image can be
-reproduced from a saved LoRA with that command.
+reproduced from a saved LoRA with that command. A video family's sample (a list of frames) is written as that PNG (its
+frames side by side) plus `.mp4` and a `.gif` preview (`flowtrain.media`); trackers get the PNGs as images and the
+.mp4 / .gif as artifacts under `samples/`.
 
 Sampling reuses the transformer being trained (no copy): the main process puts it in eval mode, samples under
 no_grad with the pipeline's own sampler, and puts it back. The text encoder is loaded once, at the first

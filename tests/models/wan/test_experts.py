@@ -112,7 +112,7 @@ def test_the_low_noise_lora_loads_into_transformer_2_and_gives_flowtrains_video(
     assert not hasattr(fresh.transformer, "peft_config") and hasattr(fresh.transformer_2, "peft_config")
     ref = fresh(generator=torch.Generator().manual_seed(5), **kw).frames[0]
     model = tiny_model(experts_dir, "wan", expert="low_noise", num_frames=FRAMES)
-    pipe = fam.sampling_pipeline(model, dtype=torch.float32, device="cpu", lora=str(lora))
+    pipe = fam.sampling_pipeline(model, dtype=torch.float32, device="cpu", lora=str(lora.parent))  # the run folder
     gen = fam.generate(pipe, prompts, model, generators=[torch.Generator().manual_seed(5)], height=RES, width=RES,
                        steps=3, guidance_scale=2.0, output_type="np")[0]  # fmt: skip
     record_property("video_diff", float(np.abs(gen - ref).max()))

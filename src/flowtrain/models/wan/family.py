@@ -32,7 +32,7 @@ import torch
 
 from flowtrain.models import common
 from flowtrain.models.base import Column
-from flowtrain.models.paths import check_model_path, read_model_index
+from flowtrain.models.paths import read_model_index
 from flowtrain.models.wan import PIPELINE_CLASSES
 from flowtrain.models.wan import latents as L
 from flowtrain.models.wan.export import LAYOUT as EXPORT_LAYOUT
@@ -400,12 +400,14 @@ class Wan:
         parts = {} if weights is None else {slot: self.load_transformer(model, dtype=dtype, weights=weights)}
         pipe = common.load_pipeline(WanPipeline, model, dtype=dtype, example=EXAMPLE, **parts)
         if lora is not None:
+            from flowtrain.weights_check import lora_file
+
+            file = str(lora_file(lora))  # a run folder holds the file under its expert's name, not diffusers' default
             if slot == "transformer":
-                common.load_lora(pipe, lora, model.pretrained)
+                common.load_lora(pipe, file, model.pretrained)
             else:
-                check_model_path(lora, "--lora")
-                pipe.load_lora_weights(lora, use_safetensors=True, load_into_transformer_2=True)
-                pipe.transformer_2.eval()
+                pipe.load_lora_weights(file, use_safetensors=True, load_into_transformer_2=True)
+                pipe.transformer_2.eval()  # peft's injected modules start in training mode (dropout)
         pipe.set_progress_bar_config(disable=True)
         pipe.flowtrain_options = model
         return pipe.to(device)
