@@ -33,6 +33,8 @@ def test_the_expert_must_fit_the_pipeline(fam, experts_dir, wan_dir):
         fam.load_transformer(tiny_model(experts_dir, "wan"), dtype=torch.float32)
     with pytest.raises(ValueError, match="model.expert='low_noise'.*has one transformer"):
         fam.load_transformer(tiny_model(wan_dir, "wan", expert="low_noise"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs model.pretrained=.*model_index.json"):
+        fam.sigma_range(tiny_model(experts_dir / "transformer", "wan", expert="low_noise"))  # no index: no boundary
     assert fam.sigma_range(tiny_model(wan_dir, "wan")) is None
     assert fam.sigma_range(tiny_model(experts_dir, "wan", expert="high_noise")) == (BOUNDARY, 1.0)
     assert fam.sigma_range(tiny_model(experts_dir, "wan", expert="low_noise")) == (0.0, BOUNDARY)

@@ -69,11 +69,25 @@ def lora_file_name(expert: str | None) -> str:
     return "pytorch_lora_weights.safetensors" if expert is None else f"pytorch_lora_weights_{expert}.safetensors"
 
 
+_INDEX: dict[tuple[str, str | None], Mapping[str, Any]] = {}
+
+
+def _model_index(pretrained: str, revision: str | None, *, download: bool = False) -> Mapping[str, Any]:
+    """model_index.json, read once per model (`sigma_range` asks for the boundary at every step); {} while it cannot
+    be read (a hub id not downloaded yet, unless `download`), and then asked again next time."""
+    key = (pretrained, revision)
+    if key not in _INDEX:
+        index = read_model_index(pretrained, revision, download=download)
+        if not index:
+            return {}
+        _INDEX[key] = MappingProxyType(index)
+    return _INDEX[key]
+
+
 def boundary_ratio(model: WanOptions) -> float | None:
     """The pipeline's `boundary_ratio` (Wan 2.2 A14B: where the experts split), from model_index.json; None for a
     one-transformer pipeline or when the index cannot be read."""
-    index = read_model_index(model.pretrained, model.revision) or {}
-    ratio = index.get("boundary_ratio")
+    ratio = _model_index(model.pretrained, model.revision).get("boundary_ratio")
     return None if ratio is None else float(ratio)
 
 
@@ -81,7 +95,14 @@ def check_expert(model: WanOptions) -> float | None:
     """`model.expert` against the pipeline: required with two experts, refused with one. Returns the boundary.
     Also refuses a pipeline with `expand_timesteps` (Wan 2.2 TI2V-5B: per-token timesteps and a first-frame
     condition), whose training path is not the one proved here."""
-    if (read_model_index(model.pretrained, model.revision) or {}).get("expand_timesteps"):
+    # An expert needs the boundary: fetch the index of a hub id if it is not cached yet (honours HF_HUB_OFFLINE).
+    index = _model_index(model.pretrained, model.revision, download=model.expert is not None)
+    if model.expert is not None and not index:
+        raise ValueError(
+            f"model.expert={model.expert!r} needs model.pretrained={model.pretrained!r}'s model_index.json (its "
+            "boundary_ratio), which could not be read: point model.pretrained at the whole pipeline folder or hub id"
+        )
+    if index.get("expand_timesteps"):
         raise ValueError(
             f"model.pretrained={model.pretrained!r} is a Wan 2.2 TI2V pipeline (expand_timesteps: true in "
             "model_index.json); flowtrain's wan family trains the text-to-video pipelines (Wan 2.1 T2V, Wan 2.2 T2V "
@@ -94,7 +115,7 @@ def check_expert(model: WanOptions) -> float | None:
             "model.expert to high_noise (transformer, σ ≥ boundary) or low_noise (transformer_2) and train each in "
             "its own run"
         )
-    if ratio is None and model.expert is not None and read_model_index(model.pretrained, model.revision):
+    if ratio is None and model.expert is not None and index:
         raise ValueError(
             f"model.expert={model.expert!r}, but model.pretrained={model.pretrained!r} has one transformer (no "
             "boundary_ratio in model_index.json): leave model.expert unset for Wan 2.1"
