@@ -348,6 +348,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace, prompts: list[str], model: Any, lora: Path | None) -> None:
     from flowtrain.dtypes import torch_dtype
+    from flowtrain.media import sample_fps
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
 
     pipe = load_sampling_pipeline(
@@ -368,7 +369,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], model: Any, lora: Path
         width=args.width,
         images_per_prompt=args.num_images,
     )
-    save_images(images, args.out, prompts, args.num_images)
+    save_images(images, args.out, prompts, args.num_images, fps=sample_fps(model))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

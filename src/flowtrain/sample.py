@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
+from flowtrain.media import DEFAULT_FPS, save_sample, still
 from flowtrain.models import get_family
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,18 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 
 
 def save_images(
-    images: list[Image.Image], out: str | Path, prompts: list[str], images_per_prompt: int = 1
+    images: list[Any], out: str | Path, prompts: list[str], images_per_prompt: int = 1, fps: int = DEFAULT_FPS
 ) -> list[Path]:
-    """`{out}/{i:03d}_{k:02d}.png` for each image, plus `grid.png` and `prompts.txt`."""
+    """`{out}/{i:03d}_{k:02d}.png` for each image, plus `grid.png` and `prompts.txt`. A video (a list of frames)
+    is written as that PNG (its frame strip) plus `.mp4` and a `.gif` preview at `fps` (`media.save_sample`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for j, im in enumerate(images):
         p = out / f"{j // images_per_prompt:03d}_{j % images_per_prompt:02d}.png"
-        im.save(p)
+        save_sample(im, p, fps)
         paths.append(p)
-    make_grid(images, cols=images_per_prompt if images_per_prompt > 1 else None).save(out / "grid.png")
+    stills = [still(im) for im in images]
+    make_grid(stills, cols=images_per_prompt if images_per_prompt > 1 else None).save(out / "grid.png")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
     return paths

@@ -26,6 +26,12 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
+def restrict_sigmas(sigma: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """σ on (0, 1) → lo + (hi - lo)·σ on (lo, hi): the same density squeezed onto a sub-range, each draw keeping its
+    rank (for a model that denoises only part of the noise range, e.g. one expert of a two-expert model)."""
+    return lo + (hi - lo) * sigma
+
+
 def sample_sigmas(
     batch_size: int,
     generator: torch.Generator,

@@ -13,7 +13,14 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from flowtrain.models.base import Column, ExportsOriginal, ModelFamily, ModelPathError, TrainsAutoencoder
+from flowtrain.models.base import (
+    Column,
+    ExportsOriginal,
+    ModelFamily,
+    ModelPathError,
+    RestrictsTimesteps,
+    TrainsAutoencoder,
+)
 
 if TYPE_CHECKING:
     from flowtrain.config.model import ModelOptions
@@ -22,6 +29,7 @@ FAMILY_PACKAGES: dict[str, str] = {
     "flux1": "flowtrain.models.flux1",
     "flux2_klein": "flowtrain.models.flux2_klein",
     "qwen_image": "flowtrain.models.qwen_image",
+    "wan": "flowtrain.models.wan",
 }
 
 
@@ -93,6 +101,7 @@ __all__ = [
     "ExportsOriginal",
     "ModelFamily",
     "ModelPathError",
+    "RestrictsTimesteps",
     "TrainsAutoencoder",
     "UnknownFamilyError",
     "autoencoder_family",

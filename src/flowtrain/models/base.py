@@ -316,6 +316,18 @@ class TrainsAutoencoder(Protocol):
 
 
 @runtime_checkable
+class RestrictsTimesteps(Protocol):
+    """A family whose model trains on part of the noise range only (e.g. one expert of a mixture split at a
+    boundary timestep): optional. Training maps each drawn σ affinely onto the range."""
+
+    name: str
+
+    def sigma_range(self, model: ModelOptions) -> tuple[float, float] | None:
+        """(lo, hi) within [0, 1] that σ is drawn from for `model`, or None for the whole range."""
+        ...
+
+
+@runtime_checkable
 class ExportsOriginal(Protocol):
     """A family whose weights `flowtrain export` can write in the checkpoint's original layout (docs/export.md):
     optional. The layout is a table (`flowtrain.export.Layout`) declared in the family's `export.py`."""

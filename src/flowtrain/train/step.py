@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from flowtrain.config.schema import FlowtrainConfig
-from flowtrain.flow import interpolate, sample_sigmas
+from flowtrain.flow import interpolate, restrict_sigmas, sample_sigmas
 from flowtrain.losses import LossContext
-from flowtrain.models import ModelFamily
+from flowtrain.models import ModelFamily, RestrictsTimesteps
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -163,6 +163,8 @@ def make_inputs(
         mode_scale=t.mode_scale,
         shift=sigma_shift(cfg, family, x0.shape[1]),
     )
+    if isinstance(family, RestrictsTimesteps) and (bounds := family.sigma_range(cfg.model)) is not None:
+        sigma = restrict_sigmas(sigma, *bounds)  # a map of the same draws: the random stream is unchanged
     sigma = mine(sigma)
     noise = mine(torch.randn((b, *x0.shape[1:]), generator=generator, dtype=x0.dtype))
     cond = family.conditioning(batch, cfg.model)

@@ -3,7 +3,9 @@
 Images go to `{output_dir}/samples/step{step:06d}_{prompt_index:02d}_{seed}.png` (with `_{h}x{w}` appended when
 several sizes are configured), plus `step{step:06d}_grid.png` (a row per prompt, a column per size), and to the
 trackers. Prompt i uses seed `validation.seed + i`, like `flowtrain sample --seed`, so a validation image can be
-reproduced from a saved LoRA with that command.
+reproduced from a saved LoRA with that command. A video family's sample (a list of frames) is written as that PNG (its
+frames side by side) plus `.mp4` and a `.gif` preview (`flowtrain.media`); trackers get the PNGs as images and the
+.mp4 / .gif as artifacts under `samples/`.
 
 Sampling reuses the transformer being trained (no copy): the main process puts it in eval mode, samples under
 no_grad with the pipeline's own sampler, and puts it back. The text encoder is loaded once, at the first
@@ -34,6 +36,7 @@ from PIL import Image
 
 from flowtrain.config import FlowtrainConfig
 from flowtrain.dtypes import torch_dtype
+from flowtrain.media import sample_fps, save_sample, still
 from flowtrain.models import ModelFamily
 from flowtrain.models.common import pad_rows
 from flowtrain.train import engines
@@ -147,7 +150,10 @@ class Validator:
                     log.exception("validation failed at step %d; validation is off for the rest of this run", step)
                     self.enabled = False
                 if main:
-                    tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths})
+                    tracker.log_images(step, {f"{SAMPLES_DIR}/{p.name}": p for p in paths if p.suffix == ".png"})
+                    for p in paths:  # videos (.mp4) and their previews (.gif) are files, not images, to trackers
+                        if p.suffix != ".png":
+                            tracker.log_artifact(p, SAMPLES_DIR)
             accelerator.wait_for_everyone()
         return paths
 
@@ -161,7 +167,8 @@ class Validator:
         *,
         write: bool = True,
     ) -> list[Path]:
-        """Sample every prompt at every size with `transformer`; returns the PNGs written (images, then grid).
+        """Sample every prompt at every size with `transformer`; returns the files written (images, then grid; a video
+        adds its .mp4 and .gif after its PNG).
         `write=False`: sample only (an FSDP process other than the main one, taking part in the all-gathers)."""
         t0 = time.perf_counter()
         if self._pipe is None:
@@ -202,10 +209,9 @@ class Validator:
                         )
                         name = image_name(step, i, seed, size if len(self.sizes) > 1 else None)
                         path = self.out / f"{self.name_prefix(step)}{name}"
-                        if write:
-                            image.save(path)
-                            paths.append(path)
-                        row.append(image)
+                        if write:  # a video: its frame strip at `path`, plus .mp4 and .gif (media.py)
+                            paths += save_sample(image, path, sample_fps(self.cfg.model))
+                        row.append(still(image))
                     rows.append(row)
         finally:
             transformer.train(was_training)
