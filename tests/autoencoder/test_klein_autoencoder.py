@@ -12,7 +12,7 @@ from flowtrain.config import ConfigError
 from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
 from flowtrain.models.flux2_klein.autoencoder.train import build_vae, kl_beta, train_autoencoder
 
-REPO = Path(__file__).parents[3]
+REPO = Path(__file__).parents[2]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -66,7 +66,7 @@ def test_fitted_stats_normalise_latents_the_way_the_klein_pipeline_does(raw_dir)
     """After fitting, Klein's own patchify + BatchNorm-stat normalisation gives zero-mean, unit-variance channels."""
     from diffusers import Flux2KleinPipeline
 
-    from flowtrain.models.flux2_klein.autoencoder.data import RawImageDataset
+    from flowtrain.autoencoder.data import RawImageDataset
     from flowtrain.models.flux2_klein.autoencoder.stats import fit_latent_stats
 
     torch.manual_seed(0)
