@@ -51,6 +51,9 @@ def test_config_errors_name_file_and_key(tmp_path):
     groups = _write(tmp_path / "groups.yaml", "model:\n  block_out_channels: [12, 32]\n  norm_num_groups: 8\n")
     with pytest.raises(ConfigError, match="norm_num_groups"):
         load_autoencoder_config(groups)
+    other = _write(tmp_path / "other.yaml", "family: qwen_image\n")
+    with pytest.raises(ConfigError, match="does not train autoencoders.*flux1, flux2_klein"):
+        load_autoencoder_config(other)
     # Extends and dotted overrides work as for the training config.
     child = _write(tmp_path / "child.yaml", f"extends: {REPO / 'configs/demo/autoencoder.yaml'}\ntrain:\n  seed: 3\n")
     cfg = load_autoencoder_config(child, ["loss.kl_weight=0.5"])

@@ -31,12 +31,14 @@ class AEModelConfig(Section):
         description="Start from this VAE folder (a `vae/` folder or a pipeline folder) instead of a random init; "
         "the architecture keys below are then ignored.",
     )
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
-    layers_per_block: int = Field(1, gt=0)
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [32, 64], min_length=1, description="Channels per resolution level (one per block)."
+    )
+    layers_per_block: int = Field(1, gt=0, description="ResNet layers per block.")
     latent_channels: int = Field(
         4, gt=0, description="FLUX.2 proper uses 32 (FLUX.1: 16); patchify makes tokens 4× as wide."
     )
-    norm_num_groups: int = Field(8, gt=0)
+    norm_num_groups: int = Field(8, gt=0, description="GroupNorm groups; must divide every block's channels.")
     mid_block_add_attention: bool = Field(False, description="Self-attention in the mid blocks (slow on CPU).")
     batch_norm_eps: float = Field(1e-4, gt=0, description="flux2_klein only: eps of the VAE's latent BatchNorm.")
 
@@ -66,7 +68,7 @@ class AELossConfig(Section):
     `kl_weight` over `kl_warmup_steps`. Dividing the summed KL by the number of pixel values puts β on the scale of
     LDM's `kl_weight` convention."""
 
-    reconstruction: Literal["l1", "mse"] = "l1"
+    reconstruction: Literal["l1", "mse"] = Field("l1", description="Pixel reconstruction loss (mean over values).")
     kl_weight: float = Field(1e-6, ge=0, description="β after warm-up.")
     kl_warmup_steps: int = Field(0, ge=0, description="Steps of linear β warm-up from 0; 0 = β from the start.")
     free_bits: float = Field(
@@ -126,13 +128,13 @@ class AEGanConfig(Section):
 
 
 class AETrainConfig(Section):
-    max_steps: int = Field(1000, gt=0)
-    batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps of the run.")
+    batch_size: int = Field(32, gt=0, description="Images per step (at most the data set's size).")
+    learning_rate: float = Field(1e-3, gt=0, description="Autoencoder learning rate (the `lr_scheduler` shapes it).")
     max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null disables.")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (convs are often no faster).")
-    seed: int = 0
-    log_every: int = Field(10, gt=0)
+    seed: int = Field(0, description="Seeds the initial weights, the data order and the posterior-sample noise.")
+    log_every: int = Field(10, gt=0, description="Log (metrics.jsonl, console line) every N steps, averaged over them.")
     device: str | None = Field(None, description="cuda / cpu; default cuda when available.")
 
 
@@ -155,9 +157,9 @@ class AESamplesConfig(Section):
 class AEStatsConfig(Section):
     """Fit the latent statistics the family normalises with (flux2_klein: the VAE's BatchNorm running stats)."""
 
-    fit: bool = True
+    fit: bool = Field(True, description="Fit after training (flowtrain autoencoder saves the fitted VAE).")
     max_images: int | None = Field(None, gt=0, description="Use at most this many images; null = all.")
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, description="Images per encoder pass while fitting.")
 
 
 class AutoencoderConfig(Section):
@@ -183,7 +185,9 @@ class AutoencoderConfig(Section):
     samples: AESamplesConfig = Field(default_factory=AESamplesConfig)
     stats: AEStatsConfig = Field(default_factory=AEStatsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output_dir: str = "runs/autoencoder"
+    output_dir: str = Field(
+        "runs/autoencoder", description="The run folder (vae/, checkpoints, logs, graphs, samples)."
+    )
 
     @model_validator(mode="after")
     def _family_and_resolution(self) -> AutoencoderConfig:
