@@ -17,4 +17,3 @@ def test_docs_autoencoder_md_holds_the_generated_reference():
             "checkpointing.every_steps"} <= {r[0] for r in rows}  # fmt: skip
     for key, _, default, _ in rows:
         assert f"| `{key}` |" in text and f"| `{default}` |" in text
-

@@ -96,3 +96,18 @@ def test_r1_penalty_against_the_closed_form_gradient():
     r1.backward()  # differentiable in the discriminator's weights (create_graph)
     assert torch.allclose(c.grad, (8 * c.detach() * x.square()).mean(dim=0), rtol=1e-5, atol=1e-6)
     assert not x.requires_grad  # the caller's real images are left as they were
+
+
+def test_kl_of_video_latents_sums_every_axis():
+    """A 5-D posterior (B, C, F, H, W), as a video VAE gives: the KL sums frames too (diffusers' kl() would not)."""
+    torch.manual_seed(0)
+    params = torch.randn(2, 4, 3, 2, 2)  # mean ‖ logvar over 2 channels, 3 frames, 2×2
+    posterior = DiagonalGaussianDistribution(params)
+    pixels = torch.zeros(2, 3, 3, 4, 4)
+    mean, logvar = params[:, :2], params[:, 2:]
+    by_hand = (0.5 * (mean.square() + logvar.exp() - 1 - logvar)).sum() / 2 / pixels[0].numel()
+    used, plain = L.kl_loss(posterior, pixels, 0.0)
+    assert used.item() == pytest.approx(by_hand.item(), rel=1e-6) and plain is used
+    used_fb, plain_fb = L.kl_loss(posterior, pixels, 100.0)  # every channel under λ: λ·C·F·H·W per image
+    assert used_fb.item() == pytest.approx(100.0 * 2 * 3 * 2 * 2 / pixels[0].numel())
+    assert plain_fb.item() == pytest.approx(by_hand.item(), rel=1e-6)

@@ -113,3 +113,12 @@ def test_kill_9_mid_step_and_mid_write_then_resume_exactly(reference, digits_raw
         assert _rows(out) == _rows(reference)
         _assert_same(_weights(out / "vae"), _weights(reference / "vae"))
         _assert_same(_weights(out / "vae_trained"), _weights(reference / "vae_trained"))
+
+
+def test_resume_latest_without_a_checkpoint_starts_over_with_a_clean_log(digits_raw, tmp_path):
+    out = tmp_path / "early"
+    cfg = load_autoencoder_config(DEMO, tiny_overrides(digits_raw, out, "train.max_steps=3"))
+    first = train_autoencoder(cfg, progress=False)  # stands in for a first attempt killed before any checkpoint
+    again = train_autoencoder(cfg, resume="latest", progress=False)
+    assert again.resumed_from is None and [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert again.losses == first.losses  # the same fresh run

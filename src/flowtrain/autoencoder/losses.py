@@ -51,14 +51,16 @@ def kl_free_bits(kl_elem: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def kl_loss(posterior: Any, pixels: torch.Tensor, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL the loss uses, plain KL), both per image and divided by the number of pixel values (3·H·W, LDM's
-    `kl_weight` scale). Without free bits the two are the same tensor, computed as diffusers' `posterior.kl()`
-    computes it (so earlier runs' numerics stay bitwise)."""
+    `kl_weight` scale). Without free bits the two are the same tensor, for 4-D latents computed as diffusers'
+    `posterior.kl()` computes it (so earlier runs' numerics stay bitwise); 5-D (video) latents sum every axis."""
     n = pixels[0].numel()
-    if free_bits <= 0:
+    if free_bits <= 0 and posterior.mean.ndim == 4:  # diffusers' kl() sums dims 1-3 only: images, not video
         kl = posterior.kl().float().mean() / n
         return kl, kl
     elem = kl_elements(posterior)
     plain = elem.sum() / elem.shape[0] / n
+    if free_bits <= 0:
+        return plain, plain
     return kl_free_bits(elem, free_bits) / n, plain.detach()
 
 

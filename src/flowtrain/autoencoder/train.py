@@ -124,7 +124,8 @@ def train_autoencoder(
         restore_rng_state(restored["rng_stem"])  # after every module is built: building draws from it
         log.info("resumed from %s at step %d", ckpt, start)
     result.step = start
-    tracker = open_tracking(cfg, out, resume_step=start if restored is not None else None)
+    # Asked to resume but no checkpoint yet: a fresh start, whose log replaces what a killed first attempt wrote.
+    tracker = open_tracking(cfg, out, resume_step=start if resume is not None else None)
     try:
         _optimise(cfg, run, dataset, tracker, result, progress, start, window)
         _save_samples(cfg, run, dataset, result.step, final=True)
