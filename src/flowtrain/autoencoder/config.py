@@ -117,7 +117,9 @@ class AEGanConfig(Section):
     r1_weight: float = Field(0.0, ge=0, description="γ of the R1 penalty γ/2·E‖∇ₓD(x)‖² on real images; 0: off.")
     discriminator_channels: int = Field(64, gt=0, description="Width of the discriminator's first layer.")
     discriminator_layers: int = Field(3, gt=0, description="Stride-2 layers (images need ≥ 3·2^layers px).")
-    learning_rate: float | None = Field(None, gt=0, description="Discriminator LR; null: train.learning_rate.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Discriminator LR (constant); null: train.learning_rate."
+    )
     betas: tuple[float, float] = Field((0.5, 0.9), description="Discriminator Adam betas (LDM's).")
 
     @model_validator(mode="after")
