@@ -312,6 +312,24 @@ class Flux1:
     def save_full(self, output_dir: str | Path, transformer: torch.nn.Module) -> Path:
         return common.save_full(output_dir, transformer)
 
+    # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.flux1.autoencoder.build import build_vae
+
+        return build_vae(model)
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.flux1.autoencoder.build import pixel_multiple
+
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.flux1.autoencoder.build import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
+
     # ---- sampling ----------------------------------------------------------------------------------------------
     def pixel_multiple(self, model: Flux1Options) -> int:
         """VAE downsampling × the 2×2 packing (16 for FLUX.1); reads the VAE's config only."""

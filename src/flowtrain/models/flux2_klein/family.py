@@ -14,7 +14,7 @@ sequence is cached.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -287,15 +287,22 @@ class Flux2Klein:
         return list(out.images)
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.models.flux2_klein.autoencoder import load_autoencoder_config
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.flux2_klein.autoencoder.build import build_vae
 
-        return load_autoencoder_config(config, overrides)
+        return build_vae(model)
 
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
-        from flowtrain.models.flux2_klein.autoencoder.train import train_autoencoder
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.flux2_klein.autoencoder.build import pixel_multiple
 
-        return train_autoencoder(cfg, progress=progress)
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.flux2_klein.autoencoder.stats import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
 
     # ---- tiny --------------------------------------------------------------------------------------------------
     def save_tiny_pipeline(self, path: str | Path, seed: int = 0) -> Path:

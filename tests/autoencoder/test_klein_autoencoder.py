@@ -12,7 +12,7 @@ from flowtrain.config import ConfigError
 from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
 from flowtrain.models.flux2_klein.autoencoder.train import build_vae, kl_beta, train_autoencoder
 
-REPO = Path(__file__).parents[3]
+REPO = Path(__file__).parents[2]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -51,6 +51,9 @@ def test_config_errors_name_file_and_key(tmp_path):
     groups = _write(tmp_path / "groups.yaml", "model:\n  block_out_channels: [12, 32]\n  norm_num_groups: 8\n")
     with pytest.raises(ConfigError, match="norm_num_groups"):
         load_autoencoder_config(groups)
+    other = _write(tmp_path / "other.yaml", "family: qwen_image\n")
+    with pytest.raises(ConfigError, match="does not train autoencoders.*flux1, flux2_klein"):
+        load_autoencoder_config(other)
     # Extends and dotted overrides work as for the training config.
     child = _write(tmp_path / "child.yaml", f"extends: {REPO / 'configs/demo/autoencoder.yaml'}\ntrain:\n  seed: 3\n")
     cfg = load_autoencoder_config(child, ["loss.kl_weight=0.5"])
@@ -66,7 +69,7 @@ def test_fitted_stats_normalise_latents_the_way_the_klein_pipeline_does(raw_dir)
     """After fitting, Klein's own patchify + BatchNorm-stat normalisation gives zero-mean, unit-variance channels."""
     from diffusers import Flux2KleinPipeline
 
-    from flowtrain.models.flux2_klein.autoencoder.data import RawImageDataset
+    from flowtrain.autoencoder.data import RawImageDataset
     from flowtrain.models.flux2_klein.autoencoder.stats import fit_latent_stats
 
     torch.manual_seed(0)
