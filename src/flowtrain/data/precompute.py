@@ -237,7 +237,8 @@ class _ShardEncoder:
         if size is not None:
             shapes = bucket_shapes(columns, self.resolution, size)
             columns = [dataclasses.replace(c, shape=tuple(shapes[c.name])) if c.name in shapes else c for c in columns]
-        part = part.select(["key", "caption", "image"])
+        if clips.FRAMES not in part.column_names:  # images: what the encoders read (a clip plan keeps its columns)
+            part = part.select(["key", "caption", "image"])
         batches = [part.slice(i, self.batch_size).to_pydict() for i in range(0, part.num_rows, self.batch_size)]
         encoded: dict[str, list] = {c.name: [] for c in columns}
         pending = pool.submit(self._pixels, batches[0], size)
