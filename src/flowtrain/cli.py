@@ -400,8 +400,14 @@ def cmd_autoencoder(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowtrain.outputs import output_slot
 
+    if args.out is None:
+        args.out = "runs/demo-video" if args.video else "runs/demo"
     with output_slot(args.out, "demo", flag="--out", overwrite=args.overwrite):
-        from flowtrain.demo.run import run_demo, summary
+        if args.video:  # the text-to-video demo (flowtrain.demo.video, configs/demo/video.yaml)
+            from flowtrain.demo.video import run_video_demo as run_demo
+            from flowtrain.demo.video import video_summary as summary
+        else:
+            from flowtrain.demo.run import run_demo, summary
 
         rep = run_demo(args.config, args.out, quick=args.quick, overrides=args.overrides, progress=not args.quiet)
     print(summary(rep))
@@ -718,8 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo_report.json into --out. See docs/demo.md.",
     )
     s.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. sample.per_digit=20")
-    s.add_argument("--config", type=_path, help="demo config (default: configs/demo/demo.yaml of this checkout)")
-    s.add_argument("--out", type=_path, default="runs/demo", help="run folder (default runs/demo)")
+    s.add_argument("--config", type=_path, help="demo config (default: configs/demo/demo.yaml of this checkout; "
+                   "with --video configs/demo/video.yaml)")  # fmt: skip
+    s.add_argument("--out", type=_path, help="run folder (default runs/demo; with --video runs/demo-video)")
+    s.add_argument("--video", action="store_true", help="the text-to-video demo: moving digits, a Wan video VAE "
+                   "and transformer, digit + motion adherence (configs/demo/video.yaml; docs/video.md)")  # fmt: skip
     _overwrite_flag(s)
     s.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing in seconds")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

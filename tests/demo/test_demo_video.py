@@ -155,3 +155,77 @@ def test_video_folder_goes_through_prepare(tmp_path):
     for i in range(8):
         frames = np.stack([np.asarray(f) for f in decode_frames(by_key[f"{i:04d}"]["image"], range(9))])
         assert motion_direction(frames) == written[i][1]
+
+
+STAGES = ["data", "pipeline", "sample", "score", "report"]
+
+
+def _check_video_run(out, rep: dict, *, per_prompt: int) -> None:
+    from PIL import Image
+
+    from flowtrain.demo.video_report import check_video_report
+
+    assert check_video_report(rep) == []
+    assert list(rep["stage_seconds"]) == STAGES == list(rep["stage_cpu_seconds"])
+    assert rep["samples"]["total"] == 40 * per_prompt == len(list((out / "samples").glob("*_*.mp4")))
+    assert sum(sum(row) for row in rep["motion_confusion"]) == 40 * per_prompt
+    # the scorer itself reads real moving digits (its ceiling), whatever the generator learned
+    assert rep["real_clips_ceiling"]["joint_adherence"] >= 0.95
+    with Image.open(out / "samples.png") as im:  # one frame strip per clip
+        assert im.size[1] >= 40 * per_prompt * 32
+    with Image.open(out / "samples.gif") as im:
+        assert im.n_frames == 9
+    import av
+
+    with av.open(str(out / "samples.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+    for path in ("stages/vae/vae/config.json", "stages/vae/latent_stats.json", "raw/manifest.json",
+                 "stages/assemble/pipeline/model_index.json", "stages/assemble/cache/manifest.json",
+                 "stages/dit/transformer/config.json", "loss_curve.png"):  # fmt: skip
+        assert (out / path).exists(), path
+    record = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [(k, v["status"]) for k, v in record.items()] == [("vae", "done"), ("assemble", "done"), ("dit", "done")]
+
+
+def test_video_demo_quick_path(tmp_path):
+    """`flowtrain demo --video --quick` through the CLI: every stage runs, every file is written, the report is
+    well-formed, and the cache holds 5-D clip latents of the demo's VAE (4× space, 4× time)."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "vdemo"
+    proc = subprocess.run([sys.executable, "-m", "flowtrain", "demo", "--video", "--quick", "--quiet", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "joint adherence:" in proc.stdout
+    rep = json.loads((out / "demo_report.json").read_text())
+    _check_video_run(out, rep, per_prompt=1)
+    assert rep["data"]["prepared"] == 16 and rep["quick"] is True
+    vae_cfg = json.loads((out / "stages/vae/vae/config.json").read_text())
+    assert (vae_cfg["scale_factor_spatial"], vae_cfg["scale_factor_temporal"]) == (4, 4)
+    stats = json.loads((out / "stages/vae/latent_stats.json").read_text())
+    assert vae_cfg["latents_mean"] == stats["latents_mean"] and len(stats["latents_std"]) == vae_cfg["z_dim"]
+    shard = sorted((out / "stages/assemble/cache").glob("*.parquet"))[0]
+    col = pq.read_schema(shard).field("latent_moments").type
+    assert tuple(col.shape) == (2 * vae_cfg["z_dim"], 3, 8, 8)  # (2C, (9-1)/4+1, 32/4, 32/4) moments
+
+
+def test_video_demo_refuses_frames_the_pipeline_does_not_train(tmp_path):
+    from flowtrain.demo.video import run_video_demo
+
+    with pytest.raises(ValueError, match="must both equal the demo's data.frames=5"):
+        run_video_demo(out=tmp_path / "x", quick=True, overrides=["data.frames=5"], progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_video_demo_meets_its_target(tmp_path):
+    """The full video demo (configs/demo/video.yaml) reaches its joint-adherence target (benchmarks/demo_video.py
+    measures the time)."""
+    from flowtrain.demo.video import run_video_demo
+
+    rep = run_video_demo(out=tmp_path / "vdemo", progress=False)
+    _check_video_run(tmp_path / "vdemo", rep, per_prompt=rep["samples"]["per_prompt"])
+    assert rep["target_met"], {k: rep[k] for k in ("joint_adherence", "digit_adherence", "motion_adherence")}

@@ -61,6 +61,12 @@ class AEDataConfig(Section):
         "N·3·R²·4 bytes (1,000 images at 256 px: 0.8 GB).",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader processes decoding images (0: in the training process).")
+    frames: int | None = Field(
+        None,
+        gt=0,
+        description="Video raw shards: train on clips of the first `frames` frames of each video (4k+1; batches "
+        "(B, 3, F, R, R)), for a video VAE (family wan). null: images.",
+    )
 
 
 class AELossConfig(Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -66,3 +67,46 @@ def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     image = image.crop((left, top, left + resolution, top + resolution))
     arr = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
     return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class RawClipDataset(Dataset):
+    """Map-style dataset over raw shards holding videos: the first `frames` frames of each video (precompute's
+    `head` selection) as (3, F, R, R) in [-1, 1], each frame through `to_pixels`. Rows with fewer frames, and
+    images, are left out (a clip of F frames needs F). Decoded clips are memoised when `cache_decoded`."""
+
+    def __init__(self, raw_dir: str | Path, resolution: int, frames: int, *, cache_decoded: bool = True):
+        from flowtrain.data.video import VIDEO_FORMATS, check_frames
+
+        self.raw_dir, self.resolution, self.frames = Path(raw_dir), resolution, check_frames(frames, "data.frames")
+        self._bytes: list[bytes] = []
+        self.captions: list[str] = []
+        for shard in read_raw_manifest(self.raw_dir)["shards"]:
+            table = pq.read_table(self.raw_dir / shard["file"], columns=["caption", "image", "format", "num_frames"])
+            for row in table.to_pylist():
+                if row["format"] in VIDEO_FORMATS and (row["num_frames"] or 0) >= frames:
+                    self._bytes.append(row["image"])
+                    self.captions.append(row["caption"])
+        if not self._bytes:
+            raise ValueError(f"{self.raw_dir}: the raw shards hold no video of at least data.frames={frames} frames")
+        self._memo: dict[int, torch.Tensor] | None = {} if cache_decoded else None
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._memo is not None and index in self._memo:
+            return self._memo[index]
+        from flowtrain.data.video import decode_frames
+
+        frames = decode_frames(self._bytes[index], range(self.frames))
+        clip = torch.stack([to_pixels(f, self.resolution) for f in frames], dim=1)  # (3, F, R, R)
+        if self._memo is not None:
+            self._memo[index] = clip
+        return clip
+
+
+def raw_dataset(data: Any) -> Dataset:
+    """The dataset an autoencoder config's `data:` section asks for: images, or clips when `data.frames` is set."""
+    if getattr(data, "frames", None):
+        return RawClipDataset(data.raw_dir, data.resolution, data.frames, cache_decoded=data.cache_decoded)
+    return RawImageDataset(data.raw_dir, data.resolution, cache_decoded=data.cache_decoded)

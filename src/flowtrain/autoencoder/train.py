@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from flowtrain.autoencoder.config import AutoencoderConfig, dump_autoencoder_config
-from flowtrain.autoencoder.data import RawImageDataset
+from flowtrain.autoencoder.data import raw_dataset
 from flowtrain.autoencoder.losses import kl_beta
 from flowtrain.autoencoder.step import autoencoder_half, discriminator_half
 from flowtrain.track import finish_tracking, open_tracking
@@ -111,7 +111,7 @@ def train_autoencoder(
     device = torch.device(cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.train.seed)
     vae = family.build_autoencoder(cfg.model).to(device)
-    dataset = RawImageDataset(cfg.data.raw_dir, cfg.data.resolution, cache_decoded=cfg.data.cache_decoded)
+    dataset = raw_dataset(cfg.data)  # images, or video clips with data.frames
     n_params = sum(p.numel() for p in vae.parameters())
     log.info("autoencoder (%s): %.3fM parameters, %d images at %dpx", cfg.family, n_params / 1e6, len(dataset),
              cfg.data.resolution)  # fmt: skip

@@ -222,7 +222,9 @@ def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
     if stage.steps is not None:
         overrides.append(f"train.max_steps={stage.steps}")
     try:
-        return family.load_autoencoder_config(stage.autoencoder, overrides)
+        from flowtrain.autoencoder import load_autoencoder_config
+
+        return load_autoencoder_config(stage.autoencoder, overrides)
     except (ValueError, OSError) as e:
         raise ValueError(f"stages[{index}] ({stage.name!r}): autoencoder {stage.autoencoder}: {e}") from None
 

@@ -428,12 +428,12 @@ def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) 
     """The one call into the autoencoder trainer: `cfg` (its output_dir is the stage's folder) trained by the
     model family's `train_autoencoder`; returns its result (`step`, `vae_dir`). That trainer does not resume, so a
     stage that was cut short is trained again from its start (a finished one is never redone: pipeline.json)."""
-    from flowtrain.models import get_family
+    from flowtrain.autoencoder import train_autoencoder
 
     out = Path(cfg.output_dir)
     if out.exists():
         shutil.rmtree(out)  # a cut-short attempt: the trainer starts over
-    return get_family(family_name).train_autoencoder(cfg, progress=progress)
+    return train_autoencoder(cfg, progress=progress)
 
 
 _PRECISION: dict[str, str] = {}

@@ -457,6 +457,24 @@ class Wan:
             for p, g in zip(prompts, generators, strict=True)
         ]
 
+    # ---- autoencoder (optional capability: `flowtrain autoencoder`; autoencoder.py) -----------------------------
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.wan.autoencoder import build_vae
+
+        return build_vae(model)
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.wan.autoencoder import pixel_multiple
+
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.wan.autoencoder import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
+
     # ---- tiny ------------------------------------------------------------------------------------------------
     def save_tiny_pipeline(self, path: str | Path, seed: int = 0) -> Path:
         from flowtrain.models.wan.tiny import save_tiny_pipeline
