@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format clean gpu-bench gpu-wheels
+.PHONY: install demo demo-video test test-all lint format clean gpu-bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 # --overwrite: `make demo` regenerates runs/demo (an earlier demo there is replaced once the new one is complete)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/flowtrain demo --overwrite
+
+# the text-to-video demo (docs/video.md, "Video demo"): moving digits, a Wan video VAE + transformer, runs/demo-video
+demo-video: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/flowtrain demo --video --overwrite
 
 # The suite runs subprocesses side by side, so its OpenMP threads always wait passively: spinning ones would make
 # a step 10-50x slower whenever another process wants the cores (`flowtrain` itself decides from the load it sees).
