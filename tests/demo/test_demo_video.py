@@ -229,3 +229,47 @@ def test_video_demo_meets_its_target(tmp_path):
     rep = run_video_demo(out=tmp_path / "vdemo", progress=False)
     _check_video_run(tmp_path / "vdemo", rep, per_prompt=rep["samples"]["per_prompt"])
     assert rep["target_met"], {k: rep[k] for k in ("joint_adherence", "digit_adherence", "motion_adherence")}
+
+
+def test_autoencoder_takes_video_clips_and_wan_fits_its_latent_stats(tmp_path):
+    """The autoencoder trainer's data side for a video VAE: `data.frames` gives (3, F, R, R) clips of the prepared
+    .mp4s (the first F frames, as precompute's `head`); the wan family builds an AutoencoderKLWan from the generic
+    model keys (4× space for 3 levels, always 4× time) and fits latents_mean / latents_std so that the normalised
+    posterior means have per-channel mean 0 and std 1 on the data."""
+    import torch
+
+    from flowtrain.autoencoder.config import AutoencoderConfig
+    from flowtrain.autoencoder.data import RawClipDataset, raw_dataset
+    from flowtrain.data.prepare import prepare
+    from flowtrain.demo.digits import load_split
+    from flowtrain.models.wan.autoencoder import build_vae, fit_latent_stats, pixel_multiple
+
+    split = load_split()
+    write_video_folder(tmp_path / "clips", split.test_x[:6], split.test_y[:6])
+    prepare(tmp_path / "clips", tmp_path / "raw", progress=False)
+    cfg = AutoencoderConfig.model_validate({
+        "family": "wan", "model": {"block_out_channels": [8, 16, 16], "latent_channels": 4},
+        "data": {"raw_dir": str(tmp_path / "raw"), "resolution": 32, "frames": 5},
+    })  # fmt: skip
+    data = raw_dataset(cfg.data)
+    assert isinstance(data, RawClipDataset) and len(data) == 6
+    clip = data[0]
+    assert clip.shape == (3, 5, 32, 32) and -1.0 <= clip.min() < clip.max() <= 1.0
+    with pytest.raises(ValueError, match="4k\\+1"):
+        RawClipDataset(tmp_path / "raw", 32, 6)
+    with pytest.raises(ValueError, match="no video of at least data.frames=13"):
+        RawClipDataset(tmp_path / "raw", 32, 13)
+    assert pixel_multiple(cfg.model) == 8
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model)
+    assert (vae.config.scale_factor_spatial, vae.config.scale_factor_temporal) == (4, 4)
+    stats = fit_latent_stats(vae, data, batch_size=4, progress=False)
+    assert stats["clips"] == 6 and vae.config.latents_mean == stats["latents_mean"]
+    with torch.no_grad():
+        z = vae.encode(torch.stack([data[i] for i in range(6)])).latent_dist.mean  # (6, 4, 2, 8, 8)
+    assert z.shape == (6, 4, 2, 8, 8)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    x = ((z - mean) / std).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(x.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.std(1, correction=0), torch.ones(4), atol=1e-4, rtol=0)
