@@ -1,6 +1,6 @@
 """The video demo's data set: scikit-learn's real handwritten digits moving across a small canvas.
 
-Each training digit (8×8, 16 grey levels) is drawn dark on white at `digit_size`×`digit_size` by pixel
+Each training digit (8×8, 16 grey levels) is drawn dark on light grey at `digit_size`×`digit_size` by pixel
 replication and moved in a straight line across a `canvas`×`canvas` frame, one of four directions, for `frames`
 frames; the caption names both: "a handwritten digit seven moving left". Written as real .mp4 files (H.264
 through PyAV, `flowtrain.data.video.write_video`) with same-name .txt captions: the folder `flowtrain prepare`
@@ -22,6 +22,12 @@ DIRECTIONS = ("left", "right", "up", "down")
 # Unit steps in image coordinates (x to the right, y downwards): "up" is towards row 0.
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DEFAULT_TEMPLATE = "a handwritten digit {name} moving {direction}"
+# Grey levels of the paper and of full ink. AutoencoderKLWan clamps its decoded pixels to [-1, 1]: with white paper
+# (+1) the decoder overshoots the bound with zero gradient and stalls at a blank page (measured: reconstruction L1
+# stuck at 0.15, the ink's share); light-grey paper still left it learning the page's level for 100+ steps. Mid-grey
+# paper is pixel value ~0, where a fresh decoder starts, so it learns the ink from the first steps; ink stays
+# inside the bound too.
+PAPER, INK = 128, 16
 
 
 def caption_for(label: int, direction: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -58,19 +64,19 @@ def trajectory(direction: str, frames: int, canvas: int, digit_size: int, offset
 
 
 def digit_pixels(x8: np.ndarray, digit_size: int) -> np.ndarray:
-    """(8, 8) levels in [0, 16] → (digit_size, digit_size) uint8 grey, dark ink on white (pixel replication, as
-    the image demo's `digit_image`)."""
+    """(8, 8) levels in [0, 16] → (digit_size, digit_size) uint8 grey from `PAPER` (level 0) to `INK` (level 16),
+    by pixel replication (as the image demo's `digit_image`)."""
     if digit_size % x8.shape[0]:
         raise ValueError(f"digit_size {digit_size} must be a multiple of {x8.shape[0]}")
-    grey = np.rint(255.0 - x8 * (255.0 / MAX_LEVEL)).astype(np.uint8)
+    grey = np.rint(PAPER - x8 * ((PAPER - INK) / MAX_LEVEL)).astype(np.uint8)
     k = digit_size // x8.shape[0]
     return np.kron(grey, np.ones((k, k), dtype=np.uint8))
 
 
 def render_clip(x8: np.ndarray, positions: np.ndarray, canvas: int, digit_size: int) -> np.ndarray:
-    """The digit drawn at each top-left position on a white canvas: (F, canvas, canvas, 3) uint8 RGB."""
+    """The digit drawn at each top-left position on a `PAPER` canvas: (F, canvas, canvas, 3) uint8 RGB."""
     patch = digit_pixels(x8, digit_size)
-    clip = np.full((len(positions), canvas, canvas), 255, dtype=np.uint8)
+    clip = np.full((len(positions), canvas, canvas), PAPER, dtype=np.uint8)
     for f, (x, y) in enumerate(positions):
         if x < 0 or y < 0 or x + digit_size > canvas or y + digit_size > canvas:
             raise ValueError(f"frame {f}: the digit at ({x}, {y}) leaves the {canvas}px canvas")

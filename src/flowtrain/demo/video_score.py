@@ -17,16 +17,18 @@ import numpy as np
 from PIL import Image
 
 from flowtrain.demo import score
-from flowtrain.demo.video_data import DIRECTIONS, render_clip
+from flowtrain.demo.video_data import DIRECTIONS, PAPER, render_clip
 
 STATIC = "static"
-INK_FLOOR = 64  # grey levels of "ink" ignored: sampler noise on the white background must not pull the centroid
+# Darkness below the paper's (PAPER - grey) up to this is not ink: sampler noise on the paper must not pull the
+# centroid towards the canvas centre.
+INK_FLOOR = 32
 
 
 def ink(frame: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, 3) uint8, dark ink on white → (H, W) float ink weight ≥ 0 (background noise floored)."""
+    """(H, W) or (H, W, 3) uint8, dark ink on `PAPER` → (H, W) float ink weight ≥ 0 (noise on the paper floored)."""
     grey = frame.astype(np.float32).mean(axis=-1) if frame.ndim == 3 else frame.astype(np.float32)
-    return np.maximum(255.0 - grey - INK_FLOOR, 0.0)
+    return np.maximum(PAPER - grey - INK_FLOOR, 0.0)
 
 
 def centroid(frame: np.ndarray) -> tuple[float, float] | None:
