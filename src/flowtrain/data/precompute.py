@@ -9,6 +9,10 @@ Interrupted runs continue: each cache shard is written to a temporary name and r
 skips the shards that exist and recomputes only the rest; the result equals an uninterrupted run. An existing
 shard is reused only when it holds exactly the keys of its raw slice (the raw shards may have been re-prepared
 since), and the manifest is removed at the start and written last, so it never vouches for a half-done cache.
+
+On N processes (`accelerate launch -m flowtrain precompute ...`) each rank encodes its own share of the cache
+shards and continues on its own after a kill; the main rank merges the manifest at the end (`precompute_dist`).
+Finished tables are written by a thread (`writer.ShardWriter`), so the encoders do not wait on Parquet.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from tqdm.auto import tqdm
 
 from flowtrain.config.model import ModelOptions
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
+from flowtrain.data.precompute_dist import current_ranks, merge, plan, share, write_rank_record
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
+from flowtrain.data.writer import ShardWriter
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import Column, ModelFamily, get_family
 
@@ -109,46 +115,59 @@ def precompute(
     raw_dir, out = Path(raw_dir), Path(out)
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = current_ranks(device)  # one process, or this rank of `accelerate launch` (precompute_dist)
+    device = device or ranks.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
     fp = cache_fingerprint(model, resolution)
-    _check_existing(out, fp)
+    if ranks.is_main:
+        _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
     columns = family.cache_columns(encoders, model, resolution=resolution)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
-    (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
-    _save_empty_prompt(out, family, encoders, model, columns)
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
+        (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
+        _save_empty_prompt(out, family, encoders, model, columns)
+    ranks.barrier()  # the other ranks write into `out` once the main rank has set it up
 
-    total = sum(s["rows"] for s in raw["shards"])
-    bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
-    shards: list[dict] = []
+    units = plan(raw["shards"], rows_per_shard)
+    mine = share(units, ranks.rank, ranks.world_size)
+    desc = "precompute" if ranks.world_size == 1 else f"precompute {ranks.rank}/{ranks.world_size}"
+    bar = tqdm(total=sum(u.rows for u in mine), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               position=ranks.rank)  # fmt: skip
     t0 = time.perf_counter()
     # Decoding/resizing the next batch on a thread overlaps PIL work with the encoders (both release the GIL) when
     # they run on an accelerator. On CPU the encoders already use every core, and the thread only preempts their
     # intra-op threads: inline is ~25% faster there (benchmarks/precompute.py).
     overlap = torch.device(device).type != "cpu"
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
-    with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
-        for raw_idx, raw_shard in enumerate(raw["shards"]):
-            table = pq.read_table(raw_dir / raw_shard["file"], columns=["key", "caption", "image"])
-            for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-                name = f"cache-{raw_idx:05d}-{chunk:04d}.parquet"
-                part = table.slice(start, rows_per_shard)
-                if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                    write_shard(encode(part, pool, bar), out / name)
-                else:
-                    bar.update(part.num_rows)
-                shards.append({"file": name, "rows": part.num_rows})
+    table, table_of, encoded, reused = None, -1, [], []
+    with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool, ShardWriter(write_shard) as writer:
+        for unit in mine:
+            if table_of != unit.raw:  # a rank reads only the raw shards its units come from
+                table_of = unit.raw
+                table = pq.read_table(raw_dir / raw["shards"][unit.raw]["file"], columns=["key", "caption", "image"])
+            part = table.slice(unit.start, unit.rows)
+            if not _reusable(out / unit.file, part):  # else finished by an earlier, interrupted run
+                writer.submit(encode(part, pool, bar), out / unit.file)
+                encoded.append(unit.file)
+            else:
+                bar.update(part.num_rows)
+                reused.append(unit.file)
     bar.close()
-    _remove_stale(out, {s["file"] for s in shards})
-    manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
-                             source_digest=raw_digest(raw_dir))  # fmt: skip
-    manifest.write(out)
-    log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
-    return manifest
+    write_rank_record(out, ranks, encoded, reused)
+    ranks.barrier()  # every rank's shards are written
+    if ranks.is_main:  # the one merge, once every rank has finished its share
+        shards = merge(out, units, ranks.world_size)
+        _remove_stale(out, {s["file"] for s in shards})
+        manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards,
+                                 source=str(raw_dir), source_digest=raw_digest(raw_dir))  # fmt: skip
+        manifest.write(out)
+        log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
+    ranks.barrier()  # no rank returns before the manifest is there
+    return manifest if ranks.is_main else CacheManifest.read(out)
 
 
 def _save_empty_prompt(out: Path, family: ModelFamily, encoders: Any, model: ModelOptions, columns: list[Column]):
