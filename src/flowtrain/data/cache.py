@@ -32,6 +32,7 @@ from flowtrain.models.common import pad_rows
 # the loss as LossContext.mask.
 LOSS_MASK = "loss_mask"
 RERUN = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
+OPEN_SHARDS = 64  # shard handles a reader keeps open (per process); well under the usual 1024 open-file limit
 
 
 class CacheDataset(Dataset):
@@ -61,7 +62,9 @@ class CacheDataset(Dataset):
         self._finite_checked: set[tuple[int, int]] = set()
         self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor | tuple]] = OrderedDict()
         self._lru_size = lru_row_groups
-        self._pf: dict[int, pq.ParquetFile] = {}
+        # Open shard handles, least recently used first, at most OPEN_SHARDS: each holds a file descriptor and its
+        # footer (~80 KB), and an epoch over a 1M-row cache touches ~4k shards (benchmarks/scale.py).
+        self._pf: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._rg_starts: dict[int, list[int]] = {}
         self._has_mask: dict[int, bool] = {}
 
@@ -162,15 +165,21 @@ class CacheDataset(Dataset):
         return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
-        if shard not in self._pf:  # opened lazily: DataLoader workers each open their own handles
-            pf = pq.ParquetFile(self.dir / self._files[shard])
+        if shard in self._pf:
+            self._pf.move_to_end(shard)
+            return self._pf[shard]
+        pf = pq.ParquetFile(self.dir / self._files[shard])  # opened lazily: DataLoader workers each open their own
+        if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
-            self._pf[shard], self._rg_starts[shard] = pf, starts
+            self._rg_starts[shard] = starts
             self._has_mask[shard] = LOSS_MASK in pf.schema_arrow.names  # schema_arrow is rebuilt on every access
-        return self._pf[shard]
+        self._pf[shard] = pf
+        if len(self._pf) > OPEN_SHARDS:
+            self._pf.popitem(last=False)  # closed when collected
+        return pf
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
