@@ -58,6 +58,21 @@ def test_merge_names_missing_and_short_shards(tmp_path):
     pq.write_table(pa.table({"key": ["c", "d"]}), tmp_path / units[1].file)
     pq.write_table(pa.table({"key": ["e", "f"]}), tmp_path / units[2].file)
     assert merge(tmp_path, units) == [{"file": u.file, "rows": 2} for u in units]
+    assert not (tmp_path / "precompute_ranks.json").exists()  # one process: nothing to account for
+
+
+def test_merge_folds_the_rank_records(tmp_path):
+    from flowtrain.data.precompute_dist import Ranks, write_rank_record
+
+    units = plan([{"rows": 2}, {"rows": 2}], rows_per_shard=2)
+    for u in units:
+        pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / u.file)
+    write_rank_record(tmp_path, Ranks(0, 2), [units[0].file], [])
+    write_rank_record(tmp_path, Ranks(1, 2), [], [units[1].file])
+    merge(tmp_path, units, world_size=2)
+    record = json.loads((tmp_path / "precompute_ranks.json").read_text())
+    assert record["ranks"][0]["encoded"] == [units[0].file] and record["ranks"][1]["reused"] == [units[1].file]
+    assert not list(tmp_path.glob("precompute-rank-*"))
 
 
 # ------------------------------------------------------------------------------------------------ writer thread

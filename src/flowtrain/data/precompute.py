@@ -116,7 +116,9 @@ def precompute(
     raw = read_raw_manifest(raw_dir)
     family = get_family(model.family)
     ranks = current_ranks(device)  # one process, or this rank of `accelerate launch` (precompute_dist)
-    device = device or ranks.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ranks.world_size > 1 and device in (None, "cuda"):  # each rank its own GPU, not all of them on cuda:0
+        device = ranks.device
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
     fp = cache_fingerprint(model, resolution)
@@ -157,7 +159,8 @@ def precompute(
                 bar.update(part.num_rows)
                 reused.append(unit.file)
     bar.close()
-    write_rank_record(out, ranks, encoded, reused)
+    if ranks.world_size > 1:
+        write_rank_record(out, ranks, encoded, reused)
     ranks.barrier()  # every rank's shards are written
     if ranks.is_main:  # the one merge, once every rank has finished its share
         shards = merge(out, units, ranks.world_size)

@@ -8,9 +8,9 @@ depend on which shards are already done (a rerun after a kill gives each rank th
 the ones it finished), and the merged cache lists the same shards, in the same order, as a one-process run.
 Processes only meet at two barriers: after the main rank has set the output folder up, and before it merges.
 
-Each rank records what it did in `precompute-rank-{rank}.json` (the shards it encoded, the ones an earlier run had
-finished); the main rank folds these into `precompute_ranks.json`, the account of the last run, next to the
-manifest.
+On several processes, each rank records what it did in `precompute-rank-{rank}.json` (the shards it encoded, the
+ones an earlier run had finished); the main rank folds these into `precompute_ranks.json`, the account of the last
+run, next to the manifest.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Ranks:
 def current_ranks(device: str | None = None) -> Ranks:
     """One process unless the launcher started several (WORLD_SIZE > 1); then accelerate's process group, which
     also gives each rank its own accelerator (cuda:LOCAL_RANK), or the CPU when `device` is "cpu", the launch asked
-    for it (ACCELERATE_USE_CPU, `accelerate launch --cpu`) or the machine has no accelerator."""
+    for it (ACCELERATE_USE_CPU=true) or the machine has no accelerator."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
@@ -135,6 +135,9 @@ def merge(out: Path, units: list[Unit], world_size: int = 1) -> list[dict]:
             f"{out}: {len(missing)} of {len(units)} cache shards are missing or incomplete after every process "
             f"finished: {shown}; rerun the same `flowtrain precompute` command (it continues where it stopped)"
         )
+    if world_size == 1:  # nothing to account for across processes; an earlier multi-process run's account is stale
+        (out / RANKS_RECORD).unlink(missing_ok=True)
+        return shards
     records = []
     for rank in range(world_size):
         path = out / RANK_RECORD.format(rank=rank)
