@@ -154,7 +154,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     buckets = _bucket_spec(args, cfg.model)  # before the output folder is touched: a bad flag changes nothing
     # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
     unfinished = not args.overwrite and not cache_is_finished(Path(out))
-    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished):
+    # Under `accelerate launch` only the main process claims `out`; the others write into it after it has (a barrier).
+    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished,
+                     enabled=_is_main_process()):  # fmt: skip
         manifest = precompute(
             args.raw_dir,
             out,
@@ -166,11 +168,24 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             video=cfg.dataset.video,
             buckets=buckets,
         )
-    print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
-    if args.buckets:
-        from flowtrain.data.buckets import describe_counts, shard_counts
+    if _is_main_process():
+        print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
+        if args.buckets:
+            from flowtrain.data.buckets import describe_counts, shard_counts
 
-        print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
+            print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
+    return 0
+
+
+def cmd_class_images(args: argparse.Namespace) -> int:
+    from flowtrain.data.class_images import class_images
+
+    cfg = _model_config(args, args.model, need="class-images")
+    done = class_images(args.out, args.class_prompt, args.num_class_images, cfg.model, resolution=args.resolution,
+                        seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                        batch_size=args.batch_size, device=args.device, progress=not args.quiet)  # fmt: skip
+    print(f"class-images: {args.num_class_images} images ({done.sampled} sampled now) → {done.cache}; train with "
+          f"dataset.class_cache_dir={done.cache}")  # fmt: skip
     return 0
 
 
@@ -557,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
         "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
         "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's). "
-        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md).",
+        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md). "
+        "On N processes or GPUs, `accelerate launch -m flowtrain precompute ...`: each process encodes its own cache "
+        "shards, and a rerun continues each where it stopped.",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
     s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
@@ -665,6 +682,34 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser(
+        "class-images",
+        help="DreamBooth class images: sample, prepare and precompute them for prior preservation",
+        description="Sample --num-class-images images of --class-prompt with the base model (the family's "
+        "pipeline; image i uses seed SEED+i), then prepare and precompute them: OUT/images, OUT/raw, OUT/cache. "
+        "A rerun samples only the missing images and continues the cache. Train with "
+        "dataset.class_cache_dir=OUT/cache (configs/klein4b/dreambooth.yaml).",
+    )
+    s.add_argument("out", type=_path, help="folder for images/, raw/ and cache/")
+    s.add_argument("--class-prompt", required=True, help="the class, e.g. 'a photo of a dog' (also each caption)")
+    s.add_argument("--num-class-images", type=_positive_int, required=True, help="how many class images")
+    s.add_argument(
+        "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
+    )
+    s.add_argument("--config", type=_path, help="training config to take model settings from")
+    s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
+    s.add_argument("--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
+                   help=f"sampled square size and precompute resolution (default {PRECOMPUTE_RESOLUTION})")  # fmt: skip
+    s.add_argument("--steps", type=_positive_int, help="denoising steps (default: the family's pipeline default)")
+    s.add_argument("--guidance-scale", type=float, help="guidance (default: the family's pipeline default)")
+    s.add_argument("--seed", type=int, default=0, help="image i is sampled with seed SEED+i (default 0)")
+    s.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call (default 1)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: sampling, encoders "
+                   "and cache storage")  # fmt: skip
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_class_images)
 
     s = sub.add_parser(
         "plot",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from flowtrain.models.common import pad_rows
 # the loss as LossContext.mask.
 LOSS_MASK = "loss_mask"
 RERUN = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
+OPEN_SHARDS = 64  # shard handles a reader keeps open (per process); well under the usual 1024 open-file limit
 
 
 class CacheDataset(Dataset):
@@ -59,7 +62,9 @@ class CacheDataset(Dataset):
         self._finite_checked: set[tuple[int, int]] = set()
         self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor | tuple]] = OrderedDict()
         self._lru_size = lru_row_groups
-        self._pf: dict[int, pq.ParquetFile] = {}
+        # Open shard handles, least recently used first, at most OPEN_SHARDS: each holds a file descriptor and its
+        # footer (~80 KB), and an epoch over a 1M-row cache touches ~4k shards (benchmarks/scale.py).
+        self._pf: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._rg_starts: dict[int, list[int]] = {}
         self._has_mask: dict[int, bool] = {}
 
@@ -101,21 +106,24 @@ class CacheDataset(Dataset):
         }
 
     def _group_rows(self, shard: int) -> list[int]:
-        # The footer alone, no handle kept: handles are opened after the DataLoader forks its workers.
-        md = pq.read_metadata(self.dir / self._files[shard])
-        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        return self._group_sizes[shard]  # read with the footer check, once
 
     def _check_shards(self) -> None:
-        """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes."""
-        for s in self.manifest.shards:
-            path = self.dir / s["file"]
+        """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes.
+
+        One footer read per shard (no handle kept: handles are opened after the DataLoader forks its workers), on
+        threads when there are many: a 1M-row cache is ~4k shards, and each read waits on the file system."""
+        paths = [self.dir / s["file"] for s in self.manifest.shards]
+        workers = min(8, os.cpu_count() or 1) if len(paths) > 16 else 1
+        with ThreadPoolExecutor(workers) as pool:
+            footers = list(pool.map(_read_footer, paths))
+        self._group_sizes = [f[2] if isinstance(f, tuple) else [] for f in footers]
+        for s, path, footer in zip(self.manifest.shards, paths, footers, strict=True):
             if not path.exists():
                 raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
-            try:
-                pf = pq.ParquetFile(path)
-                rows, schema = pf.metadata.num_rows, pf.schema_arrow
-            except Exception as e:
-                raise CacheError(f"{path}: not a readable Parquet file ({e}); delete it and {RERUN}") from e
+            if isinstance(footer, Exception):
+                raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
+            rows, schema, _ = footer
             if rows != s["rows"]:
                 raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
             for col in self.columns:
@@ -159,15 +167,21 @@ class CacheDataset(Dataset):
         return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
-        if shard not in self._pf:  # opened lazily: DataLoader workers each open their own handles
-            pf = pq.ParquetFile(self.dir / self._files[shard])
+        if shard in self._pf:
+            self._pf.move_to_end(shard)
+            return self._pf[shard]
+        pf = pq.ParquetFile(self.dir / self._files[shard])  # opened lazily: DataLoader workers each open their own
+        if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
-            self._pf[shard], self._rg_starts[shard] = pf, starts
+            self._rg_starts[shard] = starts
             self._has_mask[shard] = LOSS_MASK in pf.schema_arrow.names  # schema_arrow is rebuilt on every access
-        return self._pf[shard]
+        self._pf[shard] = pf
+        if len(self._pf) > OPEN_SHARDS:
+            self._pf.popitem(last=False)  # closed when collected
+        return pf
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
@@ -214,6 +228,16 @@ class CacheDataset(Dataset):
                 row[name] = t[i]
         row["index"] = index
         return row
+
+
+def _read_footer(path: Path) -> tuple[int, pa.Schema, list[int]] | Exception:
+    """(rows, Arrow schema, rows per row group) from a shard's footer, or the exception reading it raised."""
+    try:
+        pf = pq.ParquetFile(path)
+        md = pf.metadata
+        return md.num_rows, pf.schema_arrow, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    except Exception as e:  # reported in shard order by the caller, naming the file
+        return e
 
 
 def _stored_shape(ty: pa.DataType) -> list[int | None] | None:
@@ -291,14 +315,21 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
     group) and a cache larger than the reader's LRU, every row would decode a whole row group.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    starts = [0]
-    for n in row_groups:
-        starts.append(starts[-1] + n)
-    order = torch.randperm(len(row_groups), generator=g).tolist()
-    parts = []
-    for i in range(0, len(order), window):
-        rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in order[i : i + window]])
-        parts.append(rows[torch.randperm(len(rows), generator=g)])
+    sizes = torch.tensor(list(row_groups), dtype=torch.int64)
+    starts = torch.cumsum(sizes, 0) - sizes
+    order = torch.randperm(len(sizes), generator=g)
+    # Every row in group order at once (a 1M-row cache has ~60k row groups: one arange per group took seconds):
+    # row j of the k-th group in `order` is starts[order[k]] + j.
+    n = sizes[order]
+    first = torch.cumsum(n, 0) - n
+    rows = torch.repeat_interleave(starts[order] - first, n) + torch.arange(int(n.sum()))
+    bounds = torch.cumsum(n, 0)[window - 1 :: window].tolist()
+    if not bounds or bounds[-1] != len(rows):
+        bounds.append(len(rows))
+    parts, lo = [], 0
+    for hi in bounds:  # the same generator draws, in the same order, as shuffling each window on its own
+        parts.append(rows[lo:hi][torch.randperm(hi - lo, generator=g)])
+        lo = hi
     return torch.cat(parts)
 
 
