@@ -396,15 +396,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_autoencoder(args: argparse.Namespace) -> int:
-    from flowtrain.config import resolve_config
-    from flowtrain.models import autoencoder_family
+    from flowtrain.autoencoder import load_autoencoder_config, train_autoencoder
     from flowtrain.outputs import output_slot
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir is not None else [])
-    family = autoencoder_family(resolve_config(args.config, overrides).data.get("family"))
-    cfg = family.load_autoencoder_config(args.config, overrides)
-    with output_slot(cfg.output_dir, "autoencoder", flag="output_dir", overwrite=args.overwrite):
-        result = family.train_autoencoder(cfg, progress=not args.quiet)
+    cfg = load_autoencoder_config(args.config, overrides)
+    resume = args.resume_from_checkpoint
+    with output_slot(cfg.output_dir, "autoencoder", flag="output_dir", overwrite=args.overwrite,
+                     continuing=resume is not None):  # fmt: skip
+        result = train_autoencoder(cfg, resume=resume, progress=not args.quiet)
     rec = result.stats.get("reconstruction_l1")
     loss = result.final.get("loss", float("nan"))
     rec_text = f", reconstruction L1 {rec:.4f}" if rec is not None else ""
@@ -740,13 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "autoencoder",
         help="train a model family's VAE on prepared images and fit its latent stats",
-        description="Train a VAE (reconstruction + β-KL with warm-up) on the raw shards of `flowtrain prepare`, "
+        description="Train a VAE (reconstruction + β-KL with warm-up and free bits; optional GAN, perceptual loss, "
+        "EMA; docs/autoencoder.md) on the raw shards of `flowtrain prepare`, "
         "fit the latent statistics its model family normalises with, and save OUTPUT_DIR/vae (diffusers format). "
-        "The config's `family:` names the family (default: the one family that trains autoencoders).",
+        "The config's `family:` names the family (flux2_klein by default; flux1 too).",
     )
     s.add_argument("config", type=_path, help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
     s.add_argument("--output_dir", "--output-dir", dest="output_dir", type=_path, help="sets output_dir")
+    s.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume_from_checkpoint",
+                   help="`latest` (newest complete checkpoint in output_dir; a fresh start when there is none) or a "
+                   "checkpoint folder: continues exactly where it stopped")  # fmt: skip
     _overwrite_flag(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     s.set_defaults(func=cmd_autoencoder)

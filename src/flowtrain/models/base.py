@@ -302,16 +302,36 @@ class ModelFamily(Protocol):
 
 @runtime_checkable
 class TrainsAutoencoder(Protocol):
-    """A family that can train its own VAE from scratch (`flowtrain autoencoder`): optional."""
+    """A family whose VAE `flowtrain autoencoder` can train (optional). The training itself (losses, GAN, EMA,
+    checkpoints, samples) is generic (`flowtrain.autoencoder`); the family says only which VAE, and what it fits
+    after training. `model` is an autoencoder config's `model:` section (`flowtrain.autoencoder.config`)."""
 
     name: str
 
     def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        """The validated autoencoder config (with `output_dir`) of the YAML `config` plus dotted overrides."""
+        """The validated autoencoder config (with `output_dir`) of the YAML `config` plus dotted overrides
+        (`flowtrain.autoencoder.load_autoencoder_config`)."""
         ...
 
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
-        """Train it; returns a result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
+        """Train it: `flowtrain.autoencoder.train_autoencoder(cfg, **kwargs)` (`run_dir`, `resume`); returns a
+        result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
+        ...
+
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        """A randomly initialised VAE of this family with `model`'s architecture (or `model.pretrained`), float32.
+        Its `encode(x).latent_dist` is a diagonal Gaussian and `decode(z).sample` the image, as in diffusers."""
+        ...
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        """Image sides must be multiples of this for a VAE of `model`'s architecture (down-sampling × patch)."""
+        ...
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        """After training: fit what the family normalises latents with (when `cfg.stats.fit`), on `dataset`
+        ((3, H, W) tensors in [-1, 1]); returns a JSON-able summary (written to latent_stats.json)."""
         ...
 
 

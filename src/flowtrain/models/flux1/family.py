@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -311,6 +311,34 @@ class Flux1:
 
     def save_full(self, output_dir: str | Path, transformer: torch.nn.Module) -> Path:
         return common.save_full(output_dir, transformer)
+
+    # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
+    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
+        from flowtrain.autoencoder import load_autoencoder_config
+
+        return load_autoencoder_config(config, overrides)
+
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
+        from flowtrain.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg, progress=progress, **kwargs)
+
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.flux1.autoencoder.build import build_vae
+
+        return build_vae(model)
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.flux1.autoencoder.build import pixel_multiple
+
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.flux1.autoencoder.build import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
 
     # ---- sampling ----------------------------------------------------------------------------------------------
     def pixel_multiple(self, model: Flux1Options) -> int:

@@ -288,14 +288,31 @@ class Flux2Klein:
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
     def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.models.flux2_klein.autoencoder import load_autoencoder_config
+        from flowtrain.autoencoder import load_autoencoder_config
 
         return load_autoencoder_config(config, overrides)
 
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True) -> Any:
-        from flowtrain.models.flux2_klein.autoencoder.train import train_autoencoder
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
+        from flowtrain.autoencoder import train_autoencoder
 
-        return train_autoencoder(cfg, progress=progress)
+        return train_autoencoder(cfg, progress=progress, **kwargs)
+
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.flux2_klein.autoencoder.build import build_vae
+
+        return build_vae(model)
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.flux2_klein.autoencoder.build import pixel_multiple
+
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.flux2_klein.autoencoder.stats import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
 
     # ---- tiny --------------------------------------------------------------------------------------------------
     def save_tiny_pipeline(self, path: str | Path, seed: int = 0) -> Path:

@@ -1,11 +1,10 @@
-"""Autoencoder training: the VAE a from-scratch Klein pipeline needs (`flowtrain autoencoder CONFIG`).
+"""FLUX.2 Klein's part of `flowtrain autoencoder` (the training itself is generic: `flowtrain.autoencoder`).
 
-config.py  AutoencoderConfig (own pydantic schema, loaded with the training config's YAML machinery)
-data.py    raw shards → (3, R, R) pixels in [-1, 1]
-train.py   reconstruction + β-KL (linear warm-up) with AdamW, JSONL metrics, progress bar, `save_pretrained`
+build.py   which VAE: `AutoencoderKLFlux2` from the config's architecture, and the pixel multiple it needs
 stats.py   fit the VAE BatchNorm latent statistics exactly as Klein normalises latents
+config.py, train.py   the names earlier code imported from here, now defined in `flowtrain.autoencoder`
 """
 
-from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
+from flowtrain.autoencoder.config import AutoencoderConfig, load_autoencoder_config
 
 __all__ = ["AutoencoderConfig", "load_autoencoder_config"]

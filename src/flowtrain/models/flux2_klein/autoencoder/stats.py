@@ -10,6 +10,7 @@ per-channel mean / (population) variance of patchify(z) over the data makes the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -73,3 +74,19 @@ def fit_latent_stats(
     vae.train(was_training)
     count = int(total.item())
     return LatentStats(mean=mu, var=var, count=count, reconstruction_l1=l1 / max(count, 1))
+
+
+def finish(vae: torch.nn.Module, dataset: Dataset, cfg: Any, *, device: Any, progress: bool = True) -> dict[str, Any]:
+    """The family's `finish_autoencoder`: fit `vae.bn`'s running stats (when `cfg.stats.fit`); a JSON-able summary."""
+    if not cfg.stats.fit:
+        return {}
+    stats = fit_latent_stats(
+        vae, dataset, batch_size=cfg.stats.batch_size, max_images=cfg.stats.max_images, device=device, progress=progress
+    )
+    std = torch.sqrt(stats.var + vae.config.batch_norm_eps)
+    return {
+        "images": stats.count,
+        "reconstruction_l1": stats.reconstruction_l1,
+        "latent_mean": stats.mean.tolist(),
+        "latent_std": std.tolist(),
+    }

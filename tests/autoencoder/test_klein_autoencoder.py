@@ -12,7 +12,7 @@ from flowtrain.config import ConfigError
 from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
 from flowtrain.models.flux2_klein.autoencoder.train import build_vae, kl_beta, train_autoencoder
 
-REPO = Path(__file__).parents[3]
+REPO = Path(__file__).parents[2]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -51,6 +51,9 @@ def test_config_errors_name_file_and_key(tmp_path):
     groups = _write(tmp_path / "groups.yaml", "model:\n  block_out_channels: [12, 32]\n  norm_num_groups: 8\n")
     with pytest.raises(ConfigError, match="norm_num_groups"):
         load_autoencoder_config(groups)
+    other = _write(tmp_path / "other.yaml", "family: qwen_image\n")
+    with pytest.raises(ConfigError, match="does not train autoencoders.*flux1, flux2_klein"):
+        load_autoencoder_config(other)
     # Extends and dotted overrides work as for the training config.
     child = _write(tmp_path / "child.yaml", f"extends: {REPO / 'configs/demo/autoencoder.yaml'}\ntrain:\n  seed: 3\n")
     cfg = load_autoencoder_config(child, ["loss.kl_weight=0.5"])
@@ -66,7 +69,7 @@ def test_fitted_stats_normalise_latents_the_way_the_klein_pipeline_does(raw_dir)
     """After fitting, Klein's own patchify + BatchNorm-stat normalisation gives zero-mean, unit-variance channels."""
     from diffusers import Flux2KleinPipeline
 
-    from flowtrain.models.flux2_klein.autoencoder.data import RawImageDataset
+    from flowtrain.autoencoder.data import RawImageDataset
     from flowtrain.models.flux2_klein.autoencoder.stats import fit_latent_stats
 
     torch.manual_seed(0)
@@ -125,3 +128,22 @@ def test_cli_autoencoder_reports_missing_raw_dir(tmp_path, capsys):
     cfg = _write(tmp_path / "ae.yaml", "kind: autoencoder\ndata:\n  resolution: 16\n")
     assert main(["autoencoder", str(cfg), f"output_dir={tmp_path / 'o'}", "--quiet"]) == 2
     assert "data.raw_dir" in capsys.readouterr().err
+
+
+def test_families_train_autoencoders_through_the_generic_trainer(raw_dir, tmp_path):
+    """The family methods other code calls (the pipelines' autoencoder stage) reach the generic trainer."""
+    from flowtrain.models import TrainsAutoencoder, get_family
+
+    for name in ("flux2_klein", "flux1"):
+        assert isinstance(get_family(name), TrainsAutoencoder)
+    assert not isinstance(get_family("qwen_image"), TrainsAutoencoder)
+    family = get_family("flux1")
+    cfg = family.load_autoencoder_config(
+        REPO / "configs/demo/autoencoder.yaml",
+        ["family=flux1", f"data.raw_dir={raw_dir}", "data.resolution=16", "model.block_out_channels=[8, 16]",
+         "model.norm_num_groups=4", "train.max_steps=2", "train.batch_size=4", "tracking.report_to=[jsonl]",
+         "lr_scheduler.warmup_steps=0", "stats.fit=false"],
+    )  # fmt: skip
+    result = family.train_autoencoder(cfg, progress=False, run_dir=tmp_path / "ae")
+    assert result.step == 2 and (tmp_path / "ae/vae/config.json").exists()
+    assert json.loads((tmp_path / "ae/vae/config.json").read_text())["_class_name"] == "AutoencoderKL"
