@@ -425,15 +425,14 @@ def run_python_stage(cfg: Any, stage: StageConfig, stage_dir: Path, *, progress:
 
 
 def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) -> Any:
-    """The one call into the autoencoder trainer: `cfg` (its output_dir is the stage's folder) trained by the
-    model family's `train_autoencoder`; returns its result (`step`, `vae_dir`). That trainer does not resume, so a
-    stage that was cut short is trained again from its start (a finished one is never redone: pipeline.json)."""
+    """The one call into the autoencoder trainer (`flowtrain.autoencoder`, through the model family, which fits its
+    own latent statistics at the end): `cfg` trained in its output_dir, the stage's folder; returns its result
+    (`step`, `vae_dir`). A stage cut short continues from its newest checkpoint (`checkpointing.every_steps`),
+    exactly; without one it starts over, to the same weights (the trainer is seeded). A finished stage is never
+    redone (pipeline.json)."""
     from flowtrain.models import get_family
 
-    out = Path(cfg.output_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a cut-short attempt: the trainer starts over
-    return get_family(family_name).train_autoencoder(cfg, progress=progress)
+    return get_family(family_name).train_autoencoder(cfg, run_dir=cfg.output_dir, resume="latest", progress=progress)
 
 
 _PRECISION: dict[str, str] = {}
