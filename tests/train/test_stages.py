@@ -299,9 +299,24 @@ def test_autoencoder_stage_runs_once_and_resumes_when_cut_short(tiny_pipeline_di
 def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
     tiny_pipeline_dir, tiny_cache, tmp_path
 ):
+    from pathlib import Path
+
     from mlflow.tracking import MlflowClient
 
-    stages = [{"name": "one", "steps": 1}, {"name": "two", "epochs": 0.5}]  # 8 rows, batch 2: half an epoch = 2 steps
+    ae_yaml = Path(__file__).parents[2] / "configs" / "demo" / "autoencoder.yaml"
+    ae_over = [f"data.raw_dir={tiny_cache[0]}", "data.resolution=32", "train.batch_size=4", "train.log_every=1",
+               "tracking.report_to=[mlflow,jsonl]", "tracking.mlflow_async=false"]  # fmt: skip
+    stages = [
+        {
+            "name": "vae",
+            "kind": "autoencoder",
+            "autoencoder": str(ae_yaml),
+            "steps": 1,
+            "autoencoder_overrides": ae_over,
+        },
+        {"name": "one", "steps": 1},
+        {"name": "two", "epochs": 0.5},  # 8 rows, batch 2: half an epoch = 2 steps
+    ]
     tracking = {"report_to": ["mlflow", "jsonl"], "mlflow_async": False, "log_weights": False}
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages, tracking=tracking)
     res = run_pipeline(cfg, progress=False)
@@ -311,8 +326,8 @@ def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
     client = MlflowClient(tracking_uri=parent["uri"])
     runs = client.search_runs(client.get_experiment_by_name("flowtrain").experiment_id)
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"run", "one", "two"}
+    assert set(by_name) == {"run", "vae", "one", "two"}
     assert by_name["run"].info.run_id == parent["run_id"] and by_name["run"].info.status == "FINISHED"
-    for name in ("one", "two"):
+    for name in ("vae", "one", "two"):  # the autoencoder stage's run too
         assert by_name[name].data.tags["mlflow.parentRunId"] == parent["run_id"]
         assert "loss" in by_name[name].data.metrics

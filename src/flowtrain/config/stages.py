@@ -222,9 +222,14 @@ def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
     if stage.steps is not None:
         overrides.append(f"train.max_steps={stage.steps}")
     try:
-        return family.load_autoencoder_config(stage.autoencoder, overrides)
+        ae = family.load_autoencoder_config(stage.autoencoder, overrides)
     except (ValueError, OSError) as e:
         raise ValueError(f"stages[{index}] ({stage.name!r}): autoencoder {stage.autoencoder}: {e}") from None
+    t = ae.tracking
+    if "mlflow" in t.report_to and not t.uri:  # the pipeline's store, so its run nests under the pipeline's run
+        uri = cfg.tracking.uri or pipeline_store_uri(cfg.output_dir)
+        ae = ae.model_copy(update={"tracking": t.model_copy(update={"uri": uri})})
+    return ae
 
 
 def _carried(c: Any) -> tuple:

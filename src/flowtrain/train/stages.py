@@ -317,6 +317,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             if main:
                 log.info("stage %d/%d %s: training the autoencoder", i + 1, len(configs), stage.name)
             ae = run_autoencoder_stage(cfg.model.family, scfg, progress=progress)
+            if parent is not None:
+                _nest(parent, Path(scfg.output_dir))
             stats = getattr(ae, "stats", None) or {}
             entry = {"status": "done", "step": ae.step, "ended": "length", "checkpoint": None,
                      "vae": str(ae.vae_dir), "final": getattr(ae, "final", None),
