@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from flowtrain.config import FlowtrainConfig
@@ -88,7 +90,9 @@ def test_lora_then_full_starts_from_base_plus_merged_lora(tiny_pipeline_dir, tin
     assert not any("lora_base" in e for e in res.stages.values())  # a full stage's export is whole weights
 
 
-def test_full_then_lora_trains_on_the_full_weights_and_names_that_base(tiny_pipeline_dir, tiny_cache, tmp_path, starts):
+def test_full_then_lora_trains_on_the_full_weights_and_names_that_base(
+    tiny_pipeline_dir, tiny_cache, tmp_path, starts, capsys
+):
     stages = [{"name": "all", "steps": 2, "overrides": FULL}, {"name": "adapt", "steps": 2}]
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
     assert "carries over: the full weights as the frozen base (float32) of a new LoRA" in "\n".join(plan_lines(cfg))
@@ -107,8 +111,24 @@ def test_full_then_lora_trains_on_the_full_weights_and_names_that_base(tiny_pipe
     lora_file = run / "adapt" / "pytorch_lora_weights.safetensors"
     assert sampling_base(lora_file) == run / "all" / "transformer"
     assert sampling_base(run / "all" / "transformer") is None  # a full stage: no base to name
+    # `flowtrain sample --lora` of that stage samples on that base: the images of --transformer base + the LoRA
+    from flowtrain.cli import main
+    from flowtrain.sample import generate, load_sampling_pipeline
+
+    flags = ["--model", str(tiny_pipeline_dir), "--prompt", "a photo", "--steps", "2", "--height", "32", "--width",
+             "32", "--device", "cpu"]  # fmt: skip
+    assert main(["sample", "--lora", str(lora_file), "--out", str(tmp_path / "s"), *flags]) == 0
+    assert f"trained on the base {run / 'all' / 'transformer'}" in capsys.readouterr().out
+    pipe = load_sampling_pipeline(cfg.model, lora=str(lora_file), transformer=str(run / "all" / "transformer"),
+                                  dtype=torch.float32, device="cpu")  # fmt: skip
+    [want] = generate(pipe, ["a photo"], cfg.model, seed=0, steps=2, height=32, width=32)
+    got = Image.open(next(p for p in (tmp_path / "s").glob("*.png") if p.name != "grid.png"))
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    plain = load_sampling_pipeline(cfg.model, lora=str(lora_file), dtype=torch.float32, device="cpu")
+    [wrong] = generate(plain, ["a photo"], cfg.model, seed=0, steps=2, height=32, width=32)
+    assert not np.array_equal(np.asarray(got), np.asarray(wrong))  # the pretrained base would give other images
     shutil.rmtree(run / "all" / "transformer")
-    with pytest.raises(FileNotFoundError, match="pass --transformer"):
+    with pytest.raises(FileNotFoundError, match="restore that folder"):
         sampling_base(lora_file)
 
 

@@ -473,7 +473,7 @@ def sampling_base(lora_file: Path) -> Path | None:
     if not Path(base).is_dir():
         raise FileNotFoundError(
             f"{lora_file}: pipeline stage {stage_dir.name!r} trained its LoRA on the base {base} ({record}), which "
-            "is gone; restore it, or pass --transformer with that base"
+            "is gone: the LoRA is relative to it, not to model.pretrained; restore that folder to sample it"
         )
     return Path(base)
 
