@@ -73,7 +73,7 @@ def test_lora_then_full_starts_from_base_plus_merged_lora(tiny_pipeline_dir, tin
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
     plan = "\n".join(plan_lines(cfg))
     assert "2. all: trains the transformer, all weights" in plan
-    assert "carries over: the base with the LoRA merged in (peft's merge, in fp32)" in plan
+    assert "carries over from adapt: the base with its LoRA merged in (peft's merge, in fp32)" in plan
     res = run_pipeline(cfg, progress=False)
     assert (res.stages["adapt"]["step"], res.stages["all"]["step"]) == (2, 2)
 
@@ -95,7 +95,9 @@ def test_full_then_lora_trains_on_the_full_weights_and_names_that_base(
 ):
     stages = [{"name": "all", "steps": 2, "overrides": FULL}, {"name": "adapt", "steps": 2}]
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
-    assert "carries over: the full weights as the frozen base (float32) of a new LoRA" in "\n".join(plan_lines(cfg))
+    assert "carries over from all: its full weights, as the frozen base (float32) of a new LoRA" in "\n".join(
+        plan_lines(cfg)
+    )
     res = run_pipeline(cfg, progress=False)
     run = tmp_path / "run" / "stages"
     full = load_file(str(run / "all" / "checkpoint-2" / "trainable.safetensors"))
@@ -139,7 +141,7 @@ def test_lora_then_another_lora_shape_merges_and_starts_a_fresh_adapter(
     a fresh rank-2 adapter trains on it; the merged base is written for sampling, equal to what it trained on."""
     stages = [{"name": "r4", "steps": 2}, {"name": "r2", "steps": 2, "overrides": {"lora": {"rank": 2}}}]
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
-    assert "carries over: the base with the previous LoRA merged in; a new LoRA (LoRA rank 2" in "\n".join(
+    assert "carries over from r4: the base with its LoRA merged in; a new LoRA (LoRA rank 2" in "\n".join(
         plan_lines(cfg)
     )
     run_pipeline(cfg, progress=False)

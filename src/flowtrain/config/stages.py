@@ -247,15 +247,14 @@ def _trains(c: Any) -> str:
 def transition_text(prev: Any, c: Any) -> str:
     """What carries over from a transformer stage (config `prev`) into the next one (`c`), for the plan."""
     if segment_key(prev) == segment_key(c):
-        what = "the LoRA adapter" if c.train_mode == "lora" else "the trained weights"
-        return f"carries over: {what}, by name"
+        return f"{'its LoRA adapter' if c.train_mode == 'lora' else 'its trained weights'}, by name"
     if prev.train_mode == "lora" and c.train_mode == "full":
-        return "carries over: the base with the LoRA merged in (peft's merge, in fp32); all weights train from it"
+        return "the base with its LoRA merged in (peft's merge, in fp32); all weights train from it"
     if prev.train_mode == "full":
-        return (f"carries over: the full weights as the frozen base ({c.model.dtype}) of a new LoRA; its LoRA is "
-                "relative to them (pipeline.json names the base to sample with)")  # fmt: skip
-    return (f"carries over: the base with the previous LoRA merged in; a new LoRA ({_trains(c)}) starts on it; its "
-            "LoRA is relative to that base (pipeline.json names the base to sample with)")  # fmt: skip
+        return (f"its full weights, as the frozen base ({c.model.dtype}) of a new LoRA, which is relative to them "
+                "(pipeline.json names the base to sample with)")  # fmt: skip
+    return (f"the base with its LoRA merged in; a new LoRA ({_trains(c)}) starts on it, relative to that base "
+            "(pipeline.json names the base to sample with)")  # fmt: skip
 
 
 def check_stages(cfg: Any) -> list[Any]:
@@ -326,7 +325,7 @@ def plan_lines(cfg: Any) -> list[str]:
             continue
         lines.append(f"{i + 1}. {stage.name}: trains the transformer, {_trains(c)}")
         if prev is not None:
-            lines.append(f"   {transition_text(prev, c)} from {prev_name}")
+            lines.append(f"   carries over from {prev_name}: {transition_text(prev, c)}")
         prev, prev_name = c, stage.name
         lines.append(f"   data {c.dataset.cache_dir}, loss {c.loss.name} ({c.loss.base})")
         lines.append(f"   optimizer {c.optimizer.name} lr {c.train.learning_rate:g} ({c.lr_scheduler.name}), state "
