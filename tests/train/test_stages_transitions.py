@@ -196,3 +196,59 @@ def test_a_pipeline_cut_at_a_lora_to_full_transition_resumes_exactly(tiny_pipeli
     assert kh.loss_sequence(stage) == kh.loss_sequence(ref / "stages" / "all")
     a, b = kh.final_weights(stage), kh.final_weights(ref / "stages" / "all")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_other_adapter_kinds_merge_to_the_same_function(tiny_pipeline_dir, tiny_cache, tmp_path, starts, kind):
+    """DoRA / LoHa / LoKr → full: every adapted Linear of the merged base computes what the adapter layer computed
+    (the trained adapter loaded on the pretrained transformer, in eval mode), on random inputs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from flowtrain.train.stages import load_carried
+    from flowtrain.train.trainable import adapter_config, lora_target_regex
+
+    stages = [{"name": "adapt", "steps": 2}, {"name": "all", "steps": 1, "overrides": FULL}]
+    d = tiny_config_dict(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run")
+    d["train"].update(log_every=1, learning_rate=3e-2)
+    d["lora"]["kind"] = kind
+    d["stages"] = stages
+    cfg = FlowtrainConfig.model_validate(d)
+    run_pipeline(cfg, progress=False)
+    family = get_family(cfg.model.family)
+    ref = family.load_transformer(cfg.model, dtype=torch.float32)
+    ref.add_adapter(adapter_config(cfg.lora, lora_target_regex(cfg.lora.targets, family.lora_presets)))
+    load_carried(ref, [tmp_path / "run" / "stages" / "adapt" / "checkpoint-2" / "trainable.safetensors"])
+    ref.eval()
+    torch.manual_seed(0)
+    layers = [(n, m) for n, m in ref.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    moved = 0
+    for name, layer in layers:
+        x = torch.randn(3, layer.get_base_layer().in_features)
+        bias = starts["all"].get(f"{name}.bias")
+        with torch.no_grad():
+            want = layer(x)
+            got = torch.nn.functional.linear(x, starts["all"][f"{name}.weight"], bias)
+            plain = layer.get_base_layer()(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        moved += not torch.allclose(plain, want)
+    assert moved == len(layers)  # every adapter had moved off zero, so the merge is not vacuous
+
+
+def test_check_prints_what_carries_over_at_each_transition(tmp_path, capsys):
+    import yaml
+
+    from flowtrain.cli import main
+
+    d = tiny_config_dict(tmp_path / "p", tmp_path / "c", tmp_path / "run")
+    d["stages"] = [{"name": "a", "steps": 2}, {"name": "b", "steps": 2}, {"name": "c", "overrides": FULL},
+                   {"name": "d", "overrides": {"lora": {"rank": 8}}}]  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d))
+    assert main(["check", str(tmp_path / "p.yaml")]) == 0
+    plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#    carries over")]
+    assert plan == [
+        "#    carries over from a: its LoRA adapter, by name",
+        "#    carries over from b: the base with its LoRA merged in (peft's merge, in fp32); all weights train from it",
+        "#    carries over from c: its full weights, as the frozen base (float32) of a new LoRA, which is relative to "
+        "them (pipeline.json names the base to sample with)",
+    ]
