@@ -129,6 +129,9 @@ def test_full_then_lora_trains_on_the_full_weights_and_names_that_base(
     plain = load_sampling_pipeline(cfg.model, lora=str(lora_file), dtype=torch.float32, device="cpu")
     [wrong] = generate(plain, ["a photo"], cfg.model, seed=0, steps=2, height=32, width=32)
     assert not np.array_equal(np.asarray(got), np.asarray(wrong))  # the pretrained base would give other images
+    # the exported LoRA (ComfyUI layout) is the same relative LoRA: export says which base it belongs on
+    assert main(["export", str(run / "adapt"), "--format", "comfyui", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert f"relative to the pipeline stage's base {run / 'all' / 'transformer'}" in capsys.readouterr().out
     shutil.rmtree(run / "all" / "transformer")
     with pytest.raises(FileNotFoundError, match="restore that folder"):
         sampling_base(lora_file)
