@@ -153,6 +153,18 @@ def test_lora_then_another_lora_shape_merges_and_starts_a_fresh_adapter(
     want, _ = _hand_merge(_base(cfg), lora, cfg.lora.effective_alpha / cfg.lora.rank)
     got = _base_of_lora_model(starts["r2"])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the merge drew from a forked RNG: r2's fresh adapter is initialised as a plain rank-2 run's
+    from accelerate.utils import set_seed
+
+    from flowtrain.config.stages import stage_configs
+    from flowtrain.train.trainable import apply_lora
+
+    r2cfg = stage_configs(cfg)[1]
+    set_seed(r2cfg.train.seed)
+    plain = get_family(cfg.model.family).load_transformer(r2cfg.model, dtype=torch.float32)
+    apply_lora(plain, r2cfg, get_family(cfg.model.family).lora_presets)
+    init = {k: v for k, v in plain.state_dict().items() if ".lora_" in k}
+    assert init and all(torch.equal(starts["r2"][k], v) for k, v in init.items())
     r2 = kh.final_weights(run / "r2")
     assert {v.shape[0] for k, v in r2.items() if "lora_A" in k} == {2}
     entry = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]["r2"]
