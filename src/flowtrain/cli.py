@@ -349,6 +349,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Every path is checked before anything loads: a wrong one fails at once, naming the flag and the file.
     weights_check.pipeline_path(args.model)
     lora = weights_check.lora_file(args.lora) if args.lora is not None else None
+    if lora is not None:  # a pipeline stage's LoRA trained on an earlier stage's weights: sample on that base
+        from flowtrain.train.stages import sampling_base
+
+        args.transformer = sampling_base(lora)
+        if args.transformer is not None:
+            print(f"sample: {lora} was trained on the base {args.transformer} (its pipeline.json): using it")
     if args.transformer is not None:
         weights_check.transformer_folder(args.transformer)
     # A run dir: sample with the model options it was trained with (family, text settings), unless overridden.
@@ -428,6 +434,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.source, args.format, args.out, family=args.family, overwrite=args.overwrite)
     print(f"export: {args.format} → {path}")
+    from flowtrain.train.stages import sampling_base
+
+    if (base := sampling_base(Path(args.source))) is not None:  # say so: applied to model.pretrained it is wrong
+        print(
+            f"export: this LoRA is relative to the pipeline stage's base {base}, not model.pretrained: apply it there"
+        )
     return 0
 
 
