@@ -125,3 +125,91 @@ def test_missing_or_incomplete_url_cache_says_what_to_run(tiny_cache, memory_cac
     fs.rm_file(shard)
     with pytest.raises(CacheError, match=r"memory://.*\.parquet: listed in manifest.json but missing; rerun"):
         CacheDataset(memory_cache)
+
+
+# ---- precompute --out URL ----------------------------------------------------------------------------------------
+
+
+def _cli_args(raw, pipeline, url: str) -> list[str]:
+    from flowtrain.testing.data import TINY_RES, TINY_SEQ
+
+    return ["precompute", str(raw), "--model", str(pipeline), "--out", url, "--quiet", "--batch-size", "4",
+            "--resolution", str(TINY_RES), f"model.max_sequence_length={TINY_SEQ}", "--dtype", "float32"]  # fmt: skip
+
+
+@pytest.fixture
+def url_out(monkeypatch, tmp_path):
+    """A fresh memory:// URL, with the default staging folders under tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    url = f"memory:///bucket-{uuid.uuid4().hex[:8]}/cache"
+    yield url
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_precompute_out_url_equals_local_precompute(tiny_pipeline_dir, tiny_cache, url_out, capsys):
+    """`precompute --out memory://...`: the uploaded cache reads row for row like the local one made with the same
+    settings, its staging folder is gone, and a second run is refused (a finished cache) without --overwrite."""
+    from flowtrain.cli import main
+    from flowtrain.data.cache_remote import default_staging
+
+    args = _cli_args(tiny_cache[0], tiny_pipeline_dir, url_out)
+    assert main(args) == 0
+    remote, local = CacheDataset(url_out), CacheDataset(tiny_cache[1])
+    assert remote.manifest.fingerprint == local.manifest.fingerprint
+    assert [s["rows"] for s in remote.manifest.shards] == [s["rows"] for s in local.manifest.shards]
+    _same_rows(_rows(remote), _rows(local))
+    assert not default_staging(url_out).exists()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {url_out} holds a finished latent cache" in err and "--overwrite" in err
+    assert main([*args, "--overwrite"]) == 0
+    _same_rows(_rows(CacheDataset(url_out)), _rows(local))
+
+
+def test_precompute_out_url_resumes_and_refuses_other_settings(tiny_pipeline_dir, tiny_cache, url_out, monkeypatch):
+    """An upload killed before the manifest: the rerun encodes nothing again (the staged shards are reused) and
+    uploads no shard again (the remote ones have the right rows); with the staging folder lost too, the shards are
+    encoded again but still not uploaded again. A rerun with other settings is refused, naming the URL."""
+    import flowtrain.data.cache_remote as cache_remote
+    import flowtrain.data.precompute as pre
+    from flowtrain.testing.data import TINY_RES, tiny_model
+
+    model = tiny_model(tiny_pipeline_dir)
+    opts = dict(resolution=TINY_RES, batch_size=4, rows_per_shard=4, progress=False)
+    fs, root = fsspec.core.url_to_fs(url_out)
+    written, uploaded, kill = [], [], [True]
+    write, put = pre.write_shard, fs.put_file
+    monkeypatch.setattr(pre, "write_shard", lambda table, path: (written.append(path.name), write(table, path)))
+
+    def put_file(lpath, rpath, *a, **k):
+        if rpath.endswith("/manifest.json") and kill:
+            kill.clear()
+            raise KeyboardInterrupt  # killed before the manifest went up
+        uploaded.append(rpath.rsplit("/", 1)[-1])
+        return put(lpath, rpath, *a, **k)
+
+    monkeypatch.setattr(fs, "put_file", put_file)
+    with pytest.raises(KeyboardInterrupt):
+        cache_remote.precompute_to_url(tiny_cache[0], url_out, model, **opts)
+    assert sorted(written) == ["cache-00000-0000.parquet", "cache-00000-0001.parquet"]
+    assert not fs.exists(f"{root}/manifest.json") and cache_remote.default_staging(url_out).exists()
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        CacheDataset(url_out)
+
+    written.clear(), uploaded.clear()
+    cache_remote.precompute_to_url(tiny_cache[0], url_out, model, **opts)
+    assert written == [] and not any(name.endswith(".parquet") for name in uploaded)
+    assert len(CacheDataset(url_out)) == 8
+
+    fs.rm_file(f"{root}/manifest.json")  # killed again, and this time the staging folder is lost as well
+    written.clear(), uploaded.clear()
+    cache_remote.precompute_to_url(tiny_cache[0], url_out, model, **opts)
+    assert len(written) == 2 and not any(name.endswith(".parquet") for name in uploaded)
+    _same_rows(_rows(CacheDataset(url_out)), _rows(CacheDataset(tiny_cache[1])))
+
+    fs.rm_file(f"{root}/manifest.json")
+    with pytest.raises(ValueError, match=rf"--out {url_out}: .* holds a cache made with different settings"):
+        cache_remote.precompute_to_url(tiny_cache[0], url_out, model, **{**opts, "resolution": 2 * TINY_RES})
