@@ -159,7 +159,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         from flowtrain.data.cache_remote import precompute_to_url
 
         manifest = precompute_to_url(args.raw_dir, out, cfg.model, overwrite=args.overwrite, staging=args.staging,
-                                     is_main=_is_main_process(), **options)  # fmt: skip
+                                     **options)  # fmt: skip
         return _precompute_done(args, manifest, out)
     if args.staging:
         raise ValueError(f"--staging is for a URL --out (s3://...); --out {out} is a local folder, written in place")

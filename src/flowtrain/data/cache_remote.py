@@ -41,16 +41,17 @@ def precompute_to_url(
     overwrite: bool = False,
     staging: str | Path | None = None,
     progress: bool = True,
-    is_main: bool = True,
     **precompute_options: Any,
 ) -> CacheManifest:
     """`precompute(raw_dir, STAGING, model, ...)`, then the cache uploaded to `url`, manifest last; returns the
     manifest. Refuses a URL that holds a finished cache, or an unfinished one of other settings, unless
     `overwrite`. `staging`: the local folder (default `default_staging(url)`), deleted once the upload is done.
-    `is_main`: False on the other processes of `accelerate launch`; they encode their share into the same staging
-    folder (so it must be on a file system they share) and the main process uploads."""
+    Under `accelerate launch` every process encodes its share into the same staging folder (so it must be on a
+    file system they share) and the main process uploads."""
     from flowtrain.data.precompute import STATE, precompute
+    from flowtrain.data.precompute_dist import current_ranks
 
+    is_main = current_ranks(precompute_options.get("device")).is_main
     dest = FsPath(url)
     local = Path(staging) if staging is not None else default_staging(url)
     if is_main:
@@ -65,8 +66,11 @@ def precompute_to_url(
         raise
     if is_main:
         upload_cache(local, dest, progress=progress)
+    # the others have read the staged manifest (precompute's last barrier); no process returns before the upload
+    current_ranks(precompute_options.get("device")).barrier()
+    if is_main:
         shutil.rmtree(local, ignore_errors=True)
-        manifest.path = dest / MANIFEST
+    manifest.path = dest / MANIFEST
     return manifest
 
 
