@@ -213,3 +213,36 @@ def test_precompute_out_url_resumes_and_refuses_other_settings(tiny_pipeline_dir
     fs.rm_file(f"{root}/manifest.json")
     with pytest.raises(ValueError, match=rf"--out {url_out}: .* holds a cache made with different settings"):
         cache_remote.precompute_to_url(tiny_cache[0], url_out, model, **{**opts, "resolution": 2 * TINY_RES})
+
+
+def test_train_from_images_with_a_url_cache(tiny_pipeline_dir, url_out, tmp_path, monkeypatch, capsys):
+    """`train CONFIG --from SRC` with dataset.cache_dir at a URL: raw shards go next to it (URL + '-raw'), the cache
+    is uploaded, the run trains from it; a second run reuses both stages."""
+    import yaml
+
+    from flowtrain.cli import main
+    from flowtrain.testing.data import TINY_RES, TINY_SEQ, make_image_folder
+
+    make_image_folder(tmp_path / "src", n=4)
+    cfg = {
+        "model": {"pretrained": str(tiny_pipeline_dir), "max_sequence_length": TINY_SEQ, "dtype": "float32"},
+        "dataset": {"cache_dir": url_out},
+        "train": {"batch_size": 2, "learning_rate": 2e-3, "mixed_precision": "no", "max_steps": 2},
+        "lora": {"rank": 4},
+        "checkpoint": {"every_steps": None},
+        "tracking": {"report_to": ["jsonl"], "graphs": False},
+        "output_dir": "runs/a",
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    chain = ["train", "tiny.yaml", "--from", "src", "--resolution", str(TINY_RES), "--quiet"]
+    assert main(chain) == 0, capsys.readouterr().err
+    fs, root = fsspec.core.url_to_fs(url_out)
+    assert fs.exists(f"{root}-raw/manifest.json") and len(CacheDataset(url_out)) == 4
+    assert (tmp_path / "runs" / "a" / "pytorch_lora_weights.safetensors").exists()
+    capsys.readouterr()
+    assert main([*chain, "--output_dir", "runs/b"]) == 0
+    out = capsys.readouterr().out
+    assert f"prepare: reusing {url_out}-raw" in out and f"precompute: reusing {url_out}" in out
+    if fs.exists(f"{root}-raw"):
+        fs.rm(f"{root}-raw", recursive=True)
