@@ -103,6 +103,18 @@ def test_training_from_url_cache_is_exact_and_resumes(tiny_pipeline_dir, tiny_ca
     assert_resume_exact(local, remote, stop=2)
 
 
+def test_prior_preservation_from_url_caches(tiny_pipeline_dir, tiny_cache, memory_cache, tmp_path):
+    """dataset.class_cache_dir at a URL too: the prior-preservation run's losses equal the local caches' bitwise."""
+    from flowtrain.train.loop import train
+
+    extra = {"train": {"max_steps": 2}, "loss": {"name": "prior_preservation", "prior_loss_weight": 0.5}}
+    losses = []
+    for name, cache in (("local", str(tiny_cache[1])), ("url", memory_cache)):
+        cfg = _cfg(tiny_pipeline_dir, cache, tmp_path / name, dataset={"class_cache_dir": cache}, **extra)
+        losses.append(train(cfg, progress=False).losses)
+    assert sorted(losses[0]) == [1, 2] and losses[0] == losses[1]
+
+
 def test_url_cache_with_worker_processes(tiny_cache, memory_cache):
     """dataset.num_workers > 0 with a memory:// cache: workers are forked after the upload, so each one sees the
     store's files and opens its own handles; the batches equal the local ones."""
