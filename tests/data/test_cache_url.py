@@ -126,6 +126,15 @@ def test_url_cache_with_worker_processes(tiny_cache, memory_cache):
     ]
     for a, b in zip(*loaders, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # In another process than the one that opened it, the dataset makes its filesystem again from the URL (s3fs and
+    # gcsfs instances refuse to be used after a fork); seen here by pretending to be in one.
+    import os
+
+    ds = CacheDataset(memory_cache)
+    before, ds._pid = ds.dir, -1
+    row = ds[3]
+    assert ds._pid == os.getpid() and ds.dir is not before and str(ds.dir) == str(before)
+    assert torch.equal(row["latent_moments"], CacheDataset(tiny_cache[1])[3]["latent_moments"])
 
 
 def test_missing_or_incomplete_url_cache_says_what_to_run(tiny_cache, memory_cache):

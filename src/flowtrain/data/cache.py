@@ -45,6 +45,7 @@ class CacheDataset(Dataset):
 
     def __init__(self, cache_dir: str | Path, lru_row_groups: int = 8):
         self.dir = as_path(cache_dir)  # a folder, or an fsspec URL read in byte ranges (data.fs.open_parquet)
+        self._pid = os.getpid()  # the process self.dir's filesystem was made in (`_shard_path`)
         self.manifest = CacheManifest.read(self.dir)
         self.columns = list(self.manifest.columns)
         self._files = [s["file"] for s in self.manifest.shards]
@@ -170,7 +171,7 @@ class CacheDataset(Dataset):
         if shard in self._pf:
             self._pf.move_to_end(shard)
             return self._pf[shard]
-        pf = open_parquet(self.dir / self._files[shard])  # opened lazily: DataLoader workers each open their own
+        pf = open_parquet(self._shard_path(shard))  # opened lazily: DataLoader workers each open their own
         if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
@@ -182,6 +183,13 @@ class CacheDataset(Dataset):
         if len(self._pf) > OPEN_SHARDS:
             self._pf.popitem(last=False)  # closed when collected
         return pf
+
+    def _shard_path(self, shard: int) -> Path | FsPath:
+        if isinstance(self.dir, FsPath) and self._pid != os.getpid():
+            # A forked DataLoader worker: fsspec's async filesystems (s3fs, gcsfs) refuse to be used from another
+            # process than their own ("not fork-safe"), so the worker makes its own from the URL.
+            self.dir, self._pid = as_path(str(self.dir)), os.getpid()
+        return self.dir / self._files[shard]
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
