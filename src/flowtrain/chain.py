@@ -25,19 +25,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowtrain.data.fs import FsPath, as_path
+
 RAW_KIND = "flowtrain.raw"  # the kinds `prepare` and `precompute` write into their manifest.json
 CACHE_KIND = "flowtrain.cache"
 
 
-def default_raw_dir(cache_dir: str | Path) -> Path:
-    """Where `--from` puts the raw shards unless told: next to the cache, named after it (`data/cache-raw`)."""
-    cache = Path(cache_dir)
-    return cache.with_name(cache.name + "-raw")
+def default_raw_dir(cache_dir: str | Path) -> Path | FsPath:
+    """Where `--from` puts the raw shards unless told: next to the cache, named after it (`data/cache-raw`, or
+    `s3://bucket/cache-raw` for a cache at a URL)."""
+    cache = as_path(cache_dir)
+    return cache.parent / (cache.name + "-raw")
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
+def _manifest(folder: Path | FsPath) -> dict[str, Any] | None:
     try:
-        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        data = json.loads((as_path(folder) / "manifest.json").read_bytes())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -45,7 +48,7 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 def is_prepared(src: str | Path) -> bool:
     """`src` is the finished output of `flowtrain prepare` (its manifest is written last)."""
-    m = _manifest(Path(src))
+    m = _manifest(as_path(src))
     return m is not None and m.get("kind") == RAW_KIND
 
 
@@ -54,7 +57,7 @@ def raw_is_current(raw_dir: str | Path, src: str | Path, settings: dict[str, Any
     from flowtrain.data.fs import describe
     from flowtrain.data.prepare import source_signature
 
-    m = _manifest(Path(raw_dir))
+    m = _manifest(as_path(raw_dir))
     if m is None or m.get("kind") != RAW_KIND:
         return False, "no finished raw shards there"
     if m.get("source") != describe(src):
@@ -71,7 +74,7 @@ def cache_is_current(cache_dir: str | Path, raw_dir: str | Path, fingerprint_id:
     shards, why)."""
     from flowtrain.data.prepare import raw_digest
 
-    m = _manifest(Path(cache_dir))
+    m = _manifest(as_path(cache_dir))
     if m is None or m.get("kind") != CACHE_KIND:
         return False, "no finished cache there"
     found = (m.get("fingerprint") or {}).get("id")
@@ -87,7 +90,7 @@ def resolution_for(cache_dir: str | Path, given: int | None, default: int) -> in
     reuses it), else `default`."""
     if given is not None:
         return given
-    m = _manifest(Path(cache_dir))
+    m = _manifest(as_path(cache_dir))
     found = (m or {}).get("fingerprint", {}).get("resolution") if (m or {}).get("kind") == CACHE_KIND else None
     return found if isinstance(found, int) else default
 

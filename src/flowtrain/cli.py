@@ -144,6 +144,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
+    from flowtrain.data.fs import is_url
     from flowtrain.data.precompute import precompute
     from flowtrain.outputs import cache_is_finished, output_slot
 
@@ -152,22 +153,26 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if not out:
         raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
     buckets = _bucket_spec(args, cfg.model)  # before the output folder is touched: a bad flag changes nothing
+    options = dict(resolution=args.resolution, batch_size=args.batch_size, device=args.device,
+                   progress=not args.quiet, video=cfg.dataset.video, buckets=buckets)  # fmt: skip
+    if is_url(out):  # object storage: encoded in a local staging folder, uploaded when complete (data.cache_remote)
+        from flowtrain.data.cache_remote import precompute_to_url
+
+        manifest = precompute_to_url(args.raw_dir, out, cfg.model, overwrite=args.overwrite, staging=args.staging,
+                                     **options)  # fmt: skip
+        return _precompute_done(args, manifest, out)
+    if args.staging:
+        raise ValueError(f"--staging is for a URL --out (s3://...); --out {out} is a local folder, written in place")
     # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
     unfinished = not args.overwrite and not cache_is_finished(Path(out))
     # Under `accelerate launch` only the main process claims `out`; the others write into it after it has (a barrier).
     with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished,
                      enabled=_is_main_process()):  # fmt: skip
-        manifest = precompute(
-            args.raw_dir,
-            out,
-            cfg.model,
-            resolution=args.resolution,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.quiet,
-            video=cfg.dataset.video,
-            buckets=buckets,
-        )
+        manifest = precompute(args.raw_dir, out, cfg.model, **options)
+    return _precompute_done(args, manifest, out)
+
+
+def _precompute_done(args: argparse.Namespace, manifest, out: str) -> int:
     if _is_main_process():
         print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
         if args.buckets:
@@ -589,8 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
         "shards, and a rerun continues each where it stopped.",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
-    s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
+    s.add_argument("--out", type=_path, help="cache folder or fsspec URL, e.g. s3://bucket/cache (default: "
+                   "dataset.cache_dir of --config)")  # fmt: skip
     _overwrite_flag(s, "; an unfinished cache of the same settings is continued without it")
+    s.add_argument(
+        "--staging", type=_path,
+        help="with a URL --out: the local folder to encode into before the upload (default: one per URL under "
+        "~/.cache/flowtrain/precompute-staging; a rerun continues it)",
+    )  # fmt: skip
     s.add_argument(
         "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
     )

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from flowtrain.data.fs import FsPath, as_path, load_tensors, open_parquet
 from flowtrain.data.manifest import CacheError, CacheManifest
 from flowtrain.data.tensors import column_to_tensor, ragged_to_tensors
 from flowtrain.models.common import pad_rows
@@ -43,7 +44,8 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, cache_dir: str | Path, lru_row_groups: int = 8):
-        self.dir = Path(cache_dir)
+        self.dir = as_path(cache_dir)  # a folder, or an fsspec URL read in byte ranges (data.fs.open_parquet)
+        self._pid = os.getpid()  # the process self.dir's filesystem was made in (`_shard_path`)
         self.manifest = CacheManifest.read(self.dir)
         self.columns = list(self.manifest.columns)
         self._files = [s["file"] for s in self.manifest.shards]
@@ -119,7 +121,8 @@ class CacheDataset(Dataset):
             footers = list(pool.map(_read_footer, paths))
         self._group_sizes = [f[2] if isinstance(f, tuple) else [] for f in footers]
         for s, path, footer in zip(self.manifest.shards, paths, footers, strict=True):
-            if not path.exists():
+            # asked only when the read failed: at a URL each question is a request
+            if isinstance(footer, Exception) and not path.exists():
                 raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
             if isinstance(footer, Exception):
                 raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
@@ -161,16 +164,14 @@ class CacheDataset(Dataset):
 
     def empty_batch(self) -> dict[str, torch.Tensor]:
         """The empty prompt's conditioning columns as a collated batch of 1 (caption dropout, CFG's negative)."""
-        from safetensors.torch import load_file
-
-        row = load_file(str(self.dir / self.manifest.empty_prompt))
+        row = load_tensors(self.dir / self.manifest.empty_prompt)
         return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
         if shard in self._pf:
             self._pf.move_to_end(shard)
             return self._pf[shard]
-        pf = pq.ParquetFile(self.dir / self._files[shard])  # opened lazily: DataLoader workers each open their own
+        pf = open_parquet(self._shard_path(shard))  # opened lazily: DataLoader workers each open their own
         if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
@@ -182,6 +183,13 @@ class CacheDataset(Dataset):
         if len(self._pf) > OPEN_SHARDS:
             self._pf.popitem(last=False)  # closed when collected
         return pf
+
+    def _shard_path(self, shard: int) -> Path | FsPath:
+        if isinstance(self.dir, FsPath) and self._pid != os.getpid():
+            # A forked DataLoader worker: fsspec's async filesystems (s3fs, gcsfs) refuse to be used from another
+            # process than their own ("not fork-safe"), so the worker makes its own from the URL.
+            self.dir, self._pid = as_path(str(self.dir)), os.getpid()
+        return self.dir / self._files[shard]
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
@@ -230,10 +238,10 @@ class CacheDataset(Dataset):
         return row
 
 
-def _read_footer(path: Path) -> tuple[int, pa.Schema, list[int]] | Exception:
+def _read_footer(path: Path | FsPath) -> tuple[int, pa.Schema, list[int]] | Exception:
     """(rows, Arrow schema, rows per row group) from a shard's footer, or the exception reading it raised."""
     try:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         md = pf.metadata
         return md.num_rows, pf.schema_arrow, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
     except Exception as e:  # reported in shard order by the caller, naming the file
