@@ -46,10 +46,10 @@ def has_layout(shards: Sequence[dict[str, Any]]) -> bool:
 
 def unchanged(cache_dir: Path, shards: Sequence[dict[str, Any]]) -> list[bool]:
     """Per shard: whether its file exists with the size the manifest recorded (one `stat`, no read)."""
-    out = []
+    root, out = os.fspath(cache_dir), []
     for s in shards:
-        try:
-            out.append(os.stat(Path(cache_dir) / s["file"]).st_size == s["bytes"])
+        try:  # a plain string join: building ~4k Path objects cost a third of the stats themselves
+            out.append(os.stat(os.path.join(root, s["file"])).st_size == s["bytes"])
         except FileNotFoundError:
             out.append(False)
     return out
