@@ -137,9 +137,9 @@ class CacheDataset(Dataset):
     def _check_footer(self, shard: int, path: Path, footer: tuple[int, pa.Schema, list[int]] | Exception) -> None:
         """Raise a CacheError naming `path` when its footer does not match the manifest's entry for `shard`."""
         s = self.manifest.shards[shard]
-        if not path.exists():
-            raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
-        if isinstance(footer, Exception):
+        if isinstance(footer, Exception):  # a footer that was read needs no existence check (a stat)
+            if not path.exists():
+                raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
             raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
         rows, schema, _ = footer
         if rows != s["rows"]:
