@@ -98,7 +98,7 @@ def resolution_for(cache_dir: str | Path, given: int | None, default: int) -> in
 def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
     """`train --from SRC`: run `prepare` and `precompute` as their verbs (with the arguments a user would give them),
     into the folders the run trains from, each skipped when its output is current. `args` are train's."""
-    from flowtrain.cli import PRECOMPUTE_RESOLUTION, parse_args
+    from flowtrain.cli import PRECOMPUTE_RESOLUTION, _bucket_spec, parse_args
 
     if cfg.dataset.cache_dir is None:
         raise ValueError("train --from needs dataset.cache_dir (or --precomputed_data_dir): where the cache goes")
@@ -130,7 +130,9 @@ def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
     pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", str(resolution),
                       *args.overrides, *shared])  # fmt: skip
     video = clip_settings(clip_options(get_family(cfg.model.family), read_raw_manifest(raw), cfg.dataset.video))
-    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video)["id"])
+    # precompute reads dataset.buckets from the config itself; the spec here is only for the fingerprint's buckets
+    buckets = _bucket_spec(pre, cfg.model, cfg.dataset.buckets)
+    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video, buckets)["id"])
     if current:
         print(f"precompute: reusing {cache} ({why})")
         return

@@ -152,7 +152,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     out = _given(args.out, cfg.dataset.cache_dir)
     if not out:
         raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
-    buckets = _bucket_spec(args, cfg.model)  # before the output folder is touched: a bad flag changes nothing
+    # before the output folder is touched: a bad flag changes nothing
+    buckets = _bucket_spec(args, cfg.model, cfg.dataset.buckets)
     options = dict(resolution=args.resolution, batch_size=args.batch_size, device=args.device,
                    progress=not args.quiet, video=cfg.dataset.video, buckets=buckets)  # fmt: skip
     if is_url(out):  # object storage: encoded in a local staging folder, uploaded when complete (data.cache_remote)
@@ -175,7 +176,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 def _precompute_done(args: argparse.Namespace, manifest, out: str) -> int:
     if _is_main_process():
         print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
-        if args.buckets:
+        if any("bucket" in sh for sh in manifest.shards):
             from flowtrain.data.buckets import describe_counts, shard_counts
 
             print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
@@ -194,18 +195,28 @@ def cmd_class_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bucket_spec(args: argparse.Namespace, model):
-    """precompute's aspect-ratio buckets (--buckets): targets --resolution and --bucket-sides, sides multiples of
-    the model's pixel multiple; None without --buckets."""
-    if not args.buckets:
+def _bucket_spec(args: argparse.Namespace, model, conf=None):
+    """precompute's aspect-ratio buckets: `conf` (the config's dataset.buckets) with the flags over it (--buckets /
+    --no-buckets, --bucket-sides, --max-aspect); targets --resolution and the sides, sides multiples of the model's
+    pixel multiple. None when buckets are off."""
+    from flowtrain.config.buckets import BucketsConfig
+
+    conf = conf or BucketsConfig()
+    enabled = conf.enabled if args.buckets is None else args.buckets
+    if not enabled:
         if args.bucket_sides or args.max_aspect is not None:
-            raise ValueError("--bucket-sides and --max-aspect shape aspect-ratio buckets: add --buckets")
+            raise ValueError(
+                "--bucket-sides and --max-aspect shape aspect-ratio buckets: add --buckets "
+                "(or set dataset.buckets.enabled: true in the config)"
+            )
         return None
     from flowtrain.data.buckets import BucketSpec
     from flowtrain.models import get_family
 
     multiple = get_family(model.family).pixel_multiple(model)
-    return BucketSpec((args.resolution, *args.bucket_sides), multiple, args.max_aspect or 2.0)
+    sides = args.bucket_sides or conf.sides
+    max_aspect = conf.max_aspect if args.max_aspect is None else args.max_aspect
+    return BucketSpec((args.resolution, *sides), multiple, max_aspect)
 
 
 def _model_config(args: argparse.Namespace, model: str | None, *, need: str, base=None):
@@ -612,17 +623,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"square training resolution; with --buckets, the target area's side (default {PRECOMPUTE_RESOLUTION})",
     )  # fmt: skip
     s.add_argument(
-        "--buckets", action="store_true",
+        "--buckets", action=argparse.BooleanOptionalAction, default=None,
         help="aspect-ratio buckets: each image at the bucket nearest its aspect (area about --resolution², sides "
-        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md",
+        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md "
+        "(default: dataset.buckets of --config; --no-buckets: a square cache whatever the config says)",
     )  # fmt: skip
     s.add_argument(
         "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
-        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling",
+        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling "
+        "(default: dataset.buckets.sides)",
     )  # fmt: skip
     s.add_argument(
         "--max-aspect", type=float,
-        help="with --buckets, the largest long / short side ratio of a bucket (default 2.0); wider images are cropped",
+        help="with --buckets, the largest long / short side ratio of a bucket (default: dataset.buckets.max_aspect, "
+        "2.0); wider images are cropped",
     )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")

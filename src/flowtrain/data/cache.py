@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from flowtrain.data.fs import FsPath, as_path, load_tensors, open_parquet
+from flowtrain.data.layout import has_layout, unchanged
 from flowtrain.data.manifest import CacheError, CacheManifest
 from flowtrain.data.tensors import column_to_tensor, ragged_to_tensors
 from flowtrain.models.common import pad_rows
@@ -113,33 +114,51 @@ class CacheDataset(Dataset):
     def _check_shards(self) -> None:
         """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes.
 
-        One footer read per shard (no handle kept: handles are opened after the DataLoader forks its workers), on
-        threads when there are many: a 1M-row cache is ~4k shards, and each read waits on the file system."""
-        paths = [self.dir / s["file"] for s in self.manifest.shards]
+        A manifest that records each shard's layout (`data.layout`: size and row groups) is trusted for every shard
+        whose file has the recorded size (one `stat`); those shards' footers are checked when first opened
+        (`_file`). Other shards, and every shard of an older manifest, get one footer read now (no handle kept:
+        handles are opened after the DataLoader forks its workers), on threads when there are many: a 1M-row cache
+        is ~4k shards, and each read waits on the file system."""
+        shards = self.manifest.shards
+        self._group_sizes: list[list[int]] = [[] for _ in shards]
+        self._unverified: set[int] = set()  # shards taken from the manifest's layout, footer not yet checked
+        if has_layout(shards) and not isinstance(self.dir, FsPath):  # at a URL a stat is a request: footers instead
+            for i, (s, same) in enumerate(zip(shards, unchanged(self.dir, shards), strict=True)):
+                if same:
+                    self._group_sizes[i] = list(s["row_groups"])
+                    self._unverified.add(i)
+        todo = [i for i in range(len(shards)) if i not in self._unverified]
+        paths = [self.dir / shards[i]["file"] for i in todo]
         workers = min(8, os.cpu_count() or 1) if len(paths) > 16 else 1
         with ThreadPoolExecutor(workers) as pool:
             footers = list(pool.map(_read_footer, paths))
-        self._group_sizes = [f[2] if isinstance(f, tuple) else [] for f in footers]
-        for s, path, footer in zip(self.manifest.shards, paths, footers, strict=True):
-            # asked only when the read failed: at a URL each question is a request
-            if isinstance(footer, Exception) and not path.exists():
+        for i, path, footer in zip(todo, paths, footers, strict=True):
+            self._check_footer(i, path, footer)
+            self._group_sizes[i] = footer[2]
+
+    def _check_footer(
+        self, shard: int, path: Path | FsPath, footer: tuple[int, pa.Schema, list[int]] | Exception
+    ) -> None:
+        """Raise a CacheError naming `path` when its footer does not match the manifest's entry for `shard`."""
+        s = self.manifest.shards[shard]
+        if isinstance(footer, Exception):  # asked only when the read failed: at a URL each question is a request
+            if not path.exists():
                 raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
-            if isinstance(footer, Exception):
-                raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
-            rows, schema, _ = footer
-            if rows != s["rows"]:
-                raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
-            for col in self.columns:
-                got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
-                # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
-                # column of an aspect-ratio bucket's shard has that bucket's latent grid (manifest `shapes`)
-                fixed = s.get("shapes", {}).get(col.name, col.shape)
-                want = [None, math.prod(col.shape[1:])] if col.variable else list(fixed)
-                if got != want:
-                    raise CacheError(
-                        f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
-                        f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
-                    )
+            raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
+        rows, schema, _ = footer
+        if rows != s["rows"]:
+            raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
+        for col in self.columns:
+            got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
+            # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
+            # column of an aspect-ratio bucket's shard has that bucket's latent grid (manifest `shapes`)
+            fixed = s.get("shapes", {}).get(col.name, col.shape)
+            want = [None, math.prod(col.shape[1:])] if col.variable else list(fixed)
+            if got != want:
+                raise CacheError(
+                    f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
+                    f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
+                )
 
     def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor | tuple]) -> None:
         """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
@@ -171,14 +190,29 @@ class CacheDataset(Dataset):
         if shard in self._pf:
             self._pf.move_to_end(shard)
             return self._pf[shard]
-        pf = open_parquet(self._shard_path(shard))  # opened lazily: DataLoader workers each open their own
+        path = self._shard_path(shard)
+        try:
+            pf = open_parquet(path)  # opened lazily: DataLoader workers each open their own
+        except Exception as e:
+            if shard in self._unverified:  # first seen now: the same clear errors as at open
+                self._check_footer(shard, path, e)
+            raise
         if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
+            schema = pf.schema_arrow  # rebuilt on every access
+            if shard in self._unverified:  # its place came from the manifest's layout: check the footer agrees
+                self._check_footer(shard, path, (pf.metadata.num_rows, schema, _sizes(starts, n)))
+                if _sizes(starts, n) != self._group_sizes[shard]:
+                    raise CacheError(
+                        f"{path}: row groups of {_sizes(starts, n)} rows, manifest.json says "
+                        f"{self._group_sizes[shard]} (the file changed after precompute); delete it and {RERUN}"
+                    )
+                self._unverified.discard(shard)
             self._rg_starts[shard] = starts
-            self._has_mask[shard] = LOSS_MASK in pf.schema_arrow.names  # schema_arrow is rebuilt on every access
+            self._has_mask[shard] = LOSS_MASK in schema.names
         self._pf[shard] = pf
         if len(self._pf) > OPEN_SHARDS:
             self._pf.popitem(last=False)  # closed when collected
@@ -236,6 +270,11 @@ class CacheDataset(Dataset):
                 row[name] = t[i]
         row["index"] = index
         return row
+
+
+def _sizes(starts: list[int], total: int) -> list[int]:
+    """Rows per row group from the groups' first rows and the shard's row count."""
+    return [b - a for a, b in zip(starts, [*starts[1:], total], strict=True)]
 
 
 def _read_footer(path: Path | FsPath) -> tuple[int, pa.Schema, list[int]] | Exception:

@@ -6,7 +6,8 @@ fingerprint        what determines the content: model path, revision, resolution
                    cache settings, the encoders' / VAE's identity (config + weights digests); `id` hashes it
 columns            the family's declared columns (name, dtype, shape, source)
 latent_norm        the statistics the family normalises latents with (named lists of floats)
-shards             [{file, rows}]; `empty_prompt`: the "" prompt's conditioning (safetensors)
+shards             [{file, rows, bytes, row_groups}] (`bytes`, `row_groups`: `data.layout`, absent in older caches);
+                   `empty_prompt`: the "" prompt's conditioning (safetensors)
 source, source_digest  the raw folder it was made from, and a digest of that folder's manifest at the time
 """
 

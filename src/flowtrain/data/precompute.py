@@ -37,6 +37,7 @@ from flowtrain.config.video import VideoConfig
 from flowtrain.data import clips
 from flowtrain.data.buckets import BucketSpec, bucket_shapes, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
+from flowtrain.data.layout import with_layout
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
 from flowtrain.data.precompute_dist import current_ranks, merge, plan, share, write_rank_record
 from flowtrain.data.prepare import raw_digest
@@ -223,6 +224,7 @@ def precompute(
         if square:
             shards = merge(out, units, ranks.world_size)
         _remove_stale(out, {s["file"] for s in shards})
+        shards = with_layout(out, shards)  # readers open the cache without reading every footer (data.layout)
         manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards,
                                  source=str(raw_dir), source_digest=raw_digest(raw_dir))  # fmt: skip
         manifest.write(out)
