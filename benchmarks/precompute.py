@@ -12,8 +12,16 @@ Pipelines:
   encoder  a heavier VAE (4 blocks, 8× down, 32 latent channels, widths 32-128) at 256 px and a 27-layer Qwen3
            text encoder (hidden 256) at 128 tokens, so encoding dominates as it does for Klein
 
+With --processes: images/s of `flowtrain precompute` in one process vs `accelerate launch --num_processes 2 -m
+flowtrain precompute` (gloo on CPU, one intra-op thread per process, so the ratio is the scaling the second process
+buys; 1.0 means none, 2.0 is ideal), and of one process with as many threads as the two have. Each rank encodes
+its own cache shards (flowtrain.data.precompute_dist); the raw data is prepared in shards of 16 images (encoder: 4)
+so the two ranks get equal shares. The time is what the main process logs from after the first barrier (encoders
+loaded) to the merged manifest: launching, imports and loading are left out.
+
     .venv/bin/python benchmarks/precompute.py           # ~4 min on 2 cores
     .venv/bin/python benchmarks/precompute.py --pipeline encoder --images 48 --reps 3
+    .venv/bin/python benchmarks/precompute.py --processes --pipeline tiny --reps 2   # ~6 min on 2 cores
 """
 
 from __future__ import annotations
@@ -156,14 +164,83 @@ def measure(name: str, n: int, reps: int) -> dict:
     }
 
 
+RAW_SHARD = {"tiny": 16, "encoder": 4}  # images per raw shard for --processes: whole shards to share between ranks
+
+
+def sharded_raw_dirs(name: str, n: int) -> tuple[Path, Path]:
+    """(raw dir of SMALL images, of SMALL + n images), prepared in shards of RAW_SHARD[name] images."""
+    from flowtrain.data.prepare import prepare
+    from flowtrain.testing.data import make_image_folder
+
+    spec, root = PIPELINES[name], common.bench_dir() / f"precompute-{name}"
+    dirs = []
+    for count in (SMALL, SMALL + n):
+        raw = root / f"raw-sharded-{count}"
+        if not (raw / "manifest.json").exists():
+            images = make_image_folder(root / f"images-{count}", n=count, size=spec["image_size"])
+            prepare(images, raw, shard_size=RAW_SHARD[name], progress=False)
+        dirs.append(raw)
+    return dirs[0], dirs[1]
+
+
+def cli_time(name: str, raw: Path, processes: int, threads: int) -> float:
+    """Seconds `flowtrain precompute` on `processes` processes of `threads` threads each spent encoding: the time
+    its main process logs from after the first barrier (encoders loaded, folder set up) to the merged manifest, so
+    launching, imports and loading, which swamp the tiny pipeline's encoding on a loaded machine, are left out."""
+    import re
+
+    from flowtrain.testing.launch import accelerate_launch, cpu_env, ddp_args, run
+
+    out = common.bench_dir() / f"precompute-{name}" / "cache-cli"
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["-m", "flowtrain", "precompute", str(raw), "--out", str(out), "--model", str(pipeline(name)),
+            "--resolution", str(PIPELINES[name]["resolution"]), "--batch-size", "8", "--dtype", "bfloat16",
+            f"model.max_sequence_length={PIPELINES[name]['seq']}"]  # fmt: skip
+    cmd = [sys.executable, *args] if processes == 1 else accelerate_launch([*ddp_args(processes, 29650), *args])
+    log = run(cmd, cpu_env({"OMP_NUM_THREADS": str(threads)}))
+    shutil.rmtree(out, ignore_errors=True)
+    return float(re.findall(r"precompute: \d+ rows in ([0-9.]+)s", log)[-1])
+
+
+def measure_processes(name: str, n: int, reps: int) -> dict:
+    _, full = sharded_raw_dirs(name, n)
+    rows = SMALL + n
+    variants = {"1 process × 1 thread": (1, 1), "2 processes × 1 thread": (2, 1), "1 process × 2 threads": (1, 2)}
+    runs = {v: (lambda p=p, t=t: cli_time(name, full, p, t)) for v, (p, t) in variants.items()}
+    res = common.interleave(runs, reps)
+    print(name, {k: [round(x, 2) for x in v] for k, v in res.items()})
+    rate = {v: rows / common.median(res[v]) for v in variants}
+    # Also the median of the ratios within each repetition (its variants ran back to back): steadier than the
+    # ratio of medians when the machine's load drifts between repetitions.
+    one = res["1 process × 1 thread"]
+    per_rep = {v: common.median([a / b for a, b in zip(one, res[v], strict=True)]) for v in variants}
+    return {
+        "pipeline": name,
+        "resolution": PIPELINES[name]["resolution"],
+        **{f"{v} img/s": round(r, 2) for v, r in rate.items()},
+        "2 processes / 1 process": round(rate["2 processes × 1 thread"] / rate["1 process × 1 thread"], 3),
+        "same, median per rep": round(per_rep["2 processes × 1 thread"], 3),
+        "1 process 2 threads / 1 thread": round(rate["1 process × 2 threads"] / rate["1 process × 1 thread"], 3),
+        "same, median per rep ": round(per_rep["1 process × 2 threads"], 3),
+        "images×reps": f"{rows}×{reps}",
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", choices=[*PIPELINES, "all"], default="all")
     p.add_argument("--images", type=int, help="images beyond the fixed-cost run (default: tiny 256, encoder 24)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--processes", action="store_true", help="1 vs 2 processes of the CLI (accelerate launch)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
+    if args.processes:
+        rows = [measure_processes(n, args.images or {"tiny": 256, "encoder": 32}[n], args.reps) for n in names]
+        common.report(
+            "precompute processes (images per second, 1 vs 2 processes)", rows, {"command": " ".join(sys.argv)}
+        )
+        return
     rows = [measure(n, args.images or PIPELINES[n]["images"], args.reps) for n in names]
     common.report("precompute (flowtrain / bare images per second)", rows, {"command": " ".join(sys.argv)})
 

@@ -25,19 +25,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowtrain.data.fs import FsPath, as_path
+
 RAW_KIND = "flowtrain.raw"  # the kinds `prepare` and `precompute` write into their manifest.json
 CACHE_KIND = "flowtrain.cache"
 
 
-def default_raw_dir(cache_dir: str | Path) -> Path:
-    """Where `--from` puts the raw shards unless told: next to the cache, named after it (`data/cache-raw`)."""
-    cache = Path(cache_dir)
-    return cache.with_name(cache.name + "-raw")
+def default_raw_dir(cache_dir: str | Path) -> Path | FsPath:
+    """Where `--from` puts the raw shards unless told: next to the cache, named after it (`data/cache-raw`, or
+    `s3://bucket/cache-raw` for a cache at a URL)."""
+    cache = as_path(cache_dir)
+    return cache.parent / (cache.name + "-raw")
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
+def _manifest(folder: Path | FsPath) -> dict[str, Any] | None:
     try:
-        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        data = json.loads((as_path(folder) / "manifest.json").read_bytes())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -45,7 +48,7 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 def is_prepared(src: str | Path) -> bool:
     """`src` is the finished output of `flowtrain prepare` (its manifest is written last)."""
-    m = _manifest(Path(src))
+    m = _manifest(as_path(src))
     return m is not None and m.get("kind") == RAW_KIND
 
 
@@ -54,7 +57,7 @@ def raw_is_current(raw_dir: str | Path, src: str | Path, settings: dict[str, Any
     from flowtrain.data.fs import describe
     from flowtrain.data.prepare import source_signature
 
-    m = _manifest(Path(raw_dir))
+    m = _manifest(as_path(raw_dir))
     if m is None or m.get("kind") != RAW_KIND:
         return False, "no finished raw shards there"
     if m.get("source") != describe(src):
@@ -71,7 +74,7 @@ def cache_is_current(cache_dir: str | Path, raw_dir: str | Path, fingerprint_id:
     shards, why)."""
     from flowtrain.data.prepare import raw_digest
 
-    m = _manifest(Path(cache_dir))
+    m = _manifest(as_path(cache_dir))
     if m is None or m.get("kind") != CACHE_KIND:
         return False, "no finished cache there"
     found = (m.get("fingerprint") or {}).get("id")
@@ -87,7 +90,7 @@ def resolution_for(cache_dir: str | Path, given: int | None, default: int) -> in
     reuses it), else `default`."""
     if given is not None:
         return given
-    m = _manifest(Path(cache_dir))
+    m = _manifest(as_path(cache_dir))
     found = (m or {}).get("fingerprint", {}).get("resolution") if (m or {}).get("kind") == CACHE_KIND else None
     return found if isinstance(found, int) else default
 
@@ -95,7 +98,7 @@ def resolution_for(cache_dir: str | Path, given: int | None, default: int) -> in
 def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
     """`train --from SRC`: run `prepare` and `precompute` as their verbs (with the arguments a user would give them),
     into the folders the run trains from, each skipped when its output is current. `args` are train's."""
-    from flowtrain.cli import PRECOMPUTE_RESOLUTION, parse_args
+    from flowtrain.cli import PRECOMPUTE_RESOLUTION, _bucket_spec, parse_args
 
     if cfg.dataset.cache_dir is None:
         raise ValueError("train --from needs dataset.cache_dir (or --precomputed_data_dir): where the cache goes")
@@ -127,7 +130,9 @@ def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
     pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", str(resolution),
                       *args.overrides, *shared])  # fmt: skip
     video = clip_settings(clip_options(get_family(cfg.model.family), read_raw_manifest(raw), cfg.dataset.video))
-    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video)["id"])
+    # precompute reads dataset.buckets from the config itself; the spec here is only for the fingerprint's buckets
+    buckets = _bucket_spec(pre, cfg.model, cfg.dataset.buckets)
+    current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video, buckets)["id"])
     if current:
         print(f"precompute: reusing {cache} ({why})")
         return

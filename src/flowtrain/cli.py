@@ -144,6 +144,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
+    from flowtrain.data.fs import is_url
     from flowtrain.data.precompute import precompute
     from flowtrain.outputs import cache_is_finished, output_slot
 
@@ -151,41 +152,71 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     out = _given(args.out, cfg.dataset.cache_dir)
     if not out:
         raise ValueError("precompute needs --out (or --config with dataset.cache_dir)")
-    buckets = _bucket_spec(args, cfg.model)  # before the output folder is touched: a bad flag changes nothing
+    # before the output folder is touched: a bad flag changes nothing
+    buckets = _bucket_spec(args, cfg.model, cfg.dataset.buckets)
+    options = dict(resolution=args.resolution, batch_size=args.batch_size, device=args.device,
+                   progress=not args.quiet, video=cfg.dataset.video, buckets=buckets)  # fmt: skip
+    if is_url(out):  # object storage: encoded in a local staging folder, uploaded when complete (data.cache_remote)
+        from flowtrain.data.cache_remote import precompute_to_url
+
+        manifest = precompute_to_url(args.raw_dir, out, cfg.model, overwrite=args.overwrite, staging=args.staging,
+                                     **options)  # fmt: skip
+        return _precompute_done(args, manifest, out)
+    if args.staging:
+        raise ValueError(f"--staging is for a URL --out (s3://...); --out {out} is a local folder, written in place")
     # An unfinished cache of the same settings is continued (precompute checks the settings once the model is loaded).
     unfinished = not args.overwrite and not cache_is_finished(Path(out))
-    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished):
-        manifest = precompute(
-            args.raw_dir,
-            out,
-            cfg.model,
-            resolution=args.resolution,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.quiet,
-            video=cfg.dataset.video,
-            buckets=buckets,
-        )
-    print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
-    if args.buckets:
-        from flowtrain.data.buckets import describe_counts, shard_counts
+    # Under `accelerate launch` only the main process claims `out`; the others write into it after it has (a barrier).
+    with output_slot(out, "precompute", flag="--out", overwrite=args.overwrite, continuing=unfinished,
+                     enabled=_is_main_process()):  # fmt: skip
+        manifest = precompute(args.raw_dir, out, cfg.model, **options)
+    return _precompute_done(args, manifest, out)
 
-        print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
+
+def _precompute_done(args: argparse.Namespace, manifest, out: str) -> int:
+    if _is_main_process():
+        print(f"precompute: {manifest.num_rows} rows → {out} (fingerprint {manifest.fingerprint['id']})")
+        if any("bucket" in sh for sh in manifest.shards):
+            from flowtrain.data.buckets import describe_counts, shard_counts
+
+            print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
     return 0
 
 
-def _bucket_spec(args: argparse.Namespace, model):
-    """precompute's aspect-ratio buckets (--buckets): targets --resolution and --bucket-sides, sides multiples of
-    the model's pixel multiple; None without --buckets."""
-    if not args.buckets:
+def cmd_class_images(args: argparse.Namespace) -> int:
+    from flowtrain.data.class_images import class_images
+
+    cfg = _model_config(args, args.model, need="class-images")
+    done = class_images(args.out, args.class_prompt, args.num_class_images, cfg.model, resolution=args.resolution,
+                        seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                        batch_size=args.batch_size, device=args.device, progress=not args.quiet)  # fmt: skip
+    print(f"class-images: {args.num_class_images} images ({done.sampled} sampled now) → {done.cache}; train with "
+          f"dataset.class_cache_dir={done.cache}")  # fmt: skip
+    return 0
+
+
+def _bucket_spec(args: argparse.Namespace, model, conf=None):
+    """precompute's aspect-ratio buckets: `conf` (the config's dataset.buckets) with the flags over it (--buckets /
+    --no-buckets, --bucket-sides, --max-aspect); targets --resolution and the sides, sides multiples of the model's
+    pixel multiple. None when buckets are off."""
+    from flowtrain.config.buckets import BucketsConfig
+
+    conf = conf or BucketsConfig()
+    enabled = conf.enabled if args.buckets is None else args.buckets
+    if not enabled:
         if args.bucket_sides or args.max_aspect is not None:
-            raise ValueError("--bucket-sides and --max-aspect shape aspect-ratio buckets: add --buckets")
+            raise ValueError(
+                "--bucket-sides and --max-aspect shape aspect-ratio buckets: add --buckets "
+                "(or set dataset.buckets.enabled: true in the config)"
+            )
         return None
     from flowtrain.data.buckets import BucketSpec
     from flowtrain.models import get_family
 
     multiple = get_family(model.family).pixel_multiple(model)
-    return BucketSpec((args.resolution, *args.bucket_sides), multiple, args.max_aspect or 2.0)
+    sides = args.bucket_sides or conf.sides
+    max_aspect = conf.max_aspect if args.max_aspect is None else args.max_aspect
+    return BucketSpec((args.resolution, *sides), multiple, max_aspect)
 
 
 def _model_config(args: argparse.Namespace, model: str | None, *, need: str, base=None):
@@ -334,6 +365,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Every path is checked before anything loads: a wrong one fails at once, naming the flag and the file.
     weights_check.pipeline_path(args.model)
     lora = weights_check.lora_file(args.lora) if args.lora is not None else None
+    if lora is not None:  # a pipeline stage's LoRA trained on an earlier stage's weights: sample on that base
+        from flowtrain.train.stages import sampling_base
+
+        args.transformer = sampling_base(lora)
+        if args.transformer is not None:
+            print(f"sample: {lora} was trained on the base {args.transformer} (its pipeline.json): using it")
     if args.transformer is not None:
         weights_check.transformer_folder(args.transformer)
     # A run dir: sample with the model options it was trained with (family, text settings), unless overridden.
@@ -419,6 +456,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.source, args.format, args.out, family=args.family, overwrite=args.overwrite)
     print(f"export: {args.format} → {path}")
+    from flowtrain.train.stages import sampling_base
+
+    if (base := sampling_base(Path(args.source))) is not None:  # say so: applied to model.pretrained it is wrong
+        print(
+            f"export: this LoRA is relative to the pipeline stage's base {base}, not model.pretrained: apply it there"
+        )
     return 0
 
 
@@ -563,11 +606,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the VAE and text encoders once over the raw shards. The model comes from --model (its "
         "family is detected from model_index.json) or --config (model.* and dataset.cache_dir); the family's own "
         "options are dotted overrides, e.g. model.max_sequence_length=256 (docs/models.md lists each family's). "
-        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md).",
+        "Videos are cut into clips as dataset.video says, e.g. dataset.video.frames=33 (docs/video.md). "
+        "On N processes or GPUs, `accelerate launch -m flowtrain precompute ...`: each process encodes its own cache "
+        "shards, and a rerun continues each where it stopped.",
     )
     s.add_argument("raw_dir", type=_path, help="output folder of `flowtrain prepare`")
-    s.add_argument("--out", type=_path, help="cache folder (default: dataset.cache_dir of --config)")
+    s.add_argument("--out", type=_path, help="cache folder or fsspec URL, e.g. s3://bucket/cache (default: "
+                   "dataset.cache_dir of --config)")  # fmt: skip
     _overwrite_flag(s, "; an unfinished cache of the same settings is continued without it")
+    s.add_argument(
+        "--staging", type=_path,
+        help="with a URL --out: the local folder to encode into before the upload (default: one per URL under "
+        "~/.cache/flowtrain/precompute-staging; a rerun continues it)",
+    )  # fmt: skip
     s.add_argument(
         "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
     )
@@ -578,17 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"square training resolution; with --buckets, the target area's side (default {PRECOMPUTE_RESOLUTION})",
     )  # fmt: skip
     s.add_argument(
-        "--buckets", action="store_true",
+        "--buckets", action=argparse.BooleanOptionalAction, default=None,
         help="aspect-ratio buckets: each image at the bucket nearest its aspect (area about --resolution², sides "
-        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md",
+        "multiples of the model's pixel multiple), scaled to cover it and centre-cropped; docs/prepare.md "
+        "(default: dataset.buckets of --config; --no-buckets: a square cache whatever the config says)",
     )  # fmt: skip
     s.add_argument(
         "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
-        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling",
+        help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling "
+        "(default: dataset.buckets.sides)",
     )  # fmt: skip
     s.add_argument(
         "--max-aspect", type=float,
-        help="with --buckets, the largest long / short side ratio of a bucket (default 2.0); wider images are cropped",
+        help="with --buckets, the largest long / short side ratio of a bucket (default: dataset.buckets.max_aspect, "
+        "2.0); wider images are cropped",
     )  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=8, help="encoder batch size (default 8)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: encoders + storage")
@@ -671,6 +725,34 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser(
+        "class-images",
+        help="DreamBooth class images: sample, prepare and precompute them for prior preservation",
+        description="Sample --num-class-images images of --class-prompt with the base model (the family's "
+        "pipeline; image i uses seed SEED+i), then prepare and precompute them: OUT/images, OUT/raw, OUT/cache. "
+        "A rerun samples only the missing images and continues the cache. Train with "
+        "dataset.class_cache_dir=OUT/cache (configs/klein4b/dreambooth.yaml).",
+    )
+    s.add_argument("out", type=_path, help="folder for images/, raw/ and cache/")
+    s.add_argument("--class-prompt", required=True, help="the class, e.g. 'a photo of a dog' (also each caption)")
+    s.add_argument("--num-class-images", type=_positive_int, required=True, help="how many class images")
+    s.add_argument(
+        "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
+    )
+    s.add_argument("--config", type=_path, help="training config to take model settings from")
+    s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
+    s.add_argument("--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
+                   help=f"sampled square size and precompute resolution (default {PRECOMPUTE_RESOLUTION})")  # fmt: skip
+    s.add_argument("--steps", type=_positive_int, help="denoising steps (default: the family's pipeline default)")
+    s.add_argument("--guidance-scale", type=float, help="guidance (default: the family's pipeline default)")
+    s.add_argument("--seed", type=int, default=0, help="image i is sampled with seed SEED+i (default 0)")
+    s.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call (default 1)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="sets model.dtype: sampling, encoders "
+                   "and cache storage")  # fmt: skip
+    s.add_argument("--device", type=_device, help="cuda / cuda:N / cpu (default: cuda if available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_class_images)
 
     s = sub.add_parser(
         "plot",

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 PREVIEW_SIDE = 256  # the GIF preview's longest side at most (pixels): small enough to attach to every validation
-DEFAULT_FPS = 16  # Wan's frame rate; the sampler's options may carry their own (`model.fps`)
+DEFAULT_FPS = 16  # when the sampler's options carry no `model.fps` of their own
 
 
 def is_video(sample: Any) -> bool:

@@ -128,3 +128,22 @@ def test_cli_autoencoder_reports_missing_raw_dir(tmp_path, capsys):
     cfg = _write(tmp_path / "ae.yaml", "kind: autoencoder\ndata:\n  resolution: 16\n")
     assert main(["autoencoder", str(cfg), f"output_dir={tmp_path / 'o'}", "--quiet"]) == 2
     assert "data.raw_dir" in capsys.readouterr().err
+
+
+def test_families_train_autoencoders_through_the_generic_trainer(raw_dir, tmp_path):
+    """The family methods other code calls (the pipelines' autoencoder stage) reach the generic trainer."""
+    from flowtrain.models import TrainsAutoencoder, get_family
+
+    for name in ("flux2_klein", "flux1"):
+        assert isinstance(get_family(name), TrainsAutoencoder)
+    assert not isinstance(get_family("qwen_image"), TrainsAutoencoder)
+    family = get_family("flux1")
+    cfg = family.load_autoencoder_config(
+        REPO / "configs/demo/autoencoder.yaml",
+        ["family=flux1", f"data.raw_dir={raw_dir}", "data.resolution=16", "model.block_out_channels=[8, 16]",
+         "model.norm_num_groups=4", "train.max_steps=2", "train.batch_size=4", "tracking.report_to=[jsonl]",
+         "lr_scheduler.warmup_steps=0", "stats.fit=false"],
+    )  # fmt: skip
+    result = family.train_autoencoder(cfg, progress=False, run_dir=tmp_path / "ae")
+    assert result.step == 2 and (tmp_path / "ae/vae/config.json").exists()
+    assert json.loads((tmp_path / "ae/vae/config.json").read_text())["_class_name"] == "AutoencoderKL"

@@ -29,14 +29,14 @@ def _record(out):
     return {name: (e["status"], e["step"], e["ended"]) for name, e in stages.items()}
 
 
-def _write_config(path, pipeline, cache):
+def _write_config(path, pipeline, cache, stages=STAGES):
     """The tiny LoRA run with every random draw of a step on (as the single-run kill test), as a pipeline."""
     d = tiny_config_dict(pipeline, cache, path.parent / "unused")
     d["lora"]["dropout"] = 0.1
     d["train"].update(caption_dropout=0.2, log_every=1)
     d["dataset"]["latent_sampling"] = "sample"
     d["checkpoint"] = {"every_steps": 1, "keep_last": 2}
-    d["stages"] = STAGES
+    d["stages"] = stages
     path.write_text(yaml.safe_dump(d))
     return path
 
@@ -77,3 +77,45 @@ def test_pipeline_killed_anywhere_resumes_exactly(tmp_path, tiny_pipeline_dir, t
                for k, v in kh.final_weights(out / "stages" / "main").items())  # fmt: skip
     rows = [json.loads(x) for x in (out / "stages" / "main" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss_smoothed" in r for r in rows)
+
+
+# LoRA → full (the LoRA merged into the base) → LoRA (a fresh adapter on the full weights): what is trained changes
+# twice, so each transition bakes the earlier stages into the base.
+TRANSITIONS = [
+    {"name": "adapt", "steps": 3},
+    {"name": "all", "steps": 3, "overrides": {"train_mode": "full", "train": {"learning_rate": 1e-4}}},
+    {"name": "again", "steps": 3},
+]
+
+
+@pytest.mark.slow
+def test_pipeline_killed_at_train_mode_transitions_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_cache):
+    cfg = _write_config(tmp_path / "cfg.yaml", tiny_pipeline_dir, tiny_cache[1], TRANSITIONS)
+    ref = tmp_path / "ref"
+    with open(tmp_path / "ref.log", "wb") as fh:
+        rc = subprocess.run(kh.train_command(cfg, ref, resume=False), env=kh.child_env(), stdout=fh,
+                            stderr=subprocess.STDOUT, timeout=600).returncode  # fmt: skip
+    assert rc == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    out = tmp_path / "killed"
+    kills = [
+        kh.StageKill("next", "adapt"),  # adapt recorded: `all` is merging its LoRA into the base
+        kh.StageKill("step", "all", 1),  # inside `all`'s step 2 (resumed: the base baked again, then checkpoint-1)
+        kh.StageKill("next", "all"),  # `all` recorded: `again` is putting a new adapter on its weights
+        kh.StageKill("step", "again", 1),
+    ]
+    res = kh.kill_pipeline_and_resume(cfg, out, kills, seed=3)
+    log = (tmp_path / "killed.log").read_text(errors="replace")
+    assert res.final_returncode == 0, log[-4000:]
+    assert all(k.hit and k.returncode == -9 for k in res.kills), [(k, k.log_tail) for k in res.kills]
+    assert _record(out) == _record(ref) == {s["name"]: ("done", 3, "length") for s in TRANSITIONS}
+    for stage in ("adapt", "all", "again"):
+        a, b = out / "stages" / stage, ref / "stages" / stage
+        assert kh.loss_sequence(a) == kh.loss_sequence(b), stage
+        wa, wb = kh.final_weights(a), kh.final_weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), stage
+    assert all(".lora_" not in k for k in kh.final_weights(out / "stages" / "all"))  # `all` trained every weight
+    entry = json.loads((out / "pipeline.json").read_text())["stages"]["again"]
+    assert entry["lora_base"] == {
+        "stages": ["adapt", "all"],
+        "transformer": str(out / "stages" / "all" / "transformer"),
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -131,7 +132,10 @@ def test_stage_overrides_merge_into_the_base(tmp_path):
         ([{"name": "a", "overrides": {"train": {"learning_rat": 1}}}], r"stages\[0\] \('a'\).*learning_rat"),
         ([{"name": "a"}, {"name": "a"}], "unique"),
         ([{"name": "a", "optimizer_state": "keep"}], "needs a previous transformer stage"),
-        ([{"name": "a"}, {"name": "b", "overrides": {"train_mode": "full"}}], "train_mode"),
+        (
+            [{"name": "a"}, {"name": "b", "optimizer_state": "keep", "overrides": {"train_mode": "full"}}],
+            "the trained tensors change",
+        ),
         ([{"name": "a"}, {"name": "b", "optimizer_state": "keep", "freeze": ["x"]}], "freeze / unfreeze differ"),
         ([{"name": "a", "steps": 2, "epochs": 1}], "steps or epochs, not both"),
         ([{"name": "a", "overrides": {"output_dir": "x"}}], "the pipeline sets it"),
@@ -255,15 +259,15 @@ def test_check_prints_the_plan_as_comments(tmp_path, capsys):
     assert [s["name"] for s in yaml.safe_load(out)["stages"]] == ["warm", "main"]  # still a config
 
 
-def test_autoencoder_stage_runs_once_and_restarts_when_cut_short(tiny_pipeline_dir, tiny_cache, tmp_path):
+def test_autoencoder_stage_runs_once_and_resumes_when_cut_short(tiny_pipeline_dir, tiny_cache, tmp_path):
     """kind autoencoder trains the family's VAE in its stage folder (the demo's autoencoder config on the tiny
     images); a finished pipeline resumed redoes nothing; an autoencoder stage that was cut short (not in
-    pipeline.json) is trained again from its start, to the same weights."""
+    pipeline.json) continues from its newest checkpoint, to the same weights."""
     from pathlib import Path
 
     ae_yaml = Path(__file__).parents[2] / "configs" / "demo" / "autoencoder.yaml"
     over = [f"data.raw_dir={tiny_cache[0]}", "data.resolution=32", "train.batch_size=4", "train.log_every=1",
-            "tracking.report_to=[jsonl]", "lr_scheduler.warmup_steps=0"]  # fmt: skip
+            "tracking.report_to=[jsonl]", "lr_scheduler.warmup_steps=0", "checkpointing.every_steps=1"]  # fmt: skip
     stages = [
         {"name": "vae", "kind": "autoencoder", "autoencoder": str(ae_yaml), "steps": 3, "autoencoder_overrides": over},
         {"name": "dit", "steps": 2},
@@ -282,20 +286,40 @@ def test_autoencoder_stage_runs_once_and_restarts_when_cut_short(tiny_pipeline_d
     assert again.stages == res.stages and weights.stat().st_mtime_ns == stamp  # nothing redone
 
     record = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    del record["stages"]["vae"]  # as if killed inside the autoencoder stage
+    del record["stages"]["vae"]  # as if killed inside the autoencoder stage, after its checkpoint at step 2
     (tmp_path / "run" / "pipeline.json").write_text(json.dumps(record))
+    shutil.rmtree(vae)
+    assert (vae.parent / "checkpoint-2").is_dir() and not (vae.parent / "checkpoint-3").exists()  # none at the end
+    saved = (vae.parent / "checkpoint-2").stat().st_mtime_ns
     run_pipeline(cfg, resume="latest", progress=False)
-    assert weights.stat().st_mtime_ns != stamp
+    assert (vae.parent / "checkpoint-2").stat().st_mtime_ns == saved  # continued from it, not trained again
     second = load_file(str(weights))
-    assert all(torch.equal(first[k], second[k]) for k in first)  # the trainer is seeded: the same VAE again
+    assert all(torch.equal(first[k], second[k]) for k in first)  # step 3 again from checkpoint-2: the same VAE
+    rows = _rows(vae.parent)
+    assert [r["step"] for r in rows] == [1, 2, 3, 3]  # the log continued: step 3 once, then the stats' row
 
 
 def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
     tiny_pipeline_dir, tiny_cache, tmp_path
 ):
+    from pathlib import Path
+
     from mlflow.tracking import MlflowClient
 
-    stages = [{"name": "one", "steps": 1}, {"name": "two", "epochs": 0.5}]  # 8 rows, batch 2: half an epoch = 2 steps
+    ae_yaml = Path(__file__).parents[2] / "configs" / "demo" / "autoencoder.yaml"
+    ae_over = [f"data.raw_dir={tiny_cache[0]}", "data.resolution=32", "train.batch_size=4", "train.log_every=1",
+               "tracking.report_to=[mlflow,jsonl]", "tracking.mlflow_async=false"]  # fmt: skip
+    stages = [
+        {
+            "name": "vae",
+            "kind": "autoencoder",
+            "autoencoder": str(ae_yaml),
+            "steps": 1,
+            "autoencoder_overrides": ae_over,
+        },
+        {"name": "one", "steps": 1},
+        {"name": "two", "epochs": 0.5},  # 8 rows, batch 2: half an epoch = 2 steps
+    ]
     tracking = {"report_to": ["mlflow", "jsonl"], "mlflow_async": False, "log_weights": False}
     cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages, tracking=tracking)
     res = run_pipeline(cfg, progress=False)
@@ -305,8 +329,8 @@ def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
     client = MlflowClient(tracking_uri=parent["uri"])
     runs = client.search_runs(client.get_experiment_by_name("flowtrain").experiment_id)
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"run", "one", "two"}
+    assert set(by_name) == {"run", "vae", "one", "two"}
     assert by_name["run"].info.run_id == parent["run_id"] and by_name["run"].info.status == "FINISHED"
-    for name in ("one", "two"):
+    for name in ("vae", "one", "two"):  # the autoencoder stage's run too
         assert by_name[name].data.tags["mlflow.parentRunId"] == parent["run_id"]
         assert "loss" in by_name[name].data.metrics

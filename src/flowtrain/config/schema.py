@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from flowtrain.config.buckets import BucketsConfig
 from flowtrain.config.section import Section
 from flowtrain.config.stages import StageConfig
 from flowtrain.config.video import VideoConfig
@@ -51,6 +52,7 @@ class DatasetConfig(Section):
         "rows as instance rows. Needs loss.name: prior_preservation.",
     )
     video: VideoConfig = Field(default_factory=VideoConfig)
+    buckets: BucketsConfig = Field(default_factory=BucketsConfig)
 
 
 class TrainConfig(Section):

@@ -222,17 +222,44 @@ def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
     if stage.steps is not None:
         overrides.append(f"train.max_steps={stage.steps}")
     try:
-        from flowtrain.autoencoder import load_autoencoder_config
-
-        return load_autoencoder_config(stage.autoencoder, overrides)
+        ae = family.load_autoencoder_config(stage.autoencoder, overrides)
     except (ValueError, OSError) as e:
         raise ValueError(f"stages[{index}] ({stage.name!r}): autoencoder {stage.autoencoder}: {e}") from None
+    t = ae.tracking
+    if "mlflow" in t.report_to and not t.uri:  # the pipeline's store, so its run nests under the pipeline's run
+        uri = cfg.tracking.uri or pipeline_store_uri(cfg.output_dir)
+        ae = ae.model_copy(update={"tracking": t.model_copy(update={"uri": uri})})
+    return ae
 
 
-def _carried(c: Any) -> tuple:
-    """What must stay the same for one stage's weights to load into the next by name."""
+def _model_key(c: Any) -> tuple:
+    """What must stay the same across transformer stages: the model every stage trains."""
+    return c.model.family, c.model.pretrained, c.model.dit
+
+
+def segment_key(c: Any) -> tuple:
+    """What a stage's trained tensors are: all weights (`full`), or one LoRA shape. Consecutive transformer stages
+    with the same key form a segment whose tensors carry over by name; at a change the earlier segments are
+    baked into the base weights (`flowtrain.train.stages`)."""
     lora = (c.lora.rank, c.lora.kind, str(c.lora.targets)) if c.train_mode == "lora" else None
-    return c.model.family, c.model.pretrained, c.model.dit, c.train_mode, lora
+    return c.train_mode, lora
+
+
+def _trains(c: Any) -> str:
+    return f"LoRA rank {c.lora.rank} ({c.lora.kind}) on {c.lora.targets}" if c.train_mode == "lora" else "all weights"
+
+
+def transition_text(prev: Any, c: Any) -> str:
+    """What carries over from a transformer stage (config `prev`) into the next one (`c`), for the plan."""
+    if segment_key(prev) == segment_key(c):
+        return f"{'its LoRA adapter' if c.train_mode == 'lora' else 'its trained weights'}, by name"
+    if prev.train_mode == "lora" and c.train_mode == "full":
+        return "the base with its LoRA merged in (peft's merge, in fp32); all weights train from it"
+    if prev.train_mode == "full":
+        return (f"its full weights, as the frozen base ({c.model.dtype}) of a new LoRA, which is relative to them "
+                "(pipeline.json names the base to sample with)")  # fmt: skip
+    return (f"the base with its LoRA merged in; a new LoRA ({_trains(c)}) starts on it, relative to that base "
+            "(pipeline.json names the base to sample with)")  # fmt: skip
 
 
 def check_stages(cfg: Any) -> list[Any]:
@@ -256,13 +283,18 @@ def check_stages(cfg: Any) -> list[Any]:
             if j is None:
                 continue
         prev = configs[j]
-        if _carried(prev) != _carried(c):
+        if _model_key(prev) != _model_key(c):
             raise ValueError(
-                f"stages[{i}] ({stage.name!r}) changes the model, train_mode or LoRA shape of stage "
-                f"{cfg.stages[j].name!r} ({_carried(prev)} → {_carried(c)}): weights carry over by name, so "
-                "every stage trains the same model in the same train_mode (and LoRA rank / kind / targets)"
+                f"stages[{i}] ({stage.name!r}) changes the model of stage {cfg.stages[j].name!r} "
+                f"({_model_key(prev)} → {_model_key(c)}): weights carry over from stage to stage, so every "
+                "transformer stage trains the same model (model.family, model.pretrained, model.dit)"
             )
         if stage.optimizer_state == "keep":
+            if segment_key(prev) != segment_key(c):
+                raise ValueError(
+                    f"stages[{i}] ({stage.name!r}): optimizer_state keep, but the trained tensors change "
+                    f"({_trains(prev)} → {_trains(c)}); use optimizer_state: reset"
+                )
             if prev.optimizer.name != c.optimizer.name:
                 raise ValueError(
                     f"stages[{i}] ({stage.name!r}): optimizer_state keep, but the optimizer changes "
@@ -286,6 +318,7 @@ def plan_lines(cfg: Any) -> list[str]:
     """The pipeline as `flowtrain check` prints it: per stage what it trains and freezes and how it ends."""
     configs = check_stages(cfg)
     lines = [f"pipeline: {len(configs)} stages in {cfg.output_dir}/stages/"]
+    prev, prev_name = None, None  # the previous transformer stage's config and name
     for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):
         if stage.kind == "autoencoder":
             lines.append(f"{i + 1}. {stage.name}: trains the autoencoder ({stage.autoencoder}), all its weights")
@@ -295,9 +328,10 @@ def plan_lines(cfg: Any) -> list[str]:
         if stage.kind == "python":
             lines.append(f"{i + 1}. {stage.name}: runs {stage.call} (trains nothing)")
             continue
-        lora = f"LoRA rank {c.lora.rank} ({c.lora.kind}) on {c.lora.targets}"
-        what = lora if c.train_mode == "lora" else "all weights"
-        lines.append(f"{i + 1}. {stage.name}: trains the transformer, {what}")
+        lines.append(f"{i + 1}. {stage.name}: trains the transformer, {_trains(c)}")
+        if prev is not None:
+            lines.append(f"   carries over from {prev_name}: {transition_text(prev, c)}")
+        prev, prev_name = c, stage.name
         lines.append(f"   data {c.dataset.cache_dir}, loss {c.loss.name} ({c.loss.base})")
         lines.append(f"   optimizer {c.optimizer.name} lr {c.train.learning_rate:g} ({c.lr_scheduler.name}), state "
                      f"{'kept from the previous stage' if stage.optimizer_state == 'keep' else 'new'}")  # fmt: skip

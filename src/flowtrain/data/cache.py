@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from flowtrain.data.fs import FsPath, as_path, load_tensors, open_parquet
+from flowtrain.data.layout import has_layout, unchanged
 from flowtrain.data.manifest import CacheError, CacheManifest
 from flowtrain.data.tensors import column_to_tensor, ragged_to_tensors
 from flowtrain.models.common import pad_rows
@@ -30,6 +34,7 @@ from flowtrain.models.common import pad_rows
 # the loss as LossContext.mask.
 LOSS_MASK = "loss_mask"
 RERUN = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
+OPEN_SHARDS = 64  # shard handles a reader keeps open (per process); well under the usual 1024 open-file limit
 
 
 class CacheDataset(Dataset):
@@ -40,7 +45,8 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, cache_dir: str | Path, lru_row_groups: int = 8):
-        self.dir = Path(cache_dir)
+        self.dir = as_path(cache_dir)  # a folder, or an fsspec URL read in byte ranges (data.fs.open_parquet)
+        self._pid = os.getpid()  # the process self.dir's filesystem was made in (`_shard_path`)
         self.manifest = CacheManifest.read(self.dir)
         self.columns = list(self.manifest.columns)
         self._files = [s["file"] for s in self.manifest.shards]
@@ -59,7 +65,9 @@ class CacheDataset(Dataset):
         self._finite_checked: set[tuple[int, int]] = set()
         self._lru: OrderedDict[tuple[int, int], dict[str, torch.Tensor | tuple]] = OrderedDict()
         self._lru_size = lru_row_groups
-        self._pf: dict[int, pq.ParquetFile] = {}
+        # Open shard handles, least recently used first, at most OPEN_SHARDS: each holds a file descriptor and its
+        # footer (~80 KB), and an epoch over a 1M-row cache touches ~4k shards (benchmarks/scale.py).
+        self._pf: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._rg_starts: dict[int, list[int]] = {}
         self._has_mask: dict[int, bool] = {}
 
@@ -101,34 +109,56 @@ class CacheDataset(Dataset):
         }
 
     def _group_rows(self, shard: int) -> list[int]:
-        # The footer alone, no handle kept: handles are opened after the DataLoader forks its workers.
-        md = pq.read_metadata(self.dir / self._files[shard])
-        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        return self._group_sizes[shard]  # read with the footer check, once
 
     def _check_shards(self) -> None:
-        """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes."""
-        for s in self.manifest.shards:
-            path = self.dir / s["file"]
+        """Every listed shard exists, is readable Parquet, and has the manifest's row count and column shapes.
+
+        A manifest that records each shard's layout (`data.layout`: size and row groups) is trusted for every shard
+        whose file has the recorded size (one `stat`); those shards' footers are checked when first opened
+        (`_file`). Other shards, and every shard of an older manifest, get one footer read now (no handle kept:
+        handles are opened after the DataLoader forks its workers), on threads when there are many: a 1M-row cache
+        is ~4k shards, and each read waits on the file system."""
+        shards = self.manifest.shards
+        self._group_sizes: list[list[int]] = [[] for _ in shards]
+        self._unverified: set[int] = set()  # shards taken from the manifest's layout, footer not yet checked
+        if has_layout(shards) and not isinstance(self.dir, FsPath):  # at a URL a stat is a request: footers instead
+            for i, (s, same) in enumerate(zip(shards, unchanged(self.dir, shards), strict=True)):
+                if same:
+                    self._group_sizes[i] = list(s["row_groups"])
+                    self._unverified.add(i)
+        todo = [i for i in range(len(shards)) if i not in self._unverified]
+        paths = [self.dir / shards[i]["file"] for i in todo]
+        workers = min(8, os.cpu_count() or 1) if len(paths) > 16 else 1
+        with ThreadPoolExecutor(workers) as pool:
+            footers = list(pool.map(_read_footer, paths))
+        for i, path, footer in zip(todo, paths, footers, strict=True):
+            self._check_footer(i, path, footer)
+            self._group_sizes[i] = footer[2]
+
+    def _check_footer(
+        self, shard: int, path: Path | FsPath, footer: tuple[int, pa.Schema, list[int]] | Exception
+    ) -> None:
+        """Raise a CacheError naming `path` when its footer does not match the manifest's entry for `shard`."""
+        s = self.manifest.shards[shard]
+        if isinstance(footer, Exception):  # asked only when the read failed: at a URL each question is a request
             if not path.exists():
                 raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
-            try:
-                pf = pq.ParquetFile(path)
-                rows, schema = pf.metadata.num_rows, pf.schema_arrow
-            except Exception as e:
-                raise CacheError(f"{path}: not a readable Parquet file ({e}); delete it and {RERUN}") from e
-            if rows != s["rows"]:
-                raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
-            for col in self.columns:
-                got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
-                # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
-                # column of an aspect-ratio bucket's shard has that bucket's latent grid (manifest `shapes`)
-                fixed = s.get("shapes", {}).get(col.name, col.shape)
-                want = [None, math.prod(col.shape[1:])] if col.variable else list(fixed)
-                if got != want:
-                    raise CacheError(
-                        f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
-                        f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
-                    )
+            raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
+        rows, schema, _ = footer
+        if rows != s["rows"]:
+            raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
+        for col in self.columns:
+            got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
+            # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
+            # column of an aspect-ratio bucket's shard has that bucket's latent grid (manifest `shapes`)
+            fixed = s.get("shapes", {}).get(col.name, col.shape)
+            want = [None, math.prod(col.shape[1:])] if col.variable else list(fixed)
+            if got != want:
+                raise CacheError(
+                    f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
+                    f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
+                )
 
     def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor | tuple]) -> None:
         """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
@@ -153,21 +183,47 @@ class CacheDataset(Dataset):
 
     def empty_batch(self) -> dict[str, torch.Tensor]:
         """The empty prompt's conditioning columns as a collated batch of 1 (caption dropout, CFG's negative)."""
-        from safetensors.torch import load_file
-
-        row = load_file(str(self.dir / self.manifest.empty_prompt))
+        row = load_tensors(self.dir / self.manifest.empty_prompt)
         return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
-        if shard not in self._pf:  # opened lazily: DataLoader workers each open their own handles
-            pf = pq.ParquetFile(self.dir / self._files[shard])
+        if shard in self._pf:
+            self._pf.move_to_end(shard)
+            return self._pf[shard]
+        path = self._shard_path(shard)
+        try:
+            pf = open_parquet(path)  # opened lazily: DataLoader workers each open their own
+        except Exception as e:
+            if shard in self._unverified:  # first seen now: the same clear errors as at open
+                self._check_footer(shard, path, e)
+            raise
+        if shard not in self._rg_starts:
             starts, n = [], 0
             for i in range(pf.metadata.num_row_groups):
                 starts.append(n)
                 n += pf.metadata.row_group(i).num_rows
-            self._pf[shard], self._rg_starts[shard] = pf, starts
-            self._has_mask[shard] = LOSS_MASK in pf.schema_arrow.names  # schema_arrow is rebuilt on every access
-        return self._pf[shard]
+            schema = pf.schema_arrow  # rebuilt on every access
+            if shard in self._unverified:  # its place came from the manifest's layout: check the footer agrees
+                self._check_footer(shard, path, (pf.metadata.num_rows, schema, _sizes(starts, n)))
+                if _sizes(starts, n) != self._group_sizes[shard]:
+                    raise CacheError(
+                        f"{path}: row groups of {_sizes(starts, n)} rows, manifest.json says "
+                        f"{self._group_sizes[shard]} (the file changed after precompute); delete it and {RERUN}"
+                    )
+                self._unverified.discard(shard)
+            self._rg_starts[shard] = starts
+            self._has_mask[shard] = LOSS_MASK in schema.names
+        self._pf[shard] = pf
+        if len(self._pf) > OPEN_SHARDS:
+            self._pf.popitem(last=False)  # closed when collected
+        return pf
+
+    def _shard_path(self, shard: int) -> Path | FsPath:
+        if isinstance(self.dir, FsPath) and self._pid != os.getpid():
+            # A forked DataLoader worker: fsspec's async filesystems (s3fs, gcsfs) refuse to be used from another
+            # process than their own ("not fork-safe"), so the worker makes its own from the URL.
+            self.dir, self._pid = as_path(str(self.dir)), os.getpid()
+        return self.dir / self._files[shard]
 
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
@@ -214,6 +270,21 @@ class CacheDataset(Dataset):
                 row[name] = t[i]
         row["index"] = index
         return row
+
+
+def _sizes(starts: list[int], total: int) -> list[int]:
+    """Rows per row group from the groups' first rows and the shard's row count."""
+    return [b - a for a, b in zip(starts, [*starts[1:], total], strict=True)]
+
+
+def _read_footer(path: Path | FsPath) -> tuple[int, pa.Schema, list[int]] | Exception:
+    """(rows, Arrow schema, rows per row group) from a shard's footer, or the exception reading it raised."""
+    try:
+        pf = open_parquet(path)
+        md = pf.metadata
+        return md.num_rows, pf.schema_arrow, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    except Exception as e:  # reported in shard order by the caller, naming the file
+        return e
 
 
 def _stored_shape(ty: pa.DataType) -> list[int | None] | None:
@@ -291,14 +362,21 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
     group) and a cache larger than the reader's LRU, every row would decode a whole row group.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    starts = [0]
-    for n in row_groups:
-        starts.append(starts[-1] + n)
-    order = torch.randperm(len(row_groups), generator=g).tolist()
-    parts = []
-    for i in range(0, len(order), window):
-        rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in order[i : i + window]])
-        parts.append(rows[torch.randperm(len(rows), generator=g)])
+    sizes = torch.tensor(list(row_groups), dtype=torch.int64)
+    starts = torch.cumsum(sizes, 0) - sizes
+    order = torch.randperm(len(sizes), generator=g)
+    # Every row in group order at once (a 1M-row cache has ~60k row groups: one arange per group took seconds):
+    # row j of the k-th group in `order` is starts[order[k]] + j.
+    n = sizes[order]
+    first = torch.cumsum(n, 0) - n
+    rows = torch.repeat_interleave(starts[order] - first, n) + torch.arange(int(n.sum()))
+    bounds = torch.cumsum(n, 0)[window - 1 :: window].tolist()
+    if not bounds or bounds[-1] != len(rows):
+        bounds.append(len(rows))
+    parts, lo = [], 0
+    for hi in bounds:  # the same generator draws, in the same order, as shuffling each window on its own
+        parts.append(rows[lo:hi][torch.randperm(hi - lo, generator=g)])
+        lo = hi
     return torch.cat(parts)
 
 

@@ -19,6 +19,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
 
 # `C:\x` must stay a Windows path, so a protocol needs two letters or more.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
@@ -155,3 +157,18 @@ def read_table(path: Path | FsPath, columns: list[str] | None = None) -> pa.Tabl
 def describe(src: str | os.PathLike) -> str:
     """What manifests and reports record as the source: the URL as given, or the absolute local path."""
     return str(src) if is_url(src) else str(Path(src).resolve())
+
+
+def open_parquet(path: Path | FsPath) -> pq.ParquetFile:
+    """A Parquet file opened for reading; for a URL over an fsspec file object, so pyarrow fetches the footer and
+    then only the row groups asked for (byte ranges), never the whole object."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path.open("rb") if isinstance(path, FsPath) else path)
+
+
+def load_tensors(path: Path | FsPath) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, from a local path or (read whole: these files are small) a URL."""
+    from safetensors.torch import load, load_file
+
+    return load(path.read_bytes()) if isinstance(path, FsPath) else load_file(str(path))

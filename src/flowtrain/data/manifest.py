@@ -6,7 +6,8 @@ fingerprint        what determines the content: model path, revision, resolution
                    cache settings, the encoders' / VAE's identity (config + weights digests); `id` hashes it
 columns            the family's declared columns (name, dtype, shape, source)
 latent_norm        the statistics the family normalises latents with (named lists of floats)
-shards             [{file, rows}]; `empty_prompt`: the "" prompt's conditioning (safetensors)
+shards             [{file, rows, bytes, row_groups}] (`bytes`, `row_groups`: `data.layout`, absent in older caches);
+                   `empty_prompt`: the "" prompt's conditioning (safetensors)
 source, source_digest  the raw folder it was made from, and a digest of that folder's manifest at the time
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowtrain.data.fs import FsPath, as_path
 from flowtrain.models.base import Column
 
 CACHE_KIND = "flowtrain.cache"
@@ -74,7 +76,7 @@ class CacheManifest:
     source_digest: str = ""  # precompute.raw_digest of the raw folder it was made from ("" in older caches)
     empty_prompt: str = EMPTY_PROMPT
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    path: Path | None = None  # where it was read from (not written)
+    path: Path | FsPath | None = None  # where it was read from (not written); an FsPath for a URL cache
 
     @property
     def num_rows(self) -> int:
@@ -123,15 +125,15 @@ class CacheManifest:
 
     @classmethod
     def read(cls, cache_dir: str | Path) -> CacheManifest:
-        """The manifest of a finished cache; a clear error when the folder is not one."""
-        path = Path(cache_dir) / MANIFEST
+        """The manifest of a finished cache (a folder or an fsspec URL); a clear error when it is not one."""
+        path = as_path(cache_dir) / MANIFEST
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} not found: run `flowtrain precompute RAW_DIR --out {cache_dir}` first "
-                "(a cache without manifest.json is incomplete)"
+                "(a cache without manifest.json is incomplete: an interrupted precompute uploads it last)"
             )
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_bytes())
         except json.JSONDecodeError as e:
             raise CacheError(f"{path}: not valid JSON ({e}); rerun `flowtrain precompute`") from None
         if d.get("kind") != CACHE_KIND:

@@ -9,6 +9,10 @@ Interrupted runs continue: each cache shard is written to a temporary name and r
 skips the shards that exist and recomputes only the rest; the result equals an uninterrupted run. An existing
 shard is reused only when it holds exactly the keys of its raw slice (the raw shards may have been re-prepared
 since), and the manifest is removed at the start and written last, so it never vouches for a half-done cache.
+
+On N processes (`accelerate launch -m flowtrain precompute ...`) each rank encodes its own share of the cache
+shards and continues on its own after a kill; the main rank merges the manifest at the end (`precompute_dist`).
+Finished tables are written by a thread (`writer.ShardWriter`), so the encoders do not wait on Parquet.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from flowtrain.config.video import VideoConfig
 from flowtrain.data import clips
 from flowtrain.data.buckets import BucketSpec, bucket_shapes, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
+from flowtrain.data.layout import with_layout
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
+from flowtrain.data.precompute_dist import current_ranks, merge, plan, share, write_rank_record
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
+from flowtrain.data.writer import ShardWriter
 from flowtrain.dtypes import torch_dtype
 from flowtrain.models import Column, ModelFamily, get_family
 
@@ -132,58 +139,98 @@ def precompute(
     clip_opts = clips.clip_options(family, raw, video)  # None: the image path
     if clip_opts is not None and buckets is not None:
         raise ValueError("aspect-ratio buckets are for images: video clips are cached at one size (drop --buckets)")
+    ranks = current_ranks(device)  # one process, or this rank of `accelerate launch` (precompute_dist)
+    # Square image caches are planned from the raw manifest alone and shared over the ranks; a bucket's or a
+    # video's cache shards depend on each row (its size, its clips), so those run in one process.
+    square = clip_opts is None and buckets is None
+    if ranks.world_size > 1 and not square:
+        raise ValueError(
+            f"precompute on {ranks.world_size} processes makes square image caches; aspect-ratio buckets and video "
+            "clips are cut from each row's own size and frames: run this precompute in one process (no accelerate)"
+        )
+    if ranks.world_size > 1 and device in (None, "cuda"):  # each rank its own GPU, not all of them on cuda:0
+        device = ranks.device
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
     fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts), buckets)
-    _check_existing(out, fp)
+    if ranks.is_main:
+        _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
     frames = {"frames": clip_opts.frames} if clip_opts is not None and clips.is_video_family(family) else {}
     columns = family.cache_columns(encoders, model, resolution=resolution, **frames)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
-    (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
-    _save_empty_prompt(out, family, encoders, model, columns)
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
+        (out / MANIFEST).unlink(missing_ok=True)  # written again, last, when every shard is in place
+        _save_empty_prompt(out, family, encoders, model, columns)
+    ranks.barrier()  # the other ranks write into `out` once the main rank has set it up
 
+    units = plan(raw["shards"], rows_per_shard)
+    mine = share(units, ranks.rank, ranks.world_size)
     if clip_opts is None:
-        total = sum(s["rows"] for s in raw["shards"])
+        total = sum(u.rows for u in mine)
     else:
         total = sum(clips.plan_size(raw_dir / s["file"], clip_opts, rows_per_shard) for s in raw["shards"])
-    left_out = 0
-    bar = tqdm(total=total, desc="precompute", unit="img", disable=not progress, dynamic_ncols=True)
-    shards: list[dict] = []
+    desc = "precompute" if ranks.world_size == 1 else f"precompute {ranks.rank}/{ranks.world_size}"
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               position=ranks.rank)  # fmt: skip
     t0 = time.perf_counter()
     # Decoding/resizing the next batch on a thread overlaps PIL work with the encoders (both release the GIL) when
     # they run on an accelerator. On CPU the encoders already use every core, and the thread only preempts their
     # intra-op threads: inline is ~25% faster there (benchmarks/precompute.py).
     overlap = torch.device(device).type != "cpu"
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
-    with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool:
-        for raw_idx, raw_shard in enumerate(raw["shards"]):
-            path = raw_dir / raw_shard["file"]
-            if clip_opts is None:  # images: slices of the shard's rows in order, or grouped by bucket (data.buckets)
-                table = read_table(path, columns=["key", "caption", "image", "width", "height"])
-                slices = cache_slices(table, raw_idx, rows_per_shard, buckets)
-            else:  # videos: one row per clip (data/clips.py)
-                slices, dropped = clips.planned_slices(read_table(path, columns=clips.raw_columns(path)), raw_idx,
-                                                       rows_per_shard, clip_opts)  # fmt: skip
-                left_out += dropped
-            for name, bucket, part in slices:
-                if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                    write_shard(encode(part, pool, bar, bucket), out / name)
+    table, table_of, encoded, reused = None, -1, [], []
+    shards: list[dict] = []  # the one-process path's (buckets, clips); the square path's come from `merge`
+    left_out = 0  # raw rows that gave no clip
+    with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool, ShardWriter(write_shard) as writer:
+        if square:
+            for unit in mine:
+                if table_of != unit.raw:  # a rank reads only the raw shards its units come from
+                    table_of = unit.raw
+                    table = read_table(raw_dir / raw["shards"][unit.raw]["file"], columns=["key", "caption", "image"])
+                part = table.slice(unit.start, unit.rows)
+                if not _reusable(out / unit.file, part):  # else finished by an earlier, interrupted run
+                    writer.submit(encode(part, pool, bar), out / unit.file)
+                    encoded.append(unit.file)
                 else:
                     bar.update(part.num_rows)
-                shards.append(shard_entry(name, part.num_rows, bucket, columns, resolution))
+                    reused.append(unit.file)
+        else:
+            for raw_idx, raw_shard in enumerate(raw["shards"]):
+                path = raw_dir / raw_shard["file"]
+                if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
+                    table = read_table(path, columns=["key", "caption", "image", "width", "height"])
+                    slices = cache_slices(table, raw_idx, rows_per_shard, buckets)
+                else:  # videos: one row per clip (data/clips.py)
+                    table = read_table(path, columns=clips.raw_columns(path))
+                    slices, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
+                    left_out += dropped
+                for name, bucket, part in slices:
+                    if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
+                        writer.submit(encode(part, pool, bar, bucket), out / name)
+                    else:
+                        bar.update(part.num_rows)
+                    shards.append(shard_entry(name, part.num_rows, bucket, columns, resolution))
     bar.close()
     if clip_opts is not None:
         clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
-    _remove_stale(out, {s["file"] for s in shards})
-    manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards, source=str(raw_dir),
-                             source_digest=raw_digest(raw_dir))  # fmt: skip
-    manifest.write(out)
-    log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
-    return manifest
+    if ranks.world_size > 1:
+        write_rank_record(out, ranks, encoded, reused)
+    ranks.barrier()  # every rank's shards are written
+    if ranks.is_main:  # the one merge, once every rank has finished its share
+        if square:
+            shards = merge(out, units, ranks.world_size)
+        _remove_stale(out, {s["file"] for s in shards})
+        shards = with_layout(out, shards)  # readers open the cache without reading every footer (data.layout)
+        manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards,
+                                 source=str(raw_dir), source_digest=raw_digest(raw_dir))  # fmt: skip
+        manifest.write(out)
+        log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
+    ranks.barrier()  # no rank returns before the manifest is there
+    return manifest if ranks.is_main else CacheManifest.read(out)
 
 
 def _save_empty_prompt(out: Path, family: ModelFamily, encoders: Any, model: ModelOptions, columns: list[Column]):

@@ -30,6 +30,7 @@ def write_synthetic_cache(
     import torch
     from safetensors.torch import save_file
 
+    from flowtrain.data.layout import with_layout
     from flowtrain.data.manifest import CacheManifest, fingerprint
     from flowtrain.data.precompute import write_shard
     from flowtrain.data.tensors import STORAGE_DTYPES, tensor_column
@@ -69,5 +70,5 @@ def write_synthetic_cache(
     settings = {"text_encoder_layers": [9, 18, 27], "max_sequence_length": text_shape[0]}
     fp = fingerprint("flux2_klein", "synthetic", None, latent_shape[1] * 8, text_dtype, settings, {})
     norm = {"bn_mean": [0.0] * c, "bn_std": [1.0] * c}
-    CacheManifest("flux2_klein", fp, columns, norm, shards, source=str(out)).write(out)
+    CacheManifest("flux2_klein", fp, columns, norm, with_layout(out, shards), source=str(out)).write(out)
     return out

@@ -131,7 +131,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     with warnings_once():
         for cache in caches:
             family.check_cache(cfg.model, cache.manifest, allow_other_weights=allow)
-        transformer, lora_cfg = build_transformer(cfg, family)
+        transformer, lora_cfg = build_transformer(cfg, family, None if stage is None else stage.prepare_base)
         for cache in caches:
             family.check_cache(cfg.model, cache.manifest, transformer, allow_other_weights=allow)
     if stage is not None:

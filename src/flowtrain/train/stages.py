@@ -4,8 +4,13 @@ Each stage is a whole run in `{output_dir}/stages/{name}` (its own checkpoints, 
 MLflow run), made from the base config plus the stage's overrides (`flowtrain.config.stages`). What ties the
 stages together:
 
-- weights carry over: a stage loads the trainable tensors of every earlier stage's final checkpoint, in order,
-  by name (a tensor frozen in stage 2 keeps what stage 1 made of it);
+- weights carry over: consecutive transformer stages that train the same tensors (all weights, or one LoRA shape:
+  a *segment*) load the trainable tensors of the segment's earlier final checkpoints, in order, by name (a tensor
+  frozen in stage 2 keeps what stage 1 made of it);
+- where the trained tensors change (train_mode LoRA ↔ full, or another LoRA rank / kind / targets), the earlier
+  segments are *baked* into the base weights before the stage's own adapter is added: a full segment's tensors are
+  copied in, a LoRA segment is merged by peft (`fuse_lora`, exact in fp32). A LoRA trained on such a base is
+  relative to it: pipeline.json names the base transformer to sample it with (`lora_base`);
 - the optimizer state carries over when the stage says `optimizer_state: keep`;
 - `{output_dir}/pipeline.json` records which stages are done, at which step and why they ended, so
   `--resume_from_checkpoint latest` skips finished stages and resumes the current one from its own checkpoint,
@@ -28,7 +33,7 @@ from typing import Any
 
 import torch
 
-from flowtrain.config.stages import STAGES_DIR, StageConfig, StageEndConfig, check_stages
+from flowtrain.config.stages import STAGES_DIR, StageConfig, StageEndConfig, check_stages, segment_key
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +183,37 @@ def load_optimizer_moments(optimizer: Any, path: Path) -> None:
 
 
 @dataclass
+class Segment:
+    """Consecutive transformer stages that train the same tensors: their final checkpoints in order, and the
+    `lora:` section of the last one (None: full weights)."""
+
+    key: tuple
+    lora: Any
+    presets: dict[str, list[str]]
+    files: list[Path] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    exports: list[Path] = field(default_factory=list)  # each stage's exported weights (transformer/ or LoRA file)
+
+
+def merge_lora_into(model: torch.nn.Module, lora: Any, presets: dict[str, list[str]], files: list[Path]) -> int:
+    """Merge a LoRA segment (`lora:` section, its checkpoints' trainable.safetensors in order) into the plain
+    transformer `model` with peft's merge, and remove the adapter layers again. The adapter is made in fp32 (its
+    training dtype), so in an fp32 model the merge is W + scale·ΔW in fp32. Returns the number of tensors loaded.
+    The adapter's random init draws from a forked RNG: the stage's own seeded draws stay as in a plain run."""
+    from diffusers.training_utils import cast_training_params
+
+    from flowtrain.train.trainable import adapter_config, lora_target_regex
+
+    with torch.random.fork_rng(devices=[]):
+        model.add_adapter(adapter_config(lora, lora_target_regex(lora.targets, presets)))
+    cast_training_params(model, dtype=torch.float32)
+    n = load_carried(model, files)
+    model.fuse_lora()
+    model.unload_lora()
+    return n
+
+
+@dataclass
 class StageContext:
     """What `train(..., stage=)` needs to run one stage: build_run calls `prepare_model` on the new transformer
     (before the optimizer exists) and `prepare_optimizer` on a stage that does not resume its own checkpoint; the
@@ -189,8 +225,22 @@ class StageContext:
     end: StageEnd
     freeze: list[str] = field(default_factory=list)
     unfreeze: list[str] = field(default_factory=list)
-    carry: list[Path] = field(default_factory=list)  # earlier stages' final trainable.safetensors, in order
+    carry: list[Path] = field(default_factory=list)  # the segment's earlier final trainable.safetensors, in order
     optimizer_from: Path | None = None  # the previous stage's final optimizer.pt, with optimizer_state keep
+    bake: list[Segment] = field(default_factory=list)  # earlier segments, baked into the base in order
+
+    def prepare_base(self, model: torch.nn.Module) -> None:
+        """Bake the earlier segments into the freshly loaded transformer, before any adapter of this stage (a
+        full segment's tensors copied in by name; a LoRA segment merged). Nothing when the stage's segment is
+        the first."""
+        for seg in self.bake:
+            n = (
+                load_carried(model, seg.files)
+                if seg.lora is None
+                else merge_lora_into(model, seg.lora, seg.presets, seg.files)
+            )
+            log.info("stage %d/%d %s: base + %s of %s (%d tensors)", self.index + 1, self.count, self.name,
+                     "full weights" if seg.lora is None else "merged LoRA", seg.stages, n)  # fmt: skip
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         n = load_carried(model, self.carry)
@@ -287,7 +337,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     parent = _mlflow_parent(cfg, record) if main else None
     if parent is not None:
         _write_record(out, record)
-    carry: list[Path] = []
+    segments: list[Segment] = []  # the transformer stages so far, grouped by what they train
     last_final: Path | None = None
     for i, (stage, scfg) in enumerate(zip(cfg.stages, configs, strict=True)):
         done = record["stages"].get(stage.name)
@@ -301,7 +351,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     f"{out / RECORD} records stage {stage.name!r} as done at {final}, but that checkpoint is gone; "
                     "the stages after it start from it: restore it, or delete the stage's entry to train it again"
                 )
-            carry.append(final / "trainable.safetensors")
+            _add_to_segments(segments, stage.name, scfg, final)
             last_final, result.stages[stage.name] = final, done
             continue
         if stage.kind == "python":
@@ -317,6 +367,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             if main:
                 log.info("stage %d/%d %s: training the autoencoder", i + 1, len(configs), stage.name)
             ae = run_autoencoder_stage(cfg.model.family, scfg, progress=progress)
+            if parent is not None:
+                _nest(parent, Path(scfg.output_dir))
             stats = getattr(ae, "stats", None) or {}
             entry = {"status": "done", "step": ae.step, "ended": "length", "checkpoint": None,
                      "vae": str(ae.vae_dir), "final": getattr(ae, "final", None),
@@ -329,12 +381,14 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             continue
         scfg = resolve_length(stage, scfg)
         stage_out = Path(scfg.output_dir)
+        same = bool(segments) and segments[-1].key == segment_key(scfg)
+        carry, bake = (segments[-1].files, segments[:-1]) if same else ([], segments)
         own = resume is not None and bool(list_checkpoints(stage_out))
         if not own and main and stage_out.exists():
             shutil.rmtree(stage_out)  # an attempt that wrote no checkpoint: nothing in it to keep
         ctx = StageContext(
             name=stage.name, index=i, count=len(configs), end=StageEnd(stage.end), freeze=stage.freeze,
-            unfreeze=stage.unfreeze, carry=list(carry),
+            unfreeze=stage.unfreeze, carry=list(carry), bake=list(bake),
             optimizer_from=last_final / "optimizer.pt" if stage.optimizer_state == "keep" and last_final else None,
         )  # fmt: skip
         if main:
@@ -349,15 +403,81 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             return result
         final = stage_out / f"checkpoint-{r.step}"
         entry = {"status": "done", "step": r.step, "ended": ctx.end.reason or "length", "checkpoint": str(final)}
+        if scfg.train_mode == "lora" and bake and main:
+            entry["lora_base"] = lora_base(scfg, ctx, stage_out)
         result.stages[stage.name] = record["stages"][stage.name] = entry
         if main:
             _write_record(out, record)
             log.info("stage %d/%d %s ended at step %d (%s)", i + 1, len(configs), stage.name, r.step, entry["ended"])
-        carry.append(final / "trainable.safetensors")
+        _add_to_segments(segments, stage.name, scfg, final)
         last_final = final
     if parent is not None:
         _mlflow_client(parent).set_terminated(parent["run_id"], "FINISHED")
     return result
+
+
+def _add_to_segments(segments: list[Segment], name: str, cfg: Any, final: Path) -> None:
+    """Record a finished transformer stage (its config, final checkpoint) in its segment, or start a new one."""
+    from flowtrain.models import get_family
+
+    key = segment_key(cfg)
+    if not segments or segments[-1].key != key:
+        lora = cfg.lora if cfg.train_mode == "lora" else None
+        segments.append(Segment(key, lora, dict(get_family(cfg.model.family).lora_presets)))
+    seg = segments[-1]
+    seg.lora = cfg.lora if cfg.train_mode == "lora" else None  # the last stage's alpha scales the merge
+    seg.files.append(final / "trainable.safetensors")
+    seg.stages.append(name)
+    export = "pytorch_lora_weights.safetensors" if cfg.train_mode == "lora" else "transformer"
+    seg.exports.append(Path(cfg.output_dir) / export)
+
+
+BASE_DIR = "base"  # a LoRA stage's own copy of its base, when no earlier export is it: {stage}/base/transformer
+
+
+def lora_base(cfg: Any, ctx: StageContext, stage_out: Path) -> dict[str, Any]:
+    """The base a LoRA stage trained on, for pipeline.json: the earlier stages baked into it and the transformer
+    folder that is exactly that base. When the last baked segment trained all weights, its last stage's export is
+    the base (it saves every weight); after a merged LoRA no export is, so the merged base (in model.dtype, as it
+    trained) is written to `{stage}/base/transformer`."""
+    last = ctx.bake[-1]
+    stages = [n for seg in ctx.bake for n in seg.stages]
+    if last.lora is None:
+        return {"stages": stages, "transformer": str(last.exports[-1])}
+    from flowtrain.dtypes import torch_dtype
+    from flowtrain.models import get_family
+
+    path = stage_out / BASE_DIR / "transformer"
+    if not path.is_dir():  # written once: a resumed stage finds it
+        family = get_family(cfg.model.family)
+        model = family.load_transformer(cfg.model, dtype=torch_dtype(cfg.model.dtype), weights=cfg.model.dit)
+        ctx.prepare_base(model)
+        tmp = stage_out / f".{BASE_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        family.save_full(tmp, model)
+        shutil.rmtree(stage_out / BASE_DIR, ignore_errors=True)
+        tmp.rename(stage_out / BASE_DIR)
+        log.info("stage %s: its LoRA is relative to the merged base of %s, saved to %s", ctx.name, stages, path)
+    return {"stages": stages, "transformer": str(path)}
+
+
+def sampling_base(lora_file: Path) -> Path | None:
+    """The base transformer a pipeline stage's exported LoRA was trained on, when it is not the pretrained model
+    (`lora_base` in the pipeline's pipeline.json), else None. `lora_file`: {output_dir}/stages/{name}/<file>."""
+    stage_dir = lora_file.parent if lora_file.is_file() else lora_file
+    record = stage_dir.parent.parent / RECORD
+    if stage_dir.parent.name != STAGES_DIR or not record.exists():
+        return None
+    entry = json.loads(record.read_text()).get("stages", {}).get(stage_dir.name) or {}
+    base = (entry.get("lora_base") or {}).get("transformer")
+    if base is None:
+        return None
+    if not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"{lora_file}: pipeline stage {stage_dir.name!r} trained its LoRA on the base {base} ({record}), which "
+            "is gone: the LoRA is relative to it, not to model.pretrained; restore that folder to sample it"
+        )
+    return Path(base)
 
 
 def _mlflow_client(parent: dict[str, str]) -> Any:
@@ -425,15 +545,14 @@ def run_python_stage(cfg: Any, stage: StageConfig, stage_dir: Path, *, progress:
 
 
 def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) -> Any:
-    """The one call into the autoencoder trainer: `cfg` (its output_dir is the stage's folder) trained by the
-    model family's `train_autoencoder`; returns its result (`step`, `vae_dir`). That trainer does not resume, so a
-    stage that was cut short is trained again from its start (a finished one is never redone: pipeline.json)."""
-    from flowtrain.autoencoder import train_autoencoder
+    """The one call into the autoencoder trainer (`flowtrain.autoencoder`, through the model family, which fits its
+    own latent statistics at the end): `cfg` trained in its output_dir, the stage's folder; returns its result
+    (`step`, `vae_dir`). A stage cut short continues from its newest checkpoint (`checkpointing.every_steps`),
+    exactly; without one it starts over, to the same weights (the trainer is seeded). A finished stage is never
+    redone (pipeline.json)."""
+    from flowtrain.models import get_family
 
-    out = Path(cfg.output_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a cut-short attempt: the trainer starts over
-    return train_autoencoder(cfg, progress=progress)
+    return get_family(family_name).train_autoencoder(cfg, run_dir=cfg.output_dir, resume="latest", progress=progress)
 
 
 _PRECISION: dict[str, str] = {}

@@ -127,9 +127,12 @@ def apply_lora(transformer: torch.nn.Module, cfg: FlowtrainConfig, presets: dict
     return lora_cfg
 
 
-def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.nn.Module, Any]:
+def build_transformer(
+    cfg: FlowtrainConfig, family: ModelFamily, prepare_base: Any = None
+) -> tuple[torch.nn.Module, Any]:
     """Load the transformer (its block Linears quantized with model.quantize) and make it trainable. Returns
-    (transformer, the peft adapter config, or None for a full fine-tune)."""
+    (transformer, the peft adapter config, or None for a full fine-tune). `prepare_base(transformer)`: a pipeline
+    stage's change of the loaded base weights, before quantization and adapters (`train.stages`)."""
     # Full fine-tune keeps fp32 master weights (autocast does the low-precision compute); LoRA freezes the
     # base in model.dtype.
     dtype = torch.float32 if cfg.train_mode == "full" else torch_dtype(cfg.model.dtype)
@@ -147,6 +150,8 @@ def build_transformer(cfg: FlowtrainConfig, family: ModelFamily) -> tuple[torch.
             f"{f' / model.dit={cfg.model.dit!r}' if cfg.model.dit else ''}: {e}"
             f"{hint if 'safetensors' in str(e) else ''}"
         ) from e
+    if prepare_base is not None:
+        prepare_base(transformer)
     if cfg.train.gradient_checkpointing or cfg.train.blocks_to_swap:  # true: diffusers' own; levels: train.offload
         from flowtrain.train.offload import enable_checkpointing
 

@@ -1,0 +1,206 @@
+"""Precompute on 2 CPU processes (`accelerate launch`, gloo): one rank SIGKILLed mid-run, the launch rerun; each rank
+continues its own share, and the merged cache equals a one-process run row for row, bit for bit. Plus the pieces:
+the shard plan and the ranks' shares, the merge's check, and the writer thread's ordering and errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from flowtrain.data.manifest import CacheError
+from flowtrain.data.precompute_dist import Unit, merge, plan, share
+from flowtrain.data.writer import ShardWriter
+from flowtrain.testing.data import make_image_folder, tiny_config_dict
+from flowtrain.testing.launch import accelerate_launch, cpu_env, ddp_args, run
+
+PORT = 29611
+TIMEOUT = 900  # a launch takes ~30 s on an idle 2-core machine; the suite shares the cores
+IMAGES, RAW_SHARD = 96, 3  # 32 raw shards of 3 images → 32 cache shards, 16 per rank
+
+
+# ------------------------------------------------------------------------------------------------ plan and share
+def test_plan_cuts_each_raw_shard_into_cache_shards_in_order():
+    units = plan([{"rows": 5}, {"rows": 2}, {"rows": 0}, {"rows": 3}], rows_per_shard=2)
+    assert [(u.raw, u.chunk, u.start, u.rows) for u in units] == [
+        (0, 0, 0, 2), (0, 1, 2, 2), (0, 2, 4, 1), (1, 0, 0, 2), (3, 0, 0, 2), (3, 1, 2, 1)
+    ]  # fmt: skip
+    assert units[2].file == "cache-00000-0002.parquet" and units[-1].file == "cache-00003-0001.parquet"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_shares_are_disjoint_and_cover_every_shard(world):
+    units = plan([{"rows": r} for r in (10, 3, 7, 1, 12)], rows_per_shard=4)
+    shares = [share(units, r, world) for r in range(world)]
+    files = [u.file for s in shares for u in s]
+    assert sorted(files) == sorted(u.file for u in units) and len(set(files)) == len(units)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        share(units, 2, 2)
+
+
+def test_merge_names_missing_and_short_shards(tmp_path):
+    units = [Unit(0, 0, 0, 2), Unit(1, 0, 0, 2), Unit(2, 0, 0, 2)]
+    pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / units[0].file)
+    pq.write_table(pa.table({"key": ["c"]}), tmp_path / units[1].file)  # a shard from another raw slice
+    with pytest.raises(CacheError, match=r"2 of 3 cache shards.*cache-00001-0000.parquet \(1 rows, expected 2\)"):
+        merge(tmp_path, units)
+    pq.write_table(pa.table({"key": ["c", "d"]}), tmp_path / units[1].file)
+    pq.write_table(pa.table({"key": ["e", "f"]}), tmp_path / units[2].file)
+    assert merge(tmp_path, units) == [{"file": u.file, "rows": 2} for u in units]
+    assert not (tmp_path / "precompute_ranks.json").exists()  # one process: nothing to account for
+
+
+def test_merge_folds_the_rank_records(tmp_path):
+    from flowtrain.data.precompute_dist import Ranks, write_rank_record
+
+    units = plan([{"rows": 2}, {"rows": 2}], rows_per_shard=2)
+    for u in units:
+        pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / u.file)
+    write_rank_record(tmp_path, Ranks(0, 2), [units[0].file], [])
+    write_rank_record(tmp_path, Ranks(1, 2), [], [units[1].file])
+    merge(tmp_path, units, world_size=2)
+    record = json.loads((tmp_path / "precompute_ranks.json").read_text())
+    assert record["ranks"][0]["encoded"] == [units[0].file] and record["ranks"][1]["reused"] == [units[1].file]
+    assert not list(tmp_path.glob("precompute-rank-*"))
+
+
+# ------------------------------------------------------------------------------------------------ writer thread
+def test_writer_writes_in_order_off_the_calling_thread_and_bounds_pending(tmp_path):
+    release, threads, started = threading.Event(), [], []
+
+    def write(table, path):
+        started.append(path)
+        threads.append(threading.current_thread().name)
+        release.wait(timeout=30)
+        pq.write_table(table, path)
+
+    with ShardWriter(write, max_pending=2) as w:
+        w.submit(pa.table({"x": [0]}), tmp_path / "a.parquet")
+        w.submit(pa.table({"x": [1]}), tmp_path / "b.parquet")  # returns at once: the encoders do not wait
+        blocked = threading.Thread(target=w.submit, args=(pa.table({"x": [2]}), tmp_path / "c.parquet"))
+        blocked.start()
+        blocked.join(timeout=0.5)
+        assert blocked.is_alive()  # a third pending table waits for the oldest write (bounded memory)
+        release.set()
+        blocked.join(timeout=30)
+    assert [p.name for p in w.written] == ["a.parquet", "b.parquet", "c.parquet"]
+    assert [pq.read_table(tmp_path / f"{n}.parquet")["x"][0].as_py() for n in "abc"] == [0, 1, 2]
+    assert set(threads) != {threading.current_thread().name}
+
+
+def test_writer_error_reaches_the_encoding_loop_and_finished_shards_stay(tmp_path):
+    def write(table, path):
+        if path.name == "bad.parquet":
+            raise OSError(28, "No space left on device")
+        pq.write_table(table, path)
+
+    w = ShardWriter(write, max_pending=1)
+    w.submit(pa.table({"x": [0]}), tmp_path / "bad.parquet")
+    with pytest.raises(OSError, match="No space left") as e:
+        w.submit(pa.table({"x": [1]}), tmp_path / "next.parquet")
+    assert any("bad.parquet" in n for n in e.value.__notes__)
+    w.close()
+
+    # The encoding loop fails: what it handed over is still written, and its error is the one raised.
+    with pytest.raises(KeyError, match="encoder"), ShardWriter(write) as w:
+        w.submit(pa.table({"x": [2]}), tmp_path / "done.parquet")
+        raise KeyError("encoder")
+    assert pq.read_table(tmp_path / "done.parquet")["x"].to_pylist() == [2]
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+def _worker_pids(tag: str) -> dict[int, int]:
+    """{rank: pid} of the launched workers carrying the environment tag `tag` (torchrun sets RANK in each)."""
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if env.get(b"FLOWTRAIN_TEST_TAG") == tag.encode() and b"RANK" in env and b"LOCAL_RANK" in env:
+            found[int(env[b"RANK"])] = pid
+    return found
+
+
+def _finished(out: Path) -> dict[str, int]:
+    """{cache shard: st_ino} of the shards written completely (renamed from their temporary name)."""
+    return {p.name: p.stat().st_ino for p in out.glob("cache-*.parquet")} if out.exists() else {}
+
+
+def _content(cache: Path) -> tuple[dict, dict[str, dict]]:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest.pop("created")
+    return manifest, {s["file"]: pq.read_table(cache / s["file"]).to_pydict() for s in manifest["shards"]}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_killed_and_rerun_equal_one_process(tiny_pipeline_dir, tmp_path):
+    from flowtrain.data.prepare import prepare
+
+    raw = tmp_path / "raw"
+    prepare(make_image_folder(tmp_path / "images", n=IMAGES), raw, shard_size=RAW_SHARD, progress=False)
+    config = tmp_path / "precompute.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_pipeline_dir, tmp_path / "unused", tmp_path / "run")))
+    precompute = ["-m", "flowtrain", "precompute", str(raw), "--config", str(config), "--resolution", "32"]
+    precompute += ["--batch-size", "1", "--quiet"]
+    # The reference: one process, in a child with the same one intra-op thread as each launched rank (the same
+    # kernels, so the same bits).
+    run([sys.executable, *precompute, "--out", str(tmp_path / "one")], cpu_env(), TIMEOUT)
+
+    out, tag = tmp_path / "two", str(tmp_path)
+    env = cpu_env({"FLOWTRAIN_TEST_TAG": tag})
+    launch = accelerate_launch([*ddp_args(2, PORT), *precompute, "--out", str(out)])
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(launch, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # SIGKILL rank 1 once each rank has finished a shard, as a lost node would die; torchrun then stops rank 0.
+        deadline = time.monotonic() + TIMEOUT
+        while not {"cache-00000-0000.parquet", "cache-00001-0000.parquet"} <= _finished(out).keys():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(_worker_pids(tag)[1], signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        for pid in [*_worker_pids(tag).values(), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    before = _finished(out)
+    assert not (out / "manifest.json").exists()
+    assert 2 <= len(before) < IMAGES // RAW_SHARD, "the run was not stopped half-way: raise IMAGES"
+    ranks_done = {int(f.split("-")[1]) % 2 for f in before}
+    assert ranks_done == {0, 1}
+
+    try:
+        outputs = run(launch, env, TIMEOUT)
+    except AssertionError as e:  # the rank's one-line error sits above torchrun's long summary: show it
+        raise AssertionError("\n".join(ln for ln in str(e).splitlines() if "error" in ln.lower())) from e
+    assert outputs.count("precompute: 96 rows") == 1  # said once, by the main rank
+    after = _finished(out)
+    assert {f: after[f] for f in before} == before  # each rank continued: no finished shard was written again
+    # Each rank encoded only its own share, and of it only what the killed run had not finished.
+    record = json.loads((out / "precompute_ranks.json").read_text())
+    units = plan(json.loads((raw / "manifest.json").read_text())["shards"], rows_per_shard=256)
+    assert record["world_size"] == 2 and [r["rank"] for r in record["ranks"]] == [0, 1]
+    for r in record["ranks"]:
+        own = {u.file for u in share(units, r["rank"], 2)}
+        assert set(r["reused"]) == own & before.keys() and set(r["encoded"]) == own - before.keys()
+    assert not list(out.glob("precompute-rank-*"))
+    want_manifest, want_shards = _content(tmp_path / "one")
+    got_manifest, got_shards = _content(out)
+    assert got_manifest == want_manifest
+    assert got_shards == want_shards  # every row, every column, every bit
+    assert not list(out.glob("*.tmp"))
