@@ -159,3 +159,32 @@ def test_flux1_autoencoder_trains_and_fits_its_shift_and_scale(digits_raw, tmp_p
     x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
     assert abs(x0.mean().item()) < 1e-4 and x0.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     assert [r["step"] for r in _rows(out) if "rec" in r] == list(range(1, 7))
+
+
+def test_qwen_image_autoencoder_trains_on_one_frame_clips_and_fits_its_latent_stats(digits_raw, tmp_path):
+    """The same trainer on Qwen-Image's causal 3-D VAE (AutoencoderKLQwenImage): images go through it as one-frame
+    clips (data.frames 1, (3, 1, R, R)), and latents_mean / latents_std are fitted so that the normalised posterior
+    means are N(0, 1) per channel on the data, as the pipeline normalises them."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from flowtrain.autoencoder.data import RawClipDataset, raw_dataset
+
+    out = tmp_path / "qwen"
+    extra = ["family=qwen_image", "model.block_out_channels=[8, 16, 16]", "model.latent_channels=4", "data.frames=1",
+             "train.max_steps=3", "stats.fit=true"]  # fmt: skip
+    over = tiny_overrides(digits_raw, out, *extra)
+    cfg = load_autoencoder_config(DEMO, over)
+    with pytest.raises(ValueError, match="patch discriminator takes images"):
+        load_autoencoder_config(DEMO, [*over, "gan.enabled=true"])
+    data = raw_dataset(cfg.data)
+    assert isinstance(data, RawClipDataset) and data[0].shape == (3, 1, 16, 16)
+    result = train_autoencoder(cfg, progress=False)
+    vae = AutoencoderKLQwenImage.from_pretrained(result.vae_dir).eval()
+    assert [r["step"] for r in _rows(out) if "rec" in r] == [1, 2, 3]
+    with torch.no_grad():
+        z = vae.encode(torch.stack([data[i] for i in range(len(data))])).latent_dist.mean  # (N, 4, 1, 4, 4)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    x0 = ((z - mean) / std).transpose(0, 1).flatten(1)  # per channel
+    assert x0.mean(1).abs().max().item() < 1e-4
+    assert torch.allclose(x0.std(1, unbiased=False), torch.ones(4), atol=1e-3)

@@ -178,7 +178,7 @@ class AutoencoderConfig(Section):
     )
     family: str = Field(
         "flux2_klein",
-        description="The model family whose VAE this trains (a family that trains autoencoders: flux2_klein, flux1).",
+        description="The model family whose VAE this trains (flux2_klein, flux1, qwen_image with data.frames 1, wan).",
     )
     model: AEModelConfig = Field(default_factory=AEModelConfig)
     data: AEDataConfig = Field(default_factory=AEDataConfig)
@@ -209,6 +209,11 @@ class AutoencoderConfig(Section):
                     f"data.resolution={self.data.resolution} must be a multiple of {multiple} (the {self.family} "
                     f"VAE's down-sampling × latent patch) for {len(self.model.block_out_channels)} blocks"
                 )
+        if self.gan.enabled and self.data.frames is not None:  # the patch discriminator is 2-D (discriminator.py)
+            raise ValueError(
+                f"gan.enabled with data.frames={self.data.frames}: the patch discriminator takes images (B, 3, H, W), "
+                "not clips; set gan.enabled=false for a clip-trained (causal 3-D) VAE"
+            )
         return self
 
 

@@ -71,20 +71,25 @@ def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
 
 class RawClipDataset(Dataset):
     """Map-style dataset over raw shards holding videos: the first `frames` frames of each video (precompute's
-    `head` selection) as (3, F, R, R) in [-1, 1], each frame through `to_pixels`. Rows with fewer frames, and
-    images, are left out (a clip of F frames needs F). Decoded clips are memoised when `cache_decoded`."""
+    `head` selection) as (3, F, R, R) in [-1, 1], each frame through `to_pixels`. Rows with fewer frames are left
+    out (a clip of F frames needs F); images are one-frame clips, kept when `frames` is 1. Decoded clips are
+    memoised when `cache_decoded`."""
 
     def __init__(self, raw_dir: str | Path, resolution: int, frames: int, *, cache_decoded: bool = True):
         from flowtrain.data.video import VIDEO_FORMATS, check_frames
 
         self.raw_dir, self.resolution, self.frames = Path(raw_dir), resolution, check_frames(frames, "data.frames")
         self._bytes: list[bytes] = []
+        self._video: list[bool] = []
         self.captions: list[str] = []
         for shard in read_raw_manifest(self.raw_dir)["shards"]:
             table = pq.read_table(self.raw_dir / shard["file"], columns=["caption", "image", "format", "num_frames"])
             for row in table.to_pylist():
-                if row["format"] in VIDEO_FORMATS and (row["num_frames"] or 0) >= frames:
+                video = row["format"] in VIDEO_FORMATS
+                # an image is a one-frame clip: with data.frames 1 (a causal 3-D VAE trained on images) it is one
+                if (video and (row["num_frames"] or 0) >= frames) or (not video and frames == 1):
                     self._bytes.append(row["image"])
+                    self._video.append(video)
                     self.captions.append(row["caption"])
         if not self._bytes:
             raise ValueError(f"{self.raw_dir}: the raw shards hold no video of at least data.frames={frames} frames")
@@ -98,7 +103,10 @@ class RawClipDataset(Dataset):
             return self._memo[index]
         from flowtrain.data.video import decode_frames
 
-        frames = decode_frames(self._bytes[index], range(self.frames))
+        if not self._video[index]:
+            frames = [Image.open(io.BytesIO(self._bytes[index])).convert("RGB")]
+        else:
+            frames = decode_frames(self._bytes[index], range(self.frames))
         clip = torch.stack([to_pixels(f, self.resolution) for f in frames], dim=1)  # (3, F, R, R)
         if self._memo is not None:
             self._memo[index] = clip

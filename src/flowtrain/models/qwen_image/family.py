@@ -17,7 +17,7 @@ called, so the cache and validation images are the pipeline's by construction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -344,6 +344,34 @@ class QwenImage:
             _call(pipe, {"prompt": p, **negative}, scale, model.max_sequence_length, generator=g, **kw)
             for p, g in zip(prompts, generators, strict=True)
         ]
+
+    # ---- autoencoder (optional capability: `flowtrain autoencoder`; autoencoder.py) -----------------------------
+    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
+        from flowtrain.autoencoder import load_autoencoder_config
+
+        return load_autoencoder_config(config, overrides)
+
+    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
+        from flowtrain.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg, progress=progress, **kwargs)
+
+    def build_autoencoder(self, model: Any) -> torch.nn.Module:
+        from flowtrain.models.qwen_image.autoencoder import build_vae
+
+        return build_vae(model)
+
+    def autoencoder_pixel_multiple(self, model: Any) -> int:
+        from flowtrain.models.qwen_image.autoencoder import pixel_multiple
+
+        return pixel_multiple(model)
+
+    def finish_autoencoder(
+        self, vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True
+    ) -> dict[str, Any]:
+        from flowtrain.models.qwen_image.autoencoder import finish
+
+        return finish(vae, dataset, cfg, device=device, progress=progress)
 
     # ---- tiny ------------------------------------------------------------------------------------------------
     def save_tiny_pipeline(self, path: str | Path, seed: int = 0) -> Path:

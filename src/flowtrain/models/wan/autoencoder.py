@@ -20,27 +20,9 @@ from typing import Any
 
 import torch
 
-TEMPORAL_DOWNSAMPLINGS = 2  # 4× in time: the VAE encodes the first frame, then 4 frames per latent frame
+from flowtrain.models.causal_vae import TEMPORAL_DOWNSAMPLINGS, finish, fit_latent_stats, layout, pixel_multiple
 
-
-def _layout(model: Any) -> tuple[int, list[int], list[bool]]:
-    ch = list(model.block_out_channels)
-    levels = len(ch) - 1
-    if levels < TEMPORAL_DOWNSAMPLINGS:
-        raise ValueError(
-            f"model.block_out_channels={ch}: AutoencoderKLWan needs at least {TEMPORAL_DOWNSAMPLINGS + 1} levels "
-            "(its last two down-samplings also halve time)"
-        )
-    base = ch[0]
-    if any(c % base for c in ch):
-        raise ValueError(f"model.block_out_channels={ch}: every entry must be a multiple of the first (Wan's dim_mult)")
-    temporal = [False] * (levels - TEMPORAL_DOWNSAMPLINGS) + [True] * TEMPORAL_DOWNSAMPLINGS
-    return base, [c // base for c in ch], temporal
-
-
-def pixel_multiple(model: Any) -> int:
-    """Spatial down-sampling × the transformer's 2×2 patch."""
-    return 2 ** (len(model.block_out_channels) - 1) * 2
+__all__ = ["build_vae", "finish", "fit_latent_stats", "pixel_multiple"]
 
 
 def build_vae(model: Any) -> torch.nn.Module:
@@ -52,7 +34,7 @@ def build_vae(model: Any) -> torch.nn.Module:
 
         return load_component(AutoencoderKLWan, model.pretrained, "vae", dtype=torch.float32, weights=None,
                               key="model.pretrained")  # fmt: skip
-    base, mult, temporal = _layout(model)
+    base, mult, temporal = layout(model)
     return AutoencoderKLWan(
         base_dim=base,
         z_dim=model.latent_channels,
@@ -66,48 +48,3 @@ def build_vae(model: Any) -> torch.nn.Module:
         scale_factor_spatial=2 ** (len(mult) - 1),
         scale_factor_temporal=2**TEMPORAL_DOWNSAMPLINGS,
     )
-
-
-@torch.no_grad()
-def fit_latent_stats(
-    vae: torch.nn.Module, dataset: Any, *, batch_size: int = 32, device: Any = "cpu", progress: bool = True
-) -> dict[str, Any]:
-    """Per-channel mean / std of the posterior means over `dataset` ((3, F, H, W) or (3, H, W) in [-1, 1]),
-    written into `vae.config` (`latents_mean`, `latents_std`); also the decoded mean's L1 error. float64 sums."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    was_training = vae.training
-    vae.eval()
-    s1 = s2 = None
-    n, count, l1 = 0, 0, 0.0
-    bar = tqdm(total=len(dataset), desc="latent stats", unit="clip", disable=not progress, dynamic_ncols=True)
-    for pixels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        pixels = pixels.to(device)
-        mean = vae.encode(pixels).latent_dist.mean  # (B, C, F', h, w)
-        recon = vae.decode(mean).sample
-        l1 += (recon.float() - pixels).abs().flatten(1).mean(1).sum().item()
-        flat = mean.double().transpose(0, 1).reshape(mean.shape[1], -1)
-        s1 = flat.sum(1) if s1 is None else s1 + flat.sum(1)
-        s2 = (flat * flat).sum(1) if s2 is None else s2 + (flat * flat).sum(1)
-        n += flat.shape[1]
-        count += pixels.shape[0]
-        bar.update(pixels.shape[0])
-    bar.close()
-    mu = s1.cpu() / n
-    std = (s2.cpu() / n - mu * mu).clamp_min(1e-12).sqrt()
-    vae.register_to_config(latents_mean=[float(v) for v in mu], latents_std=[float(v) for v in std])
-    vae.train(was_training)
-    return {
-        "latents_mean": vae.config.latents_mean,
-        "latents_std": vae.config.latents_std,
-        "clips": count,
-        "reconstruction_l1": l1 / max(count, 1),
-    }
-
-
-def finish(vae: torch.nn.Module, dataset: Any, cfg: Any, *, device: Any, progress: bool = True) -> dict[str, Any]:
-    """The family's `finish_autoencoder`: fit `latents_mean` / `latents_std` when `cfg.stats.fit`."""
-    if not cfg.stats.fit:
-        return {}
-    return fit_latent_stats(vae, dataset, batch_size=cfg.stats.batch_size, device=device, progress=progress)
