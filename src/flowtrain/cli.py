@@ -786,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a VAE (reconstruction + β-KL with warm-up and free bits; optional GAN, perceptual loss, "
         "EMA; docs/autoencoder.md) on the raw shards of `flowtrain prepare`, "
         "fit the latent statistics its model family normalises with, and save OUTPUT_DIR/vae (diffusers format). "
-        "The config's `family:` names the family (flux2_klein by default; flux1 too).",
+        "The config's `family:` names the family (default flux2_klein); docs/autoencoder.md lists which VAE each "
+        "family trains and on what data (images, one-frame clips, or video clips with data.frames).",
     )
     s.add_argument("config", type=_path, help="autoencoder YAML (e.g. configs/demo/autoencoder.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. data.raw_dir=runs/raw")
