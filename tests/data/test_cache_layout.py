@@ -58,7 +58,9 @@ def test_open_reads_no_footer_and_rows_equal_an_old_manifests(layout_cache, tmp_
     ds = CacheDataset(layout_cache)
     assert calls == [] and ds._pf == {}  # nothing opened until a row is read
     assert ds.row_group_sizes() == ds_old.row_group_sizes() == [16, 16, 8] * 4 + [16, 4]
-    assert ds.shuffle_blocks(None) == ds_old.shuffle_blocks(None)
+    new_blocks, old_blocks = ds.shuffle_blocks(None), ds_old.shuffle_blocks(None)
+    assert new_blocks["shuffle_window"] == old_blocks["shuffle_window"]
+    assert new_blocks["row_groups"].tolist() == old_blocks["row_groups"].tolist() == ds.row_group_sizes()
     order = torch.randperm(180, generator=torch.Generator().manual_seed(0)).tolist()
     for i in order:
         a, b = ds[i], ds_old[i]

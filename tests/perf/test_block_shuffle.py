@@ -48,6 +48,37 @@ def test_block_permutation_is_a_pure_function_of_seed_and_epoch():
     assert not torch.equal(a, block_permutation(GROUPS, seed=2, epoch=2, window=3))
 
 
+def test_block_permutation_order_is_pinned():
+    """The order is part of resume and of every run's data order: the lazy, window-by-window construction gives
+    the same rows as the whole-epoch one it replaced (these digests are from that one)."""
+    import hashlib
+
+    def digest(groups, seed, epoch, window):
+        return hashlib.sha256(block_permutation(groups, seed, epoch, window).numpy().tobytes()).hexdigest()[:16]
+
+    assert digest([16] * 625, 0, 0, 8) == "d5f49900bf62bf6d"
+    assert digest([16] * 625, 7, 3, 8) == "20522bae5c03c126"
+    assert digest([3, 5, 16, 1, 7, 16, 16, 2] * 50, 7, 3, 3) == "14aaed7f7acfb640"
+
+
+def test_the_sampler_draws_an_epochs_order_only_as_far_as_it_reads(monkeypatch):
+    """The first batch of a large cache shuffles one window, not the whole epoch (start-up, benchmarks/scale.py)."""
+    from flowtrain.data import cache as cache_mod
+
+    windows = []
+    real = cache_mod.block_permutation_windows
+
+    def counting(*a, **k):
+        for w in real(*a, **k):
+            windows.append(len(w))
+            yield w
+
+    monkeypatch.setattr(cache_mod, "block_permutation_windows", counting)
+    groups = [16] * 1000
+    first = list(itertools.islice(ResumableSampler(16_000, 4, seed=0, row_groups=groups, shuffle_window=8), 4))
+    assert windows == [128] and first == block_permutation(groups, 0, 0, 8)[:4].tolist()
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_block_shuffled_sampler_resumes_exactly(world):
     """Starting at (epoch, batch) yields exactly what an uninterrupted sampler yields from that batch on."""

@@ -9,6 +9,7 @@ it is read. Errors are `CacheError`s that name the file, row and key and say wha
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -102,7 +103,7 @@ class CacheDataset(Dataset):
     def shuffle_blocks(self, shuffle_window: int | None) -> dict:
         """`ResumableSampler` keyword arguments for `dataset.shuffle_window` (None: auto, see
         `resolve_shuffle_window`)."""
-        sizes = self.row_group_sizes()
+        sizes = np.fromiter(itertools.chain.from_iterable(self._group_sizes), dtype=np.int64)
         return {
             "row_groups": sizes,
             "shuffle_window": resolve_shuffle_window(shuffle_window, sizes, self._lru_size),
@@ -361,23 +362,47 @@ def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: 
     A global permutation touches a random row group for every row: with rows of ~8 MiB (16 to a row
     group) and a cache larger than the reader's LRU, every row would decode a whole row group.
     """
+    return torch.cat(list(block_permutation_windows(row_groups, seed, epoch, window)))
+
+
+def block_permutation_windows(row_groups: Sequence[int], seed: int, epoch: int, window: int) -> Iterator[torch.Tensor]:
+    """`block_permutation`, one window at a time (each a 1-D tensor of row indices; concatenated, the epoch's order).
+
+    Lazy on purpose: the first batch of a 1M-row cache needs one window, not the ~8k window shuffles of the whole
+    epoch (those took most of the start-up, benchmarks/scale.py). Each window's shuffle is drawn from the one
+    generator in window order, so the order does not depend on how far a reader goes.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    sizes = torch.tensor(list(row_groups), dtype=torch.int64)
-    starts = torch.cumsum(sizes, 0) - sizes
-    order = torch.randperm(len(sizes), generator=g)
-    # Every row in group order at once (a 1M-row cache has ~60k row groups: one arange per group took seconds):
-    # row j of the k-th group in `order` is starts[order[k]] + j.
-    n = sizes[order]
-    first = torch.cumsum(n, 0) - n
-    rows = torch.repeat_interleave(starts[order] - first, n) + torch.arange(int(n.sum()))
-    bounds = torch.cumsum(n, 0)[window - 1 :: window].tolist()
-    if not bounds or bounds[-1] != len(rows):
-        bounds.append(len(rows))
-    parts, lo = [], 0
-    for hi in bounds:  # the same generator draws, in the same order, as shuffling each window on its own
-        parts.append(rows[lo:hi][torch.randperm(hi - lo, generator=g)])
-        lo = hi
-    return torch.cat(parts)
+    sizes = np.asarray(row_groups, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    order = torch.randperm(len(sizes), generator=g).numpy()
+    for k in range(0, len(order), window):
+        groups = order[k : k + window]
+        # the rows of this window's groups, in group order (a few aranges: cheaper than one repeat_interleave)
+        spans = zip(starts[groups], sizes[groups], strict=True)
+        rows = torch.from_numpy(np.concatenate([np.arange(a, a + n) for a, n in spans]))
+        yield rows[torch.randperm(len(rows), generator=g)]
+
+
+class _Rows:
+    """Reads a stream of 1-D index tensors as one sequence: `take(n)` the next n, `skip(n)` past n."""
+
+    def __init__(self, pieces: Iterator[torch.Tensor]):
+        self._pieces, self._head = pieces, torch.empty(0, dtype=torch.int64)
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, have = [self._head], len(self._head)
+        while have < n:
+            piece = next(self._pieces)  # the sampler never asks past the epoch's rows
+            parts.append(piece)
+            have += len(piece)
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self._head = rows[n:]
+        return rows[:n]
+
+    def skip(self, n: int) -> None:
+        if n > 0:
+            self.take(n)
 
 
 def resolve_shuffle_window(configured: int | None, row_groups: Sequence[int], lru_row_groups: int) -> int:
@@ -386,7 +411,7 @@ def resolve_shuffle_window(configured: int | None, row_groups: Sequence[int], lr
     window of as many row groups as the LRU holds."""
     if configured is not None:
         return configured
-    if len(row_groups) <= lru_row_groups or max(row_groups, default=0) <= 2:
+    if len(row_groups) <= lru_row_groups or int(np.max(row_groups)) <= 2:
         return 0
     return lru_row_groups
 
@@ -422,9 +447,11 @@ class ResumableSampler(Sampler[int]):
         shuffle_window: int = 0,
     ):
         self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
-        if row_groups is not None and sum(row_groups) != num_rows:
-            raise ValueError(f"row_groups add up to {sum(row_groups)} rows, the cache has {num_rows}")
-        self.row_groups, self.shuffle_window = list(row_groups or []), shuffle_window
+        # an array, not a list: a 1M-row cache has ~60k row groups, and start-up should not walk them in Python
+        self.row_groups = np.asarray(row_groups if row_groups is not None else [], dtype=np.int64)
+        if row_groups is not None and int(self.row_groups.sum()) != num_rows:
+            raise ValueError(f"row_groups add up to {int(self.row_groups.sum())} rows, the cache has {num_rows}")
+        self.shuffle_window = shuffle_window
         self.rank, self.world_size = rank, world_size
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.batches_per_epoch = num_rows // (batch_size * world_size)
@@ -438,17 +465,22 @@ class ResumableSampler(Sampler[int]):
         epoch, first = self.start_epoch, self.start_batch
         global_batch = self.batch_size * self.world_size
         while True:
-            perm = self.permutation(epoch)
-            for b in range(first, self.batches_per_epoch):
-                block = perm[b * global_batch : (b + 1) * global_batch]
+            order = _Rows(self.permutation_windows(epoch))
+            order.skip(first * global_batch)  # resume: the windows before the position are drawn, not kept
+            for _ in range(first, self.batches_per_epoch):
+                block = order.take(global_batch)
                 yield from block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             epoch, first = epoch + 1, 0
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The row order of `epoch` (all rows, before the split into batches and ranks)."""
-        if self.shuffle and self.row_groups and self.shuffle_window > 0:
-            return block_permutation(self.row_groups, self.seed, epoch, self.shuffle_window)
-        return epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)
+        return torch.cat(list(self.permutation_windows(epoch)))
+
+    def permutation_windows(self, epoch: int) -> Iterator[torch.Tensor]:
+        """`permutation(epoch)` in consecutive pieces, made as they are asked for (`block_permutation_windows`)."""
+        if self.shuffle and len(self.row_groups) and self.shuffle_window > 0:
+            return block_permutation_windows(self.row_groups, self.seed, epoch, self.shuffle_window)
+        return iter([epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)])
 
     def position_after(self, batches_consumed: int) -> tuple[int, int]:
         """(epoch, batch) of the next batch after `batches_consumed` batches since the start position."""
