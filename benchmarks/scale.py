@@ -15,7 +15,15 @@ first opened), `ResumableSampler` with `shuffle_blocks`, the DataLoader
 A third run reads the 1M cache through a manifest without the shard layout (`data.layout`; the shards linked
 into `cache-1000000-nolayout`), as every reader did before: start-up then reads all ~3,900 footers.
 
-The model is left out on purpose: loading it costs the same for both caches and would only dilute the ratio.
+The model is left out of those on purpose, to see the data path's own growth. With --train, the measure the
+issue names: `flowtrain train` itself, in a fresh process (the tiny Klein pipeline, LoRA, JSONL tracking, 3 steps),
+on a 10k-row and a 1M-row cache of rows it trains on (16 px latents (8, 8, 8) + 8-token text (8, 96), float32:
+5 KiB a row, 5 GB for 1M; written once, ~3 min):
+
+  training start-up   process start → the first optimizer step done (`time` of step 1 in logs/metrics.jsonl)
+                                                                                      target: 1M / 10k ≤ 1.5×
+  peak RSS            the training process's maximum resident set (wait4)             target: ≤ 100 MB more
+  throughput          the data path alone (as above) on the same two caches           target: 1M / 10k ≥ 0.9×
 
 With --bytes: bytes per sample of each family's cache at 1024 px, as declared (the columns' shapes and dtypes,
 docs/models/) and on disk: a shard of 16 rows in each family's layout written by precompute's own `write_shard`
@@ -25,6 +33,7 @@ plus Parquet's own overhead; real encoder outputs may compress somewhat better.
     .venv/bin/python benchmarks/scale.py                 # builds the caches once (~3 min), then ~1 min per rep
     .venv/bin/python benchmarks/scale.py --rows 10000 1000000 --batches 2000 --reps 3
     .venv/bin/python benchmarks/scale.py --bytes         # ~1 min
+    .venv/bin/python benchmarks/scale.py --train --reps 3  # builds its caches once, then ~1 min per rep
 """
 
 from __future__ import annotations
@@ -44,13 +53,14 @@ LATENT, TEXT = (2, 2, 2), (4, 8)
 BATCH = 4
 
 
-def cache(rows: int) -> Path:
+def cache(rows: int, latent: tuple[int, ...] = LATENT, text: tuple[int, ...] = TEXT, name: str = "cache") -> Path:
+    """A synthetic cache of `rows` rows of these shapes, written once under the bench folder."""
     from flowtrain.testing.synthetic import write_synthetic_cache
 
-    path = common.bench_dir() / "scale" / f"cache-{rows}"
+    path = common.bench_dir() / "scale" / f"{name}-{rows}"
     if not (path / "manifest.json").exists():
         t = time.perf_counter()
-        write_synthetic_cache(path, rows, latent_shape=LATENT, text_shape=TEXT)
+        write_synthetic_cache(path, rows, latent_shape=latent, text_shape=text)
         print(f"wrote {rows} rows to {path} in {time.perf_counter() - t:.0f}s", flush=True)
     return path
 
@@ -114,6 +124,61 @@ def run_child(path: Path, batches: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+TRAIN_LATENT, TRAIN_TEXT = (8, 8, 8), (8, 96)  # the tiny Klein pipeline at 16 px, max_sequence_length 8
+
+
+def train_run(cache_dir: Path, work: Path, steps: int = 3) -> dict:
+    """`flowtrain train` on `cache_dir` in a fresh process: seconds to the first optimizer step, peak RSS."""
+    import os
+    import shutil
+
+    import yaml
+
+    fx = common.tiny_fixture()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cfg = common.train_config(fx, work / "run", max_steps=steps)
+    cfg["model"]["max_sequence_length"] = TRAIN_TEXT[0]
+    cfg["dataset"]["cache_dir"] = str(cache_dir)
+    cfg["checkpoint"]["final"] = False
+    cfg["tracking"] = {"report_to": ["jsonl"], "graphs": False}
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "flowtrain", "train", "cfg.yaml", "--quiet"], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"flowtrain train on {cache_dir} failed:\n{err[-3000:]}")
+    first = json.loads((work / "run" / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    return {"first_step_s": first["time"] - start, "train_peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def train_scale(rows: list[int], reps: int, batches: int) -> None:
+    """Each rep, interleaved: `flowtrain train` on each cache, then the data path alone (`child`) on each."""
+    small, large = (cache(n, TRAIN_LATENT, TRAIN_TEXT, name="train-cache") for n in rows)
+    work = common.bench_dir() / "scale" / "train"
+    res = common.interleave({"small": lambda: {**train_run(small, work / "small"), **run_child(small, batches)},
+                             "large": lambda: {**train_run(large, work / "large"), **run_child(large, batches)}},
+                            reps)  # fmt: skip
+    print(json.dumps(res, indent=1))
+    med = {k: {m: common.median([r[m] for r in v]) for m in v[0]} for k, v in res.items()}
+    s, g = med["small"], med["large"]
+    out = [
+        {"measure": "training start-up s (process start → first optimizer step)", "10k": s["first_step_s"],
+         "1M": g["first_step_s"], "ratio": g["first_step_s"] / s["first_step_s"], "target": "≤ 1.5×"},
+        {"measure": "peak RSS MiB of the training process", "10k": s["train_peak_rss_mb"], "1M": g["train_peak_rss_mb"],
+         "ratio": g["train_peak_rss_mb"] - s["train_peak_rss_mb"], "target": "≤ +100 MB (ratio column: difference)"},
+        {"measure": f"loader samples/s ({batches} batches of {BATCH}, data path alone)", "10k": s["samples_per_s"],
+         "1M": g["samples_per_s"], "ratio": g["samples_per_s"] / s["samples_per_s"], "target": "≥ 0.9×"},
+        {"measure": "data path alone: open the cache → first batch s", "10k": s["startup_s"], "1M": g["startup_s"],
+         "ratio": g["startup_s"] / s["startup_s"], "target": "(part of the start-up above)"},
+    ]  # fmt: skip
+    out = [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in out]
+    common.report("scale: flowtrain train on 10k vs 1M rows", out, {"command": " ".join(sys.argv), "rows": rows})
+
+
 # Each family's columns at 1024 px (docs/models/*.md give where every number comes from): (name, dtype, shape);
 # a variable-length text column's shape has its length first: Qwen-Image's L = 45 is a 40-token caption.
 LAYOUTS_1024 = {
@@ -165,7 +230,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--bytes", action="store_true", help="bytes per sample per family at 1024 px, then exit")
+    p.add_argument("--train", action="store_true", help="time `flowtrain train` to its first step on each cache")
     args = p.parse_args()
+    if args.train:
+        train_scale(args.rows, args.reps, args.batches)
+        return
     if args.bytes:
         common.report("cache bytes per sample at 1024 px", bytes_per_sample(), {"command": " ".join(sys.argv)})
         return
