@@ -224,11 +224,6 @@ def test_video_demo_refuses_frames_the_pipeline_does_not_train(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="target not reached yet: measured joint adherence 55% (digit 55%, motion 100%) with the shipped budget; "
-    "the tiny AutoencoderKLWan is the limit (59% of real clips keep their digit through its round trip): docs/video.md",
-)
 def test_video_demo_meets_its_target(tmp_path):
     """The full video demo (configs/demo/video.yaml) reaches its joint-adherence target (benchmarks/demo_video.py
     measures the time)."""
