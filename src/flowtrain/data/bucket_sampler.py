@@ -1,6 +1,8 @@
-"""The sampler of an aspect-ratio bucketed cache: every batch holds rows of one bucket only.
+"""The sampler of a cache of several latent shapes: every batch holds rows of one bucket only.
 
-Rows of different buckets have latents of different shapes, so they cannot share a batch. Each epoch, every
+A bucket is one aspect-ratio bucket (`precompute --buckets`) and one clip length (a video cache's images are
+one-frame clips next to its videos' clips). Rows of different buckets have latents of different shapes, so they
+cannot share a batch. Each epoch, every
 bucket's rows are shuffled and cut into global batches (`batch_size × world_size` rows; each bucket's incomplete
 tail is dropped that epoch), and the global batches of all buckets are shuffled together. Rank r takes the r-th
 `batch_size` rows of each global batch, so at every step all ranks hold disjoint rows of the same bucket and run
@@ -22,13 +24,15 @@ from flowtrain.data.manifest import CacheManifest
 
 
 def rows_by_bucket(manifest: CacheManifest) -> list[list[int]] | None:
-    """Row indices of each bucket, buckets sorted by (height, width); None for a cache with at most one bucket
-    (square or bucketed to one shape), which the plain `ResumableSampler` reads as it always did."""
-    buckets: dict[tuple[int, int], list[int]] = {}
+    """Row indices of each bucket, a bucket being the rows of one latent shape: one clip length (`shard_frames`;
+    a video cache's images are one-frame clips) and one aspect-ratio bucket (`shard_buckets`). Sorted by (frames,
+    (height, width)), the declared frame count first; so an aspect-ratio bucketed cache's buckets are in (height,
+    width) order as they always were. None for a cache of one shape (square, bucketed to one shape, or clips of
+    one length), which the plain `ResumableSampler` reads as it always did."""
+    buckets: dict[tuple[int, tuple[int, int]], list[int]] = {}
     start = 0
-    for shard, bucket in zip(manifest.shards, manifest.shard_buckets, strict=True):
-        if bucket is not None:
-            buckets.setdefault(bucket, []).extend(range(start, start + shard["rows"]))
+    for shard, frames, bucket in zip(manifest.shards, manifest.shard_frames, manifest.shard_buckets, strict=True):
+        buckets.setdefault((frames or 0, bucket or (0, 0)), []).extend(range(start, start + shard["rows"]))
         start += shard["rows"]
     if len(buckets) <= 1:
         return None
@@ -82,9 +86,10 @@ class BucketSampler(Sampler[int]):
         if self.batches_per_epoch == 0:
             sizes = [len(b) for b in self.buckets]
             raise ValueError(
-                f"no aspect-ratio bucket of the cache holds one global batch (train.batch_size={batch_size} × "
-                f"{world_size} processes = {global_batch} rows; bucket sizes {sizes}): lower train.batch_size, add "
-                "data, or precompute with fewer buckets (a smaller --max-aspect, or without --buckets)"
+                f"no bucket of the cache (aspect ratio, or clip length) holds one global batch (train.batch_size="
+                f"{batch_size} × {world_size} processes = {global_batch} rows; bucket sizes {sizes}): lower "
+                "train.batch_size, add data, or precompute with fewer buckets (a smaller --max-aspect, without "
+                "--buckets, or images and videos in separate caches)"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

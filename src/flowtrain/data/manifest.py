@@ -6,7 +6,10 @@ fingerprint        what determines the content: model path, revision, resolution
                    cache settings, the encoders' / VAE's identity (config + weights digests); `id` hashes it
 columns            the family's declared columns (name, dtype, shape, source)
 latent_norm        the statistics the family normalises latents with (named lists of floats)
-shards             [{file, rows, bytes, row_groups}] (`bytes`, `row_groups`: `data.layout`, absent in older caches);
+shards             [{file, rows, bytes, row_groups}] (`bytes`, `row_groups`: `data.layout`, absent in older caches),
+                   plus `shapes` (the columns' per-row shapes where they differ from `columns`) and what makes them
+                   differ: `bucket` (an aspect-ratio bucket's height, width) or `frames` (a video cache's one-frame
+                   clips: its images);
                    `empty_prompt`: the "" prompt's conditioning (safetensors)
 source, source_digest  the raw folder it was made from, and a digest of that folder's manifest at the time
 """
@@ -90,6 +93,12 @@ class CacheManifest:
     def shard_buckets(self) -> list[tuple[int, int] | None]:
         """Each shard's aspect-ratio bucket (height, width) in pixels; None for shards of a square cache."""
         return [tuple(s["bucket"]) if s.get("bucket") else None for s in self.shards]
+
+    @property
+    def shard_frames(self) -> list[int | None]:
+        """Each shard's clip length in frames where it differs from the declared columns' (`frames`: a video cache's
+        images, one-frame clips); None for shards of the declared shapes."""
+        return [int(s["frames"]) if s.get("frames") else None for s in self.shards]
 
     def column(self, name: str) -> Column:
         for c in self.columns:

@@ -189,11 +189,12 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     position = {"seed": shuffle_seed, "shuffle": cfg.dataset.shuffle, "rank": rank, "world_size": world,
                 "start_epoch": epoch, "start_batch": batch_pos}  # fmt: skip
     buckets = rows_by_bucket(dataset.manifest)  # None: square (or one bucket), read as it always was
-    if buckets is not None:  # aspect-ratio buckets: each batch from one bucket (data.bucket_sampler)
+    if buckets is not None:  # aspect-ratio buckets or clip lengths: each batch from one (data.bucket_sampler)
         if class_dataset is not None:
             raise ValueError(
-                f"{cfg.dataset.cache_dir} is bucketed by aspect ratio; dataset.class_cache_dir (prior preservation) "
-                "needs a square instance cache: precompute it without --buckets"
+                f"{cfg.dataset.cache_dir} holds latents of several shapes (aspect-ratio buckets, or images next to "
+                "video clips); dataset.class_cache_dir (prior preservation) needs an instance cache of one shape: "
+                "precompute it without --buckets (or with dataset.video.images: false)"
             )
         sampler = BucketSampler(buckets, cfg.train.batch_size, **position)
     else:
