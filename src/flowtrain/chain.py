@@ -129,7 +129,8 @@ def prepare_and_precompute(args: argparse.Namespace, cfg: Any) -> None:
     resolution = resolution_for(cache, args.resolution, PRECOMPUTE_RESOLUTION)
     pre = parse_args(["precompute", raw, "--out", cache, "--config", args.config, "--resolution", str(resolution),
                       *args.overrides, *shared])  # fmt: skip
-    video = clip_settings(clip_options(get_family(cfg.model.family), read_raw_manifest(raw), cfg.dataset.video))
+    raw_manifest = read_raw_manifest(raw)
+    video = clip_settings(clip_options(get_family(cfg.model.family), raw_manifest, cfg.dataset.video), raw_manifest)
     # precompute reads dataset.buckets from the config itself; the spec here is only for the fingerprint's buckets
     buckets = _bucket_spec(pre, cfg.model, cfg.dataset.buckets)
     current, why = cache_is_current(cache, raw, cache_fingerprint(cfg.model, resolution, video, buckets)["id"])

@@ -180,6 +180,11 @@ def _precompute_done(args: argparse.Namespace, manifest, out: str) -> int:
             from flowtrain.data.buckets import describe_counts, shard_counts
 
             print(f"  buckets (height x width: rows): {describe_counts(shard_counts(manifest.shards))}")
+        if any("frames" in sh for sh in manifest.shards):  # a video cache with its images as one-frame clips
+            from flowtrain.data.clips import frame_counts
+
+            counts = ", ".join(f"{f}: {n}" for f, n in frame_counts(manifest).items())
+            print(f"  clip lengths (frames: rows): {counts}")
     return 0
 
 

@@ -49,9 +49,11 @@ def test_video_files_become_5d_latents_the_family_would_compute(tmp_path):
     assert main(args) == 0
     ds = CacheDataset(cache)
     keys = [k for s in ds.manifest.shards for k in pq.read_table(cache / s["file"]).column("key").to_pylist()]
-    assert keys == ["v0#0", "v0#1", "v1#0", "v1#1", "v2#0", "v2#1"]  # 13 frames: clips at 0 and 4; the image: none
+    # 13 frames: clips at 0 and 4; the image: a one-frame clip in a shard of its own
+    assert keys == ["v0#0", "v0#1", "v1#0", "v1#1", "v2#0", "v2#1", "still"]
     latent = ds.manifest.column("latent_moments")
     assert latent.shape == (32, 3, 4, 4)  # 2·16 channels, (9 - 1)/4 + 1 latent frames, 32/8 px
+    assert ds[keys.index("still")]["latent_moments"].shape == (32, 1, 4, 4)
 
     model = tiny_model(wan, "wan", max_sequence_length=32)
     encoders = family.load_encoders(model, dtype=torch.float32, device="cpu")

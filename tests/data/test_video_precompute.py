@@ -33,18 +33,21 @@ def _meta(rows: list[tuple[str, str | None, int, float | None]]) -> pa.Table:
 
 def test_plan_names_one_row_per_clip_and_counts_what_gave_none():
     part = _meta([("a", "MP4", 13, 8.0), ("b", "WEBM", 4, 8.0), ("img", "PNG", 1, None), ("c", "MOV", 5, 8.0)])
-    table, left_out = plan(part, VideoConfig(frames=5, selection="chunk"))
+    table, left_out = plan(part, VideoConfig(frames=5, selection="chunk", images=False))
     assert table.column("key").to_pylist() == ["a#0", "a#1", "c#0"]
     assert table.column(FRAMES).to_pylist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
     assert table.column(RAW_ROW).to_pylist() == [0, 0, 3]
-    assert left_out == 2  # "b" is too short; an image is one frame, and a clip here is five
+    assert left_out == 2  # "b" is too short; images are left out (dataset.video.images: false)
     # the video's bytes are referenced per clip, not copied: a dictionary over the raw slice's values
     assert pa.types.is_dictionary(table.schema.field("image").type)
     assert table.column("image").to_pylist() == [b"a", b"a", b"c"]
 
+    table, left_out = plan(part, VideoConfig(frames=5, selection="chunk"))  # images kept: one-frame clips
+    assert table.column("key").to_pylist() == ["a#0", "a#1", "img", "c#0"] and left_out == 1
+    assert table.column(FRAMES).to_pylist()[2] == [0]
     table, left_out = plan(part, VideoConfig(frames=1, selection="head"))
     assert table.column("key").to_pylist() == ["a", "b", "img", "c"] and left_out == 0  # an image: a one-frame video
-    table, _ = plan(part, VideoConfig(frames=5, selection="uniform", target_fps=4.0))
+    table, _ = plan(part, VideoConfig(frames=5, selection="uniform", target_fps=4.0, images=False))
     # a at 4 fps is frames 0 2 4 … 12 (7); 5 spread evenly over them: positions 0 1.5 3 4.5 6, half to even
     assert table.column(FRAMES).to_pylist() == [[0, 4, 6, 8, 12]]
 
@@ -145,7 +148,7 @@ def test_clip_pixels_hands_a_video_family_b_3_f_h_w_in_frame_order(raw_videos, t
     encoders = klein.load_encoders(tiny_model(tiny_pipeline_dir, max_sequence_length=32), dtype=torch.float32,
                                    device="cpu")  # fmt: skip
     part = pq.read_table(raw_videos / "raw-00000.parquet")
-    table, left_out = plan(part, VideoConfig(frames=5, selection="slide", stride=2))
+    table, left_out = plan(part, VideoConfig(frames=5, selection="slide", stride=2, images=False))
     assert left_out == 1  # the image
     walk, wave = [f"walk#{i}" for i in range(4)], [f"wave#{i}" for i in range(3)]  # starts 0 2 4 6 of 11; 0 2 4 of 9
     assert table.column("key").to_pylist() == walk + wave

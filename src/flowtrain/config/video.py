@@ -16,7 +16,13 @@ class VideoConfig(Section):
         ge=1,
         description="Frames per clip; must be 4k+1 (1, 5, 9, ..., 81: the video VAE keeps the first frame and "
         "compresses each further 4 into one latent frame). Used when the raw shards hold videos; an image row is a "
-        "one-frame video (cached alongside them only when frames is 1).",
+        "one-frame video (see `images`).",
+    )
+    images: bool = Field(
+        True,
+        description="Cache the image rows of a folder that also holds videos, each as a one-frame clip: with frames "
+        "> 1 they go into cache shards of their own (one frame count per shard) and every training batch holds one "
+        "frame count. false: leave images out and train on the videos' clips only.",
     )
     selection: Literal["head", "uniform", "chunk", "slide"] = Field(
         "head",

@@ -2,10 +2,13 @@
 
 It is on when the raw shards hold videos; otherwise precompute runs its image path unchanged (a video family gets
 images there as (B, 3, H, W), one-frame videos, and `cache_columns` without `frames`: its default of 1). One raw
-row becomes as many cache rows as `video.select_clips` gives it (an image row is a one-frame video), each keyed by
-the raw key (`KEY#i` for the i-th clip of `chunk` / `slide`). The plan is a pure function of the raw shard's
-metadata columns, so an interrupted precompute knows which keys each cache shard must hold without decoding
-anything.
+row becomes as many cache rows as `video.select_clips` gives it (an image row is a one-frame video, kept unless
+`dataset.video.images` is false), each keyed by the raw key (`KEY#i` for the i-th clip of `chunk` / `slide`). Each
+cache shard holds clips of one frame count: with `frames` > 1 a slice's image rows get a shard of their own, whose
+manifest entry records its `frames` and the column `shapes` that differ from the declared ones (the sampler batches
+within one frame count, as it batches within one aspect-ratio bucket: `data.bucket_sampler`). The plan is a pure
+function of the raw shard's metadata columns, so an interrupted precompute knows which keys each cache shard must
+hold without decoding anything.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowtrain.config.video import VideoConfig
@@ -48,30 +52,68 @@ def clip_options(family: Any, raw_manifest: dict, video: VideoConfig | None) -> 
     return video
 
 
-def clip_settings(options: VideoConfig | None) -> dict | None:
-    """What of the clip options changes the cache (it goes into the fingerprint); None on the image path."""
-    return None if options is None else options.model_dump()
+def holds_images(raw_manifest: dict) -> bool:
+    """Whether a raw folder (its manifest) holds image rows next to its videos."""
+    return sum(int(s["rows"]) for s in raw_manifest.get("shards", [])) > int(raw_manifest.get("videos", 0))
+
+
+def clip_settings(options: VideoConfig | None, raw_manifest: dict) -> dict | None:
+    """What of the clip options changes the cache (it goes into the fingerprint); None on the image path.
+
+    `images` enters only where it changes what is cached from what flowtrain cached before the option existed
+    (image rows at `frames: 1` only): every such cache keeps its fingerprint, while the cache of a folder with
+    images at `frames` > 1, which now holds them, gets a new one, so a stale cache without them is never reused."""
+    if options is None:
+        return None
+    settings = options.model_dump(exclude={"images"})
+    if holds_images(raw_manifest) and options.images != (options.frames == 1):
+        settings["images"] = options.images
+    return settings
 
 
 def planned_slices(
     table: pa.Table, raw_index: int, rows_per_shard: int, options: VideoConfig
-) -> tuple[list[tuple[str, None, pa.Table]], int]:
-    """A raw shard's clips as precompute writes them: (cache shard name, bucket (always None: clips are cached at
-    one size), clip rows) per slice of `rows_per_shard` raw rows, slices without a clip left out; plus how many raw
-    rows gave no clip."""
+) -> tuple[list[tuple[str, int | None, pa.Table]], int]:
+    """A raw shard's clips as precompute writes them: (cache shard name, frame count, clip rows) per slice of
+    `rows_per_shard` raw rows and frame count, slices without a clip left out; plus how many raw rows gave no clip.
+
+    The frame count is None for clips of `options.frames` (the declared columns' shapes), in shard
+    `cache-RRRRR-CCCC.parquet` as always; a slice's clips of another count (images as one-frame clips) go into
+    `cache-RRRRR-CCCC-fNNN.parquet`, NNN the count."""
     slices, left_out = [], 0
     for chunk, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         part, dropped = plan(table.slice(start, rows_per_shard), options)
         left_out += dropped
-        if part.num_rows:
-            slices.append((f"cache-{raw_index:05d}-{chunk:04d}.parquet", None, part))
+        for frames, rows in by_frame_count(part, options.frames):
+            suffix = "" if frames is None else f"-f{frames:03d}"
+            slices.append((f"cache-{raw_index:05d}-{chunk:04d}{suffix}.parquet", frames, rows))
     return slices, left_out
+
+
+def by_frame_count(part: pa.Table, frames: int) -> list[tuple[int | None, pa.Table]]:
+    """A plan's rows split by clip length, each group in plan order: (None, clips of `frames`) first, then
+    (n, clips of n frames) by n; groups without rows left out. A plan of one length is returned as is."""
+    lengths = pc.list_value_length(part.column(FRAMES)).to_pylist()
+    rows: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(lengths):
+        rows[n].append(i)
+    if set(rows) <= {frames}:
+        return [(None, part)] if part.num_rows else []
+    order = sorted(rows, key=lambda n: (n != frames, n))
+    return [(None if n == frames else n, part.take(pa.array(rows[n], pa.int64()))) for n in order]
+
+
+def differing_shapes(columns: list[Any], other: list[Any]) -> dict[str, list[int]]:
+    """The per-row shapes of `other` (the family's columns for another frame count) that differ from `columns`
+    (the cache's declared ones): what a shard of that frame count records as its manifest `shapes`."""
+    declared = {c.name: c.shape for c in columns}
+    return {c.name: list(c.shape) for c in other if tuple(c.shape) != tuple(declared[c.name])}
 
 
 def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
     """A raw slice → one row per clip: key, caption, image (dictionary-encoded: a video's bytes are not copied per
     clip), `frames` (its source frame indices) and `raw_row`; plus how many raw rows gave no clip (videos shorter
-    than one clip; image rows when a clip has more than one frame)."""
+    than one clip; image rows when `options.images` is false)."""
     names = set(part.column_names)
     n = part.num_rows
     formats = part.column("format").to_pylist() if "format" in names else [None] * n
@@ -92,8 +134,8 @@ def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
                 stride=options.stride,
                 max_clips=options.max_clips,
             )
-        else:
-            clips = [[0]] if options.frames == 1 else []
+        else:  # an image: a one-frame clip, whatever the frame count of the videos' clips
+            clips = [[0]] if options.images else []
         left_out += not clips
         for c, indices in enumerate(clips):
             out_keys.append(f"{keys[i]}#{c}" if several and formats[i] in VIDEO_FORMATS else keys[i])
@@ -111,6 +153,16 @@ def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
         RAW_ROW: pa.array(rows, pa.int32()),
     }
     return pa.table(columns), left_out
+
+
+def frame_counts(manifest: Any) -> dict[int, int]:
+    """Rows per clip length of a cache (`CacheManifest`) made on the clip path, longest first: {frames: rows}; the
+    shards without `frames` hold clips of `dataset.video.frames` (the fingerprint's)."""
+    declared = int(manifest.fingerprint.get("settings", {}).get("video", {}).get("frames", 1))
+    counts: dict[int, int] = defaultdict(int)
+    for shard, frames in zip(manifest.shards, manifest.shard_frames, strict=True):
+        counts[frames or declared] += int(shard["rows"])
+    return dict(sorted(counts.items(), reverse=True))
 
 
 def raw_columns(path: Any) -> list[str]:
@@ -157,7 +209,7 @@ def clip_pixels(family: Any, encoders: Any, rows: dict[str, list], resolution: i
 def log_left_out(left_out: int, options: VideoConfig, cached: int) -> None:
     """Say how many raw rows gave no clip; ValueError when none gave one (an empty cache trains nothing)."""
     what = f"clip of {options.frames} frame(s) (selection {options.selection}, target_fps {options.target_fps})"
-    why = "videos too short, or images when a clip has more than one frame (docs/video.md)"
+    why = "videos too short, or images with dataset.video.images false (docs/video.md)"
     if cached == 0:
         raise ValueError(f"no raw row gave a {what}: {why}; lower dataset.video.frames or target_fps")
     if left_out:

@@ -18,6 +18,7 @@ Finished tables are written by a thread (`writer.ShardWriter`), so the encoders 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from flowtrain.config.model import ModelOptions
 from flowtrain.config.video import VideoConfig
 from flowtrain.data import clips
-from flowtrain.data.buckets import BucketSpec, bucket_shapes, cache_slices, shard_entry
+from flowtrain.data.buckets import BucketSpec, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.layout import with_layout
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
@@ -153,13 +154,19 @@ def precompute(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # What the cache will be is known from the options and the model's files: a mismatch with an existing cache in
     # `out` fails before the encoders load. It is recorded only once the options passed the loaded encoders' checks.
-    fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts), buckets)
+    fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts, raw), buckets)
     if ranks.is_main:
         _check_existing(out, fp)
     encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
     frames = {"frames": clip_opts.frames} if clip_opts is not None and clips.is_video_family(family) else {}
     columns = family.cache_columns(encoders, model, resolution=resolution, **frames)
+
+    @functools.cache
+    def frame_shapes(n: int) -> dict[str, list[int]]:
+        """The shapes a shard of n-frame clips records: the family's own columns at n frames, where they differ."""
+        return clips.differing_shapes(columns, family.cache_columns(encoders, model, resolution=resolution, frames=n))
+
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / STATE).write_text(json.dumps({"fingerprint": fp}, indent=2))
@@ -203,17 +210,21 @@ def precompute(
                 path = raw_dir / raw_shard["file"]
                 if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
                     table = read_table(path, columns=["key", "caption", "image", "width", "height"])
-                    slices = cache_slices(table, raw_idx, rows_per_shard, buckets)
-                else:  # videos: one row per clip (data/clips.py)
+                    slices = [(n, b, None, p) for n, b, p in cache_slices(table, raw_idx, rows_per_shard, buckets)]
+                else:  # videos: one row per clip (data/clips.py), one frame count per shard
                     table = read_table(path, columns=clips.raw_columns(path))
-                    slices, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
+                    planned, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
+                    slices = [(n, None, f, p) for n, f, p in planned]
                     left_out += dropped
-                for name, bucket, part in slices:
+                for name, bucket, n_frames, part in slices:
+                    entry = shard_entry(name, part.num_rows, bucket, columns, resolution)
+                    if n_frames is not None:  # clips of another length than the declared columns' (images)
+                        entry |= {"frames": n_frames, "shapes": frame_shapes(n_frames)}
                     if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
-                        writer.submit(encode(part, pool, bar, bucket), out / name)
+                        writer.submit(encode(part, pool, bar, bucket, entry.get("shapes")), out / name)
                     else:
                         bar.update(part.num_rows)
-                    shards.append(shard_entry(name, part.num_rows, bucket, columns, resolution))
+                    shards.append(entry)
     bar.close()
     if clip_opts is not None:
         clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
@@ -278,11 +289,19 @@ class _ShardEncoder:
             return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution)
         return self.family.preprocess_images(self.encoders, _decode(rows), resolution=self.resolution, size=size)
 
-    def __call__(self, part: pa.Table, pool: Any, bar: Any, size: tuple[int, int] | None = None) -> pa.Table:
-        """`size`: the (height, width) bucket of every row of `part`; None: the square `resolution`."""
+    def __call__(
+        self,
+        part: pa.Table,
+        pool: Any,
+        bar: Any,
+        size: tuple[int, int] | None = None,
+        shapes: dict[str, list[int]] | None = None,
+    ) -> pa.Table:
+        """`size`: the (height, width) bucket of every row of `part`; None: the square `resolution`. `shapes`: the
+        per-row shapes of the columns that differ from the declared ones in this shard (its manifest entry's: an
+        aspect-ratio bucket's latent grid, or another clip length's latent frames)."""
         columns = self.columns
-        if size is not None:
-            shapes = bucket_shapes(columns, self.resolution, size)
+        if shapes:
             columns = [dataclasses.replace(c, shape=tuple(shapes[c.name])) if c.name in shapes else c for c in columns]
         if clips.FRAMES not in part.column_names:  # images: what the encoders read (a clip plan keeps its columns)
             part = part.select(["key", "caption", "image"])
