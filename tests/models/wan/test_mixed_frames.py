@@ -175,3 +175,39 @@ def test_flowtrain_train_runs_on_the_mixed_cache(mixed, wan_dir, tmp_path, monke
     metrics = [json.loads(x) for x in (tmp_path / "runs/m/logs/metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_ranks_step_through_the_same_clip_length_together(mixed):
+    """DDP lockstep: at every step all ranks hold disjoint rows of one clip length (the bucket sampler's rule)."""
+    from itertools import islice
+
+    from flowtrain.data.bucket_sampler import BucketSampler, rows_by_bucket
+    from flowtrain.data.manifest import CacheManifest
+
+    manifest = CacheManifest.read(mixed[1])
+    frames, groups = _frames_of_rows(manifest), rows_by_bucket(manifest)
+    ranks = [BucketSampler(groups, 1, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == 3  # 4 clips → 2 global batches of 2, 3 images → 1 (one sits out)
+    steps = [list(islice(iter(s), 6)) for s in ranks]  # two epochs, one row per rank and step
+    for a, b in zip(*steps, strict=True):
+        assert a != b and frames[a] == frames[b]
+
+
+def test_an_interrupted_mixed_precompute_continues(mixed, tmp_path):
+    """The images' shard is planned and checked by its keys like any other: a rerun after a kill redoes only it."""
+    import shutil
+
+    from flowtrain.cli import main
+    from flowtrain.data.manifest import CacheManifest
+
+    raw, cache, args = mixed
+    out = tmp_path / "cache"
+    shutil.copytree(cache, out)
+    first = CacheManifest.read(out)
+    before = pq.read_table(out / "cache-00000-0000-f001.parquet")
+    (out / "cache-00000-0000-f001.parquet").unlink()
+    (out / "manifest.json").unlink()  # as if killed before the end
+    assert main(["precompute", str(raw), "--out", str(out), *args]) == 0
+    again = CacheManifest.read(out)
+    assert again.shards == first.shards and again.fingerprint == first.fingerprint
+    assert pq.read_table(out / "cache-00000-0000-f001.parquet").equals(before)
