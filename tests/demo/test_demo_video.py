@@ -182,12 +182,14 @@ def _check_video_run(out, rep: dict, *, per_prompt: int) -> None:
 
     with av.open(str(out / "samples.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 9
-    for path in ("stages/vae/vae/config.json", "stages/vae/latent_stats.json", "raw/manifest.json",
+    for path in ("stages/vae/vae/config.json", "stages/vae9/vae/config.json", "stages/vae9/latent_stats.json",
+                 "raw/manifest.json",
                  "stages/assemble/pipeline/model_index.json", "stages/assemble/cache/manifest.json",
                  "stages/dit/transformer/config.json", "loss_curve.png"):  # fmt: skip
         assert (out / path).exists(), path
     record = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert [(k, v["status"]) for k, v in record.items()] == [("vae", "done"), ("assemble", "done"), ("dit", "done")]
+    assert [(k, v["status"]) for k, v in record.items()] == [
+        ("vae", "done"), ("vae9", "done"), ("assemble", "done"), ("dit", "done")]  # fmt: skip
 
 
 def test_video_demo_quick_path(tmp_path):
@@ -206,9 +208,9 @@ def test_video_demo_quick_path(tmp_path):
     rep = json.loads((out / "demo_report.json").read_text())
     _check_video_run(out, rep, per_prompt=1)
     assert rep["data"]["prepared"] == 16 and rep["quick"] is True
-    vae_cfg = json.loads((out / "stages/vae/vae/config.json").read_text())
+    vae_cfg = json.loads((out / "stages/vae9/vae/config.json").read_text())  # the VAE the pipeline uses
     assert (vae_cfg["scale_factor_spatial"], vae_cfg["scale_factor_temporal"]) == (4, 4)
-    stats = json.loads((out / "stages/vae/latent_stats.json").read_text())
+    stats = json.loads((out / "stages/vae9/latent_stats.json").read_text())
     assert vae_cfg["latents_mean"] == stats["latents_mean"] and len(stats["latents_std"]) == vae_cfg["z_dim"]
     shard = sorted((out / "stages/assemble/cache").glob("*.parquet"))[0]
     col = pq.read_schema(shard).field("latent_moments").type

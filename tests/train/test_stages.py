@@ -299,6 +299,37 @@ def test_autoencoder_stage_runs_once_and_resumes_when_cut_short(tiny_pipeline_di
     assert [r["step"] for r in rows] == [1, 2, 3, 3]  # the log continued: step 3 once, then the stats' row
 
 
+def test_autoencoder_stage_starts_from_an_earlier_ones_vae(tiny_pipeline_dir, tiny_cache, tmp_path):
+    """autoencoder_from: the second autoencoder stage starts from the first one's trained VAE (model.pretrained is
+    that stage's folder): with a vanishing learning rate it ends where the first ended; naming a stage that is not
+    an earlier autoencoder stage is refused when the config is read."""
+    from pathlib import Path
+
+    from flowtrain.config.stages import stage_configs
+
+    ae_yaml = Path(__file__).parents[2] / "configs" / "demo" / "autoencoder.yaml"
+    over = [f"data.raw_dir={tiny_cache[0]}", "data.resolution=32", "train.batch_size=4", "train.log_every=1",
+            "tracking.report_to=[jsonl]", "lr_scheduler.warmup_steps=0"]  # fmt: skip
+    stages = [
+        {"name": "a", "kind": "autoencoder", "autoencoder": str(ae_yaml), "steps": 3, "autoencoder_overrides": over},
+        {
+            "name": "b",
+            "kind": "autoencoder",
+            "autoencoder": str(ae_yaml),
+            "steps": 1,
+            "autoencoder_from": "a",
+            "autoencoder_overrides": [*over, "train.learning_rate=1e-20"],
+        },  # fmt: skip
+    ]
+    cfg = _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "run", stages)
+    assert stage_configs(cfg)[1].model.pretrained == f"{tmp_path / 'run'}/stages/a"
+    run_pipeline(cfg, progress=False)
+    a, b = (load_file(str(next((tmp_path / "run" / "stages" / n / "vae").glob("*.safetensors")))) for n in "ab")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match=r"autoencoder_from 'c' is not an earlier autoencoder stage"):
+        _cfg(tiny_pipeline_dir, tiny_cache[1], tmp_path / "x", [stages[0], {**stages[1], "autoencoder_from": "c"}])
+
+
 def test_stage_runs_nest_under_the_pipelines_mlflow_run_and_epochs_set_a_length(
     tiny_pipeline_dir, tiny_cache, tmp_path
 ):

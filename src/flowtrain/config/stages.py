@@ -66,6 +66,11 @@ class StageConfig(Section):
     autoencoder_overrides: list[str] = Field(
         default_factory=list, description="kind autoencoder: dotted overrides of that file, e.g. [train.batch_size=8]."
     )
+    autoencoder_from: str | None = Field(
+        None,
+        description="kind autoencoder: the name of an earlier autoencoder stage whose trained VAE this one starts "
+        "from (its model.pretrained), e.g. to go on with longer clips or another loss; null: the config's own model.",
+    )
     steps: int | None = Field(
         None, gt=0, description="Length in optimizer steps (sets the stage's train.max_steps); null: see epochs."
     )
@@ -139,8 +144,10 @@ class StageConfig(Section):
                     f"stage {self.name!r} (kind autoencoder): {[k for k, v in other.items() if v]} are options of "
                     "transformer stages; an autoencoder stage takes steps and autoencoder_overrides"
                 )
-        elif self.autoencoder is not None or self.autoencoder_overrides:
-            raise ValueError(f"stage {self.name!r}: autoencoder / autoencoder_overrides need kind: autoencoder")
+        elif self.autoencoder is not None or self.autoencoder_overrides or self.autoencoder_from is not None:
+            raise ValueError(
+                f"stage {self.name!r}: autoencoder / autoencoder_overrides / autoencoder_from need kind: autoencoder"
+            )
         if self.kind == "python":
             if not self.call or ":" not in self.call:
                 raise ValueError(f"stage {self.name!r}: kind python needs `call: package.module:function`")
@@ -219,6 +226,8 @@ def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
             f"stages[{index}] ({stage.name!r}): model family {cfg.model.family!r} has no autoencoder trainer"
         )
     overrides = [*stage.autoencoder_overrides, f"output_dir={cfg.output_dir}/{STAGES_DIR}/{stage.name}"]
+    if stage.autoencoder_from is not None:  # that stage's folder holds its trained `vae/`
+        overrides.append(f"model.pretrained={cfg.output_dir}/{STAGES_DIR}/{stage.autoencoder_from}")
     if stage.steps is not None:
         overrides.append(f"train.max_steps={stage.steps}")
     try:
@@ -268,6 +277,13 @@ def check_stages(cfg: Any) -> list[Any]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"stages: names must be unique (each names a folder); repeated: {dup}")
+    for i, stage in enumerate(cfg.stages):
+        earlier = {s.name for s in cfg.stages[:i] if s.kind == "autoencoder"}
+        if stage.autoencoder_from is not None and stage.autoencoder_from not in earlier:
+            raise ValueError(
+                f"stages[{i}] ({stage.name!r}): autoencoder_from {stage.autoencoder_from!r} is not an earlier "
+                f"autoencoder stage (earlier ones: {sorted(earlier) or 'none'})"
+            )
     configs = stage_configs(cfg)
     last = None  # the previous transformer stage's index
     for i, (stage, c) in enumerate(zip(cfg.stages, configs, strict=True)):

@@ -110,7 +110,8 @@ def run_video_demo(
             f"{cfg.pipeline_config}: dataset.video.frames={pipe_cfg.dataset.video.frames} and model.num_frames="
             f"{pipe_cfg.model.num_frames} must both equal the demo's data.frames={d.frames}"
         )
-    vae_dir, dit_dir = paths["stages"] / "vae", paths["stages"] / "dit"
+    # the video VAE trains in two stages (5-frame clips, then 9): the second is the one the pipeline uses
+    vae5_dir, vae_dir, dit_dir = paths["stages"] / "vae", paths["stages"] / "vae9", paths["stages"] / "dit"
     _claim(out)
     for name in STAGE_DIRS:
         shutil.rmtree(paths[name], ignore_errors=True)
@@ -133,7 +134,7 @@ def run_video_demo(
     with stage("pipeline", f"configs/demo/{cfg.pipeline_config}: video autoencoder, assemble + precompute, Wan "
                f"transformer from scratch ({dit_steps} steps)"):  # fmt: skip
         result = run_pipeline(pipe_cfg, progress=progress)
-    ae = result.stages["vae"]
+    ae = result.stages["vae9"]
     train_cfg = FlowtrainConfig.model_validate({**pipe_cfg.model_dump(mode="json"), "stages": []})
 
     s = cfg.sample
@@ -160,7 +161,8 @@ def run_video_demo(
         sample_paths = video_report.write_samples(out, clips, labels, ok, cols=4 * s.per_prompt, fps=d.fps)
         report.loss_curve(
             {
-                "stage vae: video autoencoder reconstruction loss": (vae_dir, "rec"),
+                "stage vae: video autoencoder reconstruction loss, 5-frame clips": (vae5_dir, "rec"),
+                "stage vae9: the same, 9-frame clips": (vae_dir, "rec"),
                 "stage dit: Wan transformer flow-matching loss": (dit_dir, "loss"),
             },
             out / "loss_curve.png",
