@@ -69,8 +69,7 @@ class CacheDataset(Dataset):
         # Open shard handles, least recently used first, at most OPEN_SHARDS: each holds a file descriptor and its
         # footer (~80 KB), and an epoch over a 1M-row cache touches ~4k shards (benchmarks/scale.py).
         self._pf: OrderedDict[int, pq.ParquetFile] = OrderedDict()
-        self._rg_starts: dict[int, list[int]] = {}
-        self._has_mask: dict[int, bool] = {}
+        self._rg_starts: dict[int, list[int]] = {}  # per shard: the first row of each row group (`_locate`)
 
     def __len__(self) -> int:
         return self._len
@@ -133,22 +132,31 @@ class CacheDataset(Dataset):
         workers = min(8, os.cpu_count() or 1) if len(paths) > 16 else 1
         with ThreadPoolExecutor(workers) as pool:
             footers = list(pool.map(_read_footer, paths))
+        self._has_mask: dict[int, bool] = {}  # whether the shard holds a LOSS_MASK column, known once checked
+        self._schemas_ok: dict[tuple, bool] = {}  # (footer's Arrow schema, manifest shapes) checked → has a mask
         for i, path, footer in zip(todo, paths, footers, strict=True):
-            self._check_footer(i, path, footer)
-            self._group_sizes[i] = footer[2]
+            if isinstance(footer, Exception):
+                self._check_readable(path, footer)
+            rows, schema, sizes = footer
+            self._check_rows(i, path, rows)
+            self._check_columns(i, path, schema)
+            self._has_mask[i] = LOSS_MASK in schema.names
+            self._group_sizes[i] = sizes
 
-    def _check_footer(
-        self, shard: int, path: Path | FsPath, footer: tuple[int, pa.Schema, list[int]] | Exception
-    ) -> None:
-        """Raise a CacheError naming `path` when its footer does not match the manifest's entry for `shard`."""
+    def _check_readable(self, path: Path | FsPath, error: Exception) -> None:
+        """Raise the CacheError for a shard whose footer could not be read (missing, or not Parquet)."""
+        if not path.exists():  # asked only when the read failed: at a URL each question is a request
+            raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
+        raise CacheError(f"{path}: not a readable Parquet file ({error}); delete it and {RERUN}") from error
+
+    def _check_rows(self, shard: int, path: Path | FsPath, rows: int) -> None:
+        if rows != self.manifest.shards[shard]["rows"]:
+            want = self.manifest.shards[shard]["rows"]
+            raise CacheError(f"{path}: {rows} rows, manifest.json says {want}; delete it and {RERUN}")
+
+    def _check_columns(self, shard: int, path: Path | FsPath, schema: pa.Schema) -> None:
+        """Raise a CacheError naming `path` when its columns' tensor shapes are not the manifest's for `shard`."""
         s = self.manifest.shards[shard]
-        if isinstance(footer, Exception):  # asked only when the read failed: at a URL each question is a request
-            if not path.exists():
-                raise CacheError(f"{path}: listed in manifest.json but missing; {RERUN}")
-            raise CacheError(f"{path}: not a readable Parquet file ({footer}); delete it and {RERUN}") from footer
-        rows, schema, _ = footer
-        if rows != s["rows"]:
-            raise CacheError(f"{path}: {rows} rows, manifest.json says {s['rows']}; delete it and {RERUN}")
         for col in self.columns:
             got = _stored_shape(schema.field(col.name).type) if col.name in schema.names else None
             # a variable-length row (L, *rest) is stored as L fixed-size lists of prod(rest) values; an image
@@ -160,6 +168,29 @@ class CacheDataset(Dataset):
                     f"{path}: column {col.name!r} holds tensors of shape {got}, manifest.json says "
                     f"{list(col.shape)} (a shard from another model or resolution?); delete it and {RERUN}"
                 )
+
+    def _check_opened(self, shard: int, path: Path | FsPath, pf: pq.ParquetFile) -> None:
+        """The footer check of a shard placed by the manifest's layout, on its first open in this process.
+
+        Cheap on purpose: a 1M-row cache opens a new shard for almost every row group it reads. The column check
+        is done once per distinct footer schema (all shards of one bucket share it), not per shard."""
+        md = pf.metadata
+        self._check_rows(shard, path, md.num_rows)
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        if sizes != self._group_sizes[shard]:
+            raise CacheError(
+                f"{path}: row groups of {sizes} rows, manifest.json says {self._group_sizes[shard]} (the file "
+                f"changed after precompute); delete it and {RERUN}"
+            )
+        shapes = self.manifest.shards[shard].get("shapes")
+        arrow_schema = (md.metadata or {}).get(b"ARROW:schema")  # the serialized schema pyarrow wrote (no parse)
+        key = (arrow_schema, repr(sorted(shapes.items())) if shapes else None)
+        if arrow_schema is None or key not in self._schemas_ok:
+            schema = pf.schema_arrow
+            self._check_columns(shard, path, schema)
+            self._schemas_ok[key] = LOSS_MASK in schema.names
+        self._has_mask[shard] = self._schemas_ok[key]
+        self._unverified.discard(shard)
 
     def _check_finite(self, shard: int, rg: int, data: dict[str, torch.Tensor | tuple]) -> None:
         """Raise a CacheError naming the first row of this row group with a NaN/inf value."""
@@ -174,7 +205,7 @@ class CacheDataset(Dataset):
             if offsets is not None:  # a value index → its row
                 i = int(torch.searchsorted(offsets, torch.tensor(i), right=True)) - 1
             key = self._file(shard).read_row_group(rg, columns=["key"]).column("key")[i].as_py()
-            row = self._rg_starts[shard][rg] + i
+            row = self._rg_starts[shard][rg] + i  # filled by `_locate`, which every read goes through
             path = self.dir / self._files[shard]
             raise CacheError(
                 f"{path}: row {row} (key {key!r}) has NaN/inf values in {col!r}. Remove or fix the source image "
@@ -188,32 +219,19 @@ class CacheDataset(Dataset):
         return self.collate([row])
 
     def _file(self, shard: int) -> pq.ParquetFile:
-        if shard in self._pf:
+        pf = self._pf.get(shard)
+        if pf is not None:
             self._pf.move_to_end(shard)
-            return self._pf[shard]
+            return pf
         path = self._shard_path(shard)
         try:
             pf = open_parquet(path)  # opened lazily: DataLoader workers each open their own
         except Exception as e:
             if shard in self._unverified:  # first seen now: the same clear errors as at open
-                self._check_footer(shard, path, e)
+                self._check_readable(path, e)
             raise
-        if shard not in self._rg_starts:
-            starts, n = [], 0
-            for i in range(pf.metadata.num_row_groups):
-                starts.append(n)
-                n += pf.metadata.row_group(i).num_rows
-            schema = pf.schema_arrow  # rebuilt on every access
-            if shard in self._unverified:  # its place came from the manifest's layout: check the footer agrees
-                self._check_footer(shard, path, (pf.metadata.num_rows, schema, _sizes(starts, n)))
-                if _sizes(starts, n) != self._group_sizes[shard]:
-                    raise CacheError(
-                        f"{path}: row groups of {_sizes(starts, n)} rows, manifest.json says "
-                        f"{self._group_sizes[shard]} (the file changed after precompute); delete it and {RERUN}"
-                    )
-                self._unverified.discard(shard)
-            self._rg_starts[shard] = starts
-            self._has_mask[shard] = LOSS_MASK in schema.names
+        if shard in self._unverified:  # its place came from the manifest's layout: check the footer agrees
+            self._check_opened(shard, path, pf)
         self._pf[shard] = pf
         if len(self._pf) > OPEN_SHARDS:
             self._pf.popitem(last=False)  # closed when collected
@@ -226,11 +244,29 @@ class CacheDataset(Dataset):
             self.dir, self._pid = as_path(str(self.dir)), os.getpid()
         return self.dir / self._files[shard]
 
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """(shard, row group, row within it) of a row, from the manifest's layout (no file is opened)."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[shard]
+        starts = self._rg_starts.get(shard)
+        if starts is None:
+            starts = self._rg_starts[shard] = list(itertools.accumulate(self._group_sizes[shard][:-1], initial=0))
+        rg = bisect.bisect_right(starts, local) - 1
+        return shard, rg, local - starts[rg]
+
     def _row_group(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
         key = (shard, rg)
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
+        data = self._load(shard, rg)
+        self._lru[key] = data
+        if len(self._lru) > self._lru_size:
+            self._lru.popitem(last=False)
+        return data
+
+    def _load(self, shard: int, rg: int) -> dict[str, torch.Tensor | tuple]:
+        """One row group, decoded: {column: tensor (or (values, offsets) for a variable-length column)}."""
         pf = self._file(shard)
         names = [c.name for c in self.columns] + ([LOSS_MASK] if self._has_mask[shard] else [])
         table = pf.read_row_group(rg, columns=names)
@@ -243,23 +279,16 @@ class CacheDataset(Dataset):
         }
         if self._has_mask[shard]:
             data[LOSS_MASK] = _mask_tensor(table.column(LOSS_MASK))
-        if key not in self._finite_checked:  # once per row group and process, not on every read
+        if (shard, rg) not in self._finite_checked:  # once per row group and process, not on every read
             self._check_finite(shard, rg, data)
-            self._finite_checked.add(key)
-        self._lru[key] = data
-        if len(self._lru) > self._lru_size:
-            self._lru.popitem(last=False)
+            self._finite_checked.add((shard, rg))
         return data
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self._len:
             raise IndexError(index)
-        shard = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[shard]
-        self._file(shard)
-        rg = bisect.bisect_right(self._rg_starts[shard], local) - 1
+        shard, rg, i = self._locate(index)
         data = self._row_group(shard, rg)
-        i = local - self._rg_starts[shard][rg]
         # Storage dtypes (e.g. bf16 text embeddings): half the bytes to collate, pin and copy to the device than
         # float32; `train.step.make_inputs` casts on the device.
         row: dict = {}
@@ -271,11 +300,6 @@ class CacheDataset(Dataset):
                 row[name] = t[i]
         row["index"] = index
         return row
-
-
-def _sizes(starts: list[int], total: int) -> list[int]:
-    """Rows per row group from the groups' first rows and the shard's row count."""
-    return [b - a for a, b in zip(starts, [*starts[1:], total], strict=True)]
 
 
 def _read_footer(path: Path | FsPath) -> tuple[int, pa.Schema, list[int]] | Exception:

@@ -39,10 +39,25 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, storage_dtype: str, *, 
     if copy:
         t = torch.from_numpy(np.array(arr, copy=True))
     else:
-        with warnings.catch_warnings():  # torch warns about the non-writable array; the caller never writes
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(arr)
+        t = _from_readonly(arr)
     return t.view(torch.bfloat16) if storage_dtype == "bfloat16" else t
+
+
+_silenced = False
+
+
+def _from_readonly(arr: np.ndarray) -> torch.Tensor:
+    """`torch.from_numpy` on Arrow's read-only memory, without the warning torch gives (once a process) that the
+    array is not writable. Silenced on the first call only: a `catch_warnings` on every row group cost more than
+    reading a small one (benchmarks/scale.py), and it is not thread-safe (the prefetch thread reads)."""
+    global _silenced
+    if _silenced:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    _silenced = True
+    return t
 
 
 def ragged_column(rows: list[torch.Tensor], storage_dtype: str) -> pa.ListArray:
@@ -67,9 +82,7 @@ def ragged_to_tensors(
         column = column.combine_chunks()
     offsets = torch.from_numpy(column.offsets.to_numpy().astype(np.int64))
     flat = column.flatten().flatten()  # rows → fixed-size lists → values (respects slicing offsets)
-    with warnings.catch_warnings():  # read-only Arrow memory: the caller only copies out of it
-        warnings.simplefilter("ignore", UserWarning)
-        values = torch.from_numpy(flat.to_numpy(zero_copy_only=False))
+    values = _from_readonly(flat.to_numpy(zero_copy_only=False))  # the caller only copies out of it
     if storage_dtype == "bfloat16":
         values = values.view(torch.bfloat16)
     offsets = offsets - offsets[0]
