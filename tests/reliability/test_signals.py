@@ -99,6 +99,16 @@ def _signal_at(monkeypatch, at_step: int, signum: int = signal.SIGTERM) -> None:
 def test_in_process_stop_request_finishes_step_and_saves(rel_cfg, tmp_path, monkeypatch, signum):
     """The signal arrives inside step 5 (index 4): step 5 is finished and saved, then train() returns. (That the
     resume from such a checkpoint is exact is checked by the SIGTERM test above and by test_resume_exact.)"""
+    # Python's own SIGINT handler, as an interactive process has it: a disposition left behind by whatever ran
+    # earlier in this process (an ignored SIGINT is kept ignored, by design) is not what this test is about.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_request_finishes_step_and_saves(rel_cfg, tmp_path, monkeypatch, signum)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _stop_request_finishes_step_and_saves(rel_cfg, tmp_path, monkeypatch, signum):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     _signal_at(monkeypatch, at_step=4, signum=signum)
     res = train(rel_cfg(tmp_path / "r", train={"max_steps": 8}, checkpoint={"every_steps": None}), progress=False)
