@@ -75,7 +75,7 @@ def test_the_sampler_draws_an_epochs_order_only_as_far_as_it_reads(monkeypatch):
 
     monkeypatch.setattr(cache_mod, "block_permutation_windows", counting)
     groups = [16] * 1000
-    first = list(itertools.islice(ResumableSampler(16_000, 4, seed=0, row_groups=groups, shuffle_window=8), 4))
+    first = list(itertools.islice(ResumableSampler(16_000, 4, seed=0, blocks=groups, shuffle_window=8), 4))
     assert windows == [128] and first == block_permutation(groups, 0, 0, 8)[:4].tolist()
 
 
@@ -83,7 +83,7 @@ def test_the_sampler_draws_an_epochs_order_only_as_far_as_it_reads(monkeypatch):
 def test_block_shuffled_sampler_resumes_exactly(world):
     """Starting at (epoch, batch) yields exactly what an uninterrupted sampler yields from that batch on."""
     n, bs = sum(GROUPS), 4
-    kw = {"seed": 5, "row_groups": GROUPS, "shuffle_window": 2, "world_size": world}
+    kw = {"seed": 5, "blocks": GROUPS, "shuffle_window": 2, "world_size": world}
     for rank in range(world):
         straight = list(itertools.islice(ResumableSampler(n, bs, rank=rank, **kw), 100 * bs))
         bpe = ResumableSampler(n, bs, rank=rank, **kw).batches_per_epoch
@@ -94,11 +94,11 @@ def test_block_shuffled_sampler_resumes_exactly(world):
 
 
 def test_auto_window_keeps_global_shuffle_where_it_costs_nothing():
-    assert resolve_shuffle_window(None, [16] * 8, lru_row_groups=8) == 0  # the whole cache fits the LRU
-    assert resolve_shuffle_window(None, [16] * 9, lru_row_groups=8) == 8
-    assert resolve_shuffle_window(None, [1] * 500, lru_row_groups=8) == 0  # Klein rows: a group per row
-    assert resolve_shuffle_window(3, [16] * 100, lru_row_groups=8) == 3
-    assert resolve_shuffle_window(0, [16] * 100, lru_row_groups=8) == 0
+    assert resolve_shuffle_window(None, [16] * 8, lru_blocks=8) == 0  # the whole cache fits the LRU
+    assert resolve_shuffle_window(None, [16] * 9, lru_blocks=8) == 8
+    assert resolve_shuffle_window(None, [1] * 500, lru_blocks=8) == 0  # Klein rows: a group per row
+    assert resolve_shuffle_window(3, [16] * 100, lru_blocks=8) == 3
+    assert resolve_shuffle_window(0, [16] * 100, lru_blocks=8) == 0
 
 
 def test_precompute_gives_large_rows_row_groups_of_their_own():
@@ -130,3 +130,38 @@ def test_dataset_reports_its_row_groups_and_decodes_each_once_per_epoch(tmp_path
     for i in itertools.islice(sampler, sampler.batches_per_epoch * 5):
         ds[i]
     assert len(reads) == len(set(reads)) == 5  # every row group decoded exactly once in the epoch
+
+
+def test_small_rows_shuffle_by_blocks_of_a_shards_row_groups_each_decoded_once(tmp_path, monkeypatch):
+    # rows of ~100 bytes in 16-row groups: a shard's groups join into blocks of BLOCK_BYTES of the file, so a
+    # reader opens a shard once a block rather than once a row group (benchmarks/scale.py)
+    from flowtrain.data import cache as cache_mod
+
+    cache = write_synthetic_cache(tmp_path / "c", 600, latent_shape=(2, 2, 2), text_shape=(4, 8), rows_per_shard=100)
+    shard_bytes = [s["bytes"] for s in CacheDataset(cache).manifest.shards]
+    monkeypatch.setattr(cache_mod, "BLOCK_BYTES", shard_bytes[0] // 2)  # two blocks a 100-row shard: 64 + 36 rows
+    monkeypatch.setattr(cache_mod, "OPEN_SHARDS", 3)  # as many handles as a window has blocks: a cache "too big"
+    ds = CacheDataset(cache, lru_row_groups=3)
+    assert ds.row_group_sizes() == ([16] * 6 + [4]) * 6
+    blocks = ds.shuffle_blocks(None)
+    assert blocks["blocks"].tolist() == [64, 36] * 6  # never across a shard
+    assert blocks["shuffle_window"] == 3 and ds.lru_row_groups == 3 * 4  # a window of blocks, each up to 4 groups
+    sampler = ResumableSampler(len(ds), 5, seed=0, **blocks)
+    reads, opens = [], []
+    load, open_file = ds._row_group, ds._file
+
+    def counting(shard, rg):
+        if (shard, rg) not in ds._lru:
+            reads.append((shard, rg))
+        return load(shard, rg)
+
+    def counting_opens(shard):
+        if shard not in ds._pf:
+            opens.append(shard)
+        return open_file(shard)
+
+    ds._row_group, ds._file = counting, counting_opens
+    for i in itertools.islice(sampler, sampler.batches_per_epoch * 5):
+        ds[i]
+    assert len(reads) == len(set(reads)) == 42  # every row group decoded exactly once in the epoch
+    assert len(opens) <= 12  # a shard opened once a block at most (one a row group would be 42)

@@ -26,10 +26,11 @@ class DatasetConfig(Section):
     shuffle_window: int | None = Field(
         None,
         ge=0,
-        description="Shuffle by Parquet row groups: groups in random order, rows shuffled within windows of this many "
-        "groups, so each group is decoded once an epoch. 0: one global permutation (a random row group per row: "
-        "slow once the cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 row groups or "
-        "its row groups hold at most 2 rows (rows of several MiB), else 8.",
+        description="Shuffle by blocks of the cache (a Parquet row group, or a run of one shard's row groups holding "
+        "512 KiB when rows are small): blocks in random order, rows shuffled within windows of this many blocks, so "
+        "each block is decoded once an epoch. 0: one global permutation (a random row group per row: slow once the "
+        "cache outgrows the reader's 8-group LRU). null: 0 when the cache has at most 8 blocks or its blocks hold at "
+        "most 2 rows (rows of several MiB), else 8.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 reads in the main process.")
     pin_memory: bool = Field(True, description="Pinned host memory for batches (CUDA only).")

@@ -36,6 +36,12 @@ from flowtrain.models.common import pad_rows
 LOSS_MASK = "loss_mask"
 RERUN = "rerun `flowtrain precompute` with the same --out (it recomputes missing shards)"
 OPEN_SHARDS = 64  # shard handles a reader keeps open (per process); well under the usual 1024 open-file limit
+# A shuffle block (`CacheDataset.shuffle_blocks`) runs over a shard's consecutive row groups until it holds this many
+# bytes of the file. Opening a shard (its footer parsed) costs about as much as reading ~100 KiB of it, and a cache
+# of more shards than OPEN_SHARDS opens one per block read: with 16-row groups of small rows (a few KiB a row or
+# less) that open was most of the read, and a 1M-row cache read 0.7× as fast as a 10k-row one (benchmarks/scale.py).
+# Real rows (Klein 4B at 1024 px: ~8 MiB) fill a row group of their own, and their blocks stay single row groups.
+BLOCK_BYTES = 512 * 1024
 
 
 class CacheDataset(Dataset):
@@ -99,14 +105,36 @@ class CacheDataset(Dataset):
         """Rows of every Parquet row group, in row order over all shards (from the files' footers)."""
         return [n for shard in range(len(self._files)) for n in self._group_rows(shard)]
 
+    def block_sizes(self) -> tuple[np.ndarray, int]:
+        """(rows of every shuffle block in row order, the most row groups in one block). A block is a run of one
+        shard's consecutive row groups holding at least BLOCK_BYTES of the file, or the shard's rest; a cache
+        whose manifest records no file sizes (older caches) has a block per row group."""
+        blocks: list[int] = []
+        widest = 1
+        for s, sizes in zip(self.manifest.shards, self._group_sizes, strict=True):
+            per_row = s["bytes"] / max(s["rows"], 1) if "bytes" in s else math.inf
+            rows = groups = 0
+            for n in sizes:
+                rows, groups = rows + n, groups + 1
+                if rows * per_row >= BLOCK_BYTES:
+                    blocks.append(rows)
+                    widest, rows, groups = max(widest, groups), 0, 0
+            if rows:
+                blocks.append(rows)
+                widest = max(widest, groups)
+        return np.asarray(blocks, dtype=np.int64), widest
+
     def shuffle_blocks(self, shuffle_window: int | None) -> dict:
         """`ResumableSampler` keyword arguments for `dataset.shuffle_window` (None: auto, see
-        `resolve_shuffle_window`)."""
-        sizes = np.fromiter(itertools.chain.from_iterable(self._group_sizes), dtype=np.int64)
-        return {
-            "row_groups": sizes,
-            "shuffle_window": resolve_shuffle_window(shuffle_window, sizes, self._lru_size),
-        }
+        `resolve_shuffle_window`), in blocks (`block_sizes`). Grows this reader's LRU to hold a window's row
+        groups (at most a few MiB more: only groups under BLOCK_BYTES share a block), so each is decoded once an
+        epoch."""
+        blocks, widest = self.block_sizes()
+        window = resolve_shuffle_window(shuffle_window, blocks, self._lru_size)
+        # the blocks read together: a window, or the whole cache when it fits (not a configured global permutation)
+        together = window if window > 0 else len(blocks) if len(blocks) <= self._lru_size else 0
+        self._lru_size = max(self._lru_size, together * widest)
+        return {"blocks": blocks, "shuffle_window": window}
 
     def _group_rows(self, shard: int) -> list[int]:
         return self._group_sizes[shard]  # read with the footer check, once
@@ -379,17 +407,18 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
-def block_permutation(row_groups: Sequence[int], seed: int, epoch: int, window: int) -> torch.Tensor:
-    """A row order that reads each Parquet row group once: the row groups in a random order, and the rows of each
-    `window` consecutive groups of that order shuffled together. A pure function of (row groups, seed, epoch).
+def block_permutation(blocks: Sequence[int], seed: int, epoch: int, window: int) -> torch.Tensor:
+    """A row order that reads each block of rows once: `blocks` (rows per block, contiguous, in row order: the
+    cache's row groups, or runs of them, `CacheDataset.block_sizes`) in a random order, and the rows of each
+    `window` consecutive blocks of that order shuffled together. A pure function of (blocks, seed, epoch).
 
     A global permutation touches a random row group for every row: with rows of ~8 MiB (16 to a row
     group) and a cache larger than the reader's LRU, every row would decode a whole row group.
     """
-    return torch.cat(list(block_permutation_windows(row_groups, seed, epoch, window)))
+    return torch.cat(list(block_permutation_windows(blocks, seed, epoch, window)))
 
 
-def block_permutation_windows(row_groups: Sequence[int], seed: int, epoch: int, window: int) -> Iterator[torch.Tensor]:
+def block_permutation_windows(blocks: Sequence[int], seed: int, epoch: int, window: int) -> Iterator[torch.Tensor]:
     """`block_permutation`, one window at a time (each a 1-D tensor of row indices; concatenated, the epoch's order).
 
     Lazy on purpose: the first batch of a 1M-row cache needs one window, not the ~8k window shuffles of the whole
@@ -397,13 +426,13 @@ def block_permutation_windows(row_groups: Sequence[int], seed: int, epoch: int, 
     generator in window order, so the order does not depend on how far a reader goes.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    sizes = np.asarray(row_groups, dtype=np.int64)
+    sizes = np.asarray(blocks, dtype=np.int64)
     starts = np.cumsum(sizes) - sizes
     order = torch.randperm(len(sizes), generator=g).numpy()
     for k in range(0, len(order), window):
-        groups = order[k : k + window]
-        # the rows of this window's groups, in group order (a few aranges: cheaper than one repeat_interleave)
-        spans = zip(starts[groups], sizes[groups], strict=True)
+        picked = order[k : k + window]
+        # the rows of this window's blocks, in block order (a few aranges: cheaper than one repeat_interleave)
+        spans = zip(starts[picked], sizes[picked], strict=True)
         rows = torch.from_numpy(np.concatenate([np.arange(a, a + n) for a, n in spans]))
         yield rows[torch.randperm(len(rows), generator=g)]
 
@@ -429,15 +458,15 @@ class _Rows:
             self.take(n)
 
 
-def resolve_shuffle_window(configured: int | None, row_groups: Sequence[int], lru_row_groups: int) -> int:
-    """`dataset.shuffle_window`: None (auto) → 0 (one global permutation) when every row group fits in the
-    reader's LRU or row groups hold at most 2 rows (rows of several MiB: a row's read is its group's read), else a
-    window of as many row groups as the LRU holds."""
+def resolve_shuffle_window(configured: int | None, blocks: Sequence[int], lru_blocks: int) -> int:
+    """`dataset.shuffle_window`: None (auto) → 0 (one global permutation) when every block fits in the reader's
+    LRU or blocks hold at most 2 rows (rows of several MiB: a row's read is its block's read), else a window of
+    as many blocks as the LRU holds."""
     if configured is not None:
         return configured
-    if len(row_groups) <= lru_row_groups or int(np.max(row_groups)) <= 2:
+    if len(blocks) <= lru_blocks or int(np.max(blocks)) <= 2:
         return 0
-    return lru_row_groups
+    return lru_blocks
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -452,8 +481,8 @@ class ResumableSampler(Sampler[int]):
 
     Each epoch's permutation is split into `batch_size * world_size` blocks; rank r takes the r-th slice of each
     block, and the incomplete tail is dropped so every rank runs the same number of steps (DDP needs that).
-    With `row_groups` (rows per Parquet row group, in row order) and `shuffle_window` > 0, the permutation is a
-    `block_permutation` (each row group read once an epoch); otherwise one global permutation.
+    With `blocks` (rows per shuffle block, in row order: `CacheDataset.shuffle_blocks`) and `shuffle_window` > 0,
+    the permutation is a `block_permutation` (each block read once an epoch); otherwise one global permutation.
     """
 
     def __init__(
@@ -467,14 +496,14 @@ class ResumableSampler(Sampler[int]):
         world_size: int = 1,
         start_epoch: int = 0,
         start_batch: int = 0,
-        row_groups: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
         shuffle_window: int = 0,
     ):
         self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
-        # an array, not a list: a 1M-row cache has ~60k row groups, and start-up should not walk them in Python
-        self.row_groups = np.asarray(row_groups if row_groups is not None else [], dtype=np.int64)
-        if row_groups is not None and int(self.row_groups.sum()) != num_rows:
-            raise ValueError(f"row_groups add up to {int(self.row_groups.sum())} rows, the cache has {num_rows}")
+        # an array, not a list: a 1M-row cache has thousands of blocks; start-up should not walk them in Python
+        self.blocks = np.asarray(blocks if blocks is not None else [], dtype=np.int64)
+        if blocks is not None and int(self.blocks.sum()) != num_rows:
+            raise ValueError(f"blocks add up to {int(self.blocks.sum())} rows, the cache has {num_rows}")
         self.shuffle_window = shuffle_window
         self.rank, self.world_size = rank, world_size
         self.start_epoch, self.start_batch = start_epoch, start_batch
@@ -502,8 +531,8 @@ class ResumableSampler(Sampler[int]):
 
     def permutation_windows(self, epoch: int) -> Iterator[torch.Tensor]:
         """`permutation(epoch)` in consecutive pieces, made as they are asked for (`block_permutation_windows`)."""
-        if self.shuffle and len(self.row_groups) and self.shuffle_window > 0:
-            return block_permutation_windows(self.row_groups, self.seed, epoch, self.shuffle_window)
+        if self.shuffle and len(self.blocks) and self.shuffle_window > 0:
+            return block_permutation_windows(self.blocks, self.seed, epoch, self.shuffle_window)
         return iter([epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)])
 
     def position_after(self, batches_consumed: int) -> tuple[int, int]:
