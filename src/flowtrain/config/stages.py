@@ -218,6 +218,7 @@ def stage_configs(cfg: Any) -> list[Any]:
 
 def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
     """An autoencoder stage's config, validated by the model family that trains it, run in the stage's folder."""
+    from flowtrain.autoencoder import load_autoencoder_config
     from flowtrain.models import TrainsAutoencoder, get_family
 
     family = get_family(cfg.model.family)
@@ -231,7 +232,7 @@ def autoencoder_config(cfg: Any, stage: StageConfig, index: int) -> Any:
     if stage.steps is not None:
         overrides.append(f"train.max_steps={stage.steps}")
     try:
-        ae = family.load_autoencoder_config(stage.autoencoder, overrides)
+        ae = load_autoencoder_config(stage.autoencoder, overrides)
     except (ValueError, OSError) as e:
         raise ValueError(f"stages[{index}] ({stage.name!r}): autoencoder {stage.autoencoder}: {e}") from None
     t = ae.tracking

@@ -308,16 +308,6 @@ class TrainsAutoencoder(Protocol):
 
     name: str
 
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        """The validated autoencoder config (with `output_dir`) of the YAML `config` plus dotted overrides
-        (`flowtrain.autoencoder.load_autoencoder_config`)."""
-        ...
-
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
-        """Train it: `flowtrain.autoencoder.train_autoencoder(cfg, **kwargs)` (`run_dir`, `resume`); returns a
-        result with `step`, `final` (last metrics), `stats` and `vae_dir`."""
-        ...
-
     def build_autoencoder(self, model: Any) -> torch.nn.Module:
         """A randomly initialised VAE of this family with `model`'s architecture (or `model.pretrained`), float32.
         Its `encode(x).latent_dist` is a diagonal Gaussian and `decode(z).sample` the image, as in diffusers."""

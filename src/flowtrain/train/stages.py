@@ -366,7 +366,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         if stage.kind == "autoencoder":
             if main:
                 log.info("stage %d/%d %s: training the autoencoder", i + 1, len(configs), stage.name)
-            ae = run_autoencoder_stage(cfg.model.family, scfg, progress=progress)
+            ae = run_autoencoder_stage(scfg, progress=progress)
             if parent is not None:
                 _nest(parent, Path(scfg.output_dir))
             stats = getattr(ae, "stats", None) or {}
@@ -544,15 +544,15 @@ def run_python_stage(cfg: Any, stage: StageConfig, stage_dir: Path, *, progress:
     return json.loads(json.dumps(value if value is not None else {}, default=str))
 
 
-def run_autoencoder_stage(family_name: str, cfg: Any, *, progress: bool = True) -> Any:
-    """The one call into the autoencoder trainer (`flowtrain.autoencoder`, through the model family, which fits its
-    own latent statistics at the end): `cfg` trained in its output_dir, the stage's folder; returns its result
-    (`step`, `vae_dir`). A stage cut short continues from its newest checkpoint (`checkpointing.every_steps`),
+def run_autoencoder_stage(cfg: Any, *, progress: bool = True) -> Any:
+    """The one call into the autoencoder trainer (`flowtrain.autoencoder`; the config's model family builds the VAE
+    and fits its own latent statistics at the end): `cfg` trained in its output_dir, the stage's folder; returns its
+    result (`step`, `vae_dir`). A stage cut short continues from its newest checkpoint (`checkpointing.every_steps`),
     exactly; without one it starts over, to the same weights (the trainer is seeded). A finished stage is never
     redone (pipeline.json)."""
-    from flowtrain.models import get_family
+    from flowtrain.autoencoder import train_autoencoder
 
-    return get_family(family_name).train_autoencoder(cfg, run_dir=cfg.output_dir, resume="latest", progress=progress)
+    return train_autoencoder(cfg, run_dir=cfg.output_dir, resume="latest", progress=progress)
 
 
 _PRECISION: dict[str, str] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -313,16 +313,6 @@ class Flux1:
         return common.save_full(output_dir, transformer)
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.autoencoder import load_autoencoder_config
-
-        return load_autoencoder_config(config, overrides)
-
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
-        from flowtrain.autoencoder import train_autoencoder
-
-        return train_autoencoder(cfg, progress=progress, **kwargs)
-
     def build_autoencoder(self, model: Any) -> torch.nn.Module:
         from flowtrain.models.flux1.autoencoder.build import build_vae
 

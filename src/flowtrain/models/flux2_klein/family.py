@@ -14,7 +14,7 @@ sequence is cached.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -287,16 +287,6 @@ class Flux2Klein:
         return list(out.images)
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`) ---------------------------------------------
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.autoencoder import load_autoencoder_config
-
-        return load_autoencoder_config(config, overrides)
-
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
-        from flowtrain.autoencoder import train_autoencoder
-
-        return train_autoencoder(cfg, progress=progress, **kwargs)
-
     def build_autoencoder(self, model: Any) -> torch.nn.Module:
         from flowtrain.models.flux2_klein.autoencoder.build import build_vae
 

@@ -17,7 +17,7 @@ called, so the cache and validation images are the pipeline's by construction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -346,16 +346,6 @@ class QwenImage:
         ]
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`; autoencoder.py) -----------------------------
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.autoencoder import load_autoencoder_config
-
-        return load_autoencoder_config(config, overrides)
-
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
-        from flowtrain.autoencoder import train_autoencoder
-
-        return train_autoencoder(cfg, progress=progress, **kwargs)
-
     def build_autoencoder(self, model: Any) -> torch.nn.Module:
         from flowtrain.models.qwen_image.autoencoder import build_vae
 

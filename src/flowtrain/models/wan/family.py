@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -458,16 +458,6 @@ class Wan:
         ]
 
     # ---- autoencoder (optional capability: `flowtrain autoencoder`; autoencoder.py) -----------------------------
-    def load_autoencoder_config(self, config: str | Path, overrides: Sequence[str]) -> Any:
-        from flowtrain.autoencoder import load_autoencoder_config
-
-        return load_autoencoder_config(config, overrides)
-
-    def train_autoencoder(self, cfg: Any, *, progress: bool = True, **kwargs: Any) -> Any:
-        from flowtrain.autoencoder import train_autoencoder
-
-        return train_autoencoder(cfg, progress=progress, **kwargs)
-
     def build_autoencoder(self, model: Any) -> torch.nn.Module:
         from flowtrain.models.wan.autoencoder import build_vae
 
