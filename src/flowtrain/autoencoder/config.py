@@ -28,8 +28,8 @@ class AEModelConfig(Section):
 
     pretrained: str | None = Field(
         None,
-        description="Start from this VAE folder (a `vae/` folder or a pipeline folder) instead of a random init; "
-        "the architecture keys below are then ignored.",
+        description="Start from this VAE instead of a random init: a VAE folder (config.json in it), a pipeline "
+        "folder (its vae/), or a pipeline's hub id; the architecture keys below are then ignored.",
     )
     block_out_channels: list[int] = Field(
         default_factory=lambda: [32, 64], min_length=1, description="Channels per resolution level (one per block)."

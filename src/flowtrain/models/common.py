@@ -46,6 +46,23 @@ def load_component(cls: Any, pretrained: str, subfolder: str, *, dtype: torch.dt
                                use_safetensors=True)  # fmt: skip
 
 
+def load_pretrained_vae(cls: Any, pretrained: str) -> torch.nn.Module:
+    """An autoencoder config's `model.pretrained` (`flowtrain autoencoder`), as `cls`, float32, safetensors only:
+    a VAE folder (config.json in it), a pipeline folder (its vae/, as an autoencoder stage's folder is), or a hub
+    id of a pipeline (its vae/ subfolder)."""
+    if not is_local(pretrained):
+        return cls.from_pretrained(pretrained, subfolder="vae", dtype=torch.float32, use_safetensors=True)
+    check_model_path(pretrained, "model.pretrained")
+    path = Path(pretrained).expanduser()
+    sub = subfolder_if_exists(path, "vae")
+    if sub is None and not (path / "config.json").is_file():
+        raise ModelPathError(
+            f"model.pretrained={pretrained!r} is neither a VAE folder (config.json) nor a pipeline folder with "
+            "vae/config.json; point it at the VAE you want to start from"
+        )
+    return cls.from_pretrained(path, subfolder=sub, dtype=torch.float32, use_safetensors=True)
+
+
 def load_pipeline(cls: Any, model: Any, *, dtype: torch.dtype, example: str = "", **components: Any) -> Any:
     """`cls.from_pretrained(model.pretrained)` with safetensors only, `components` overriding (None leaves one out),
     and a clear error for a path that is not a pipeline."""

@@ -19,10 +19,9 @@ def build_vae(model: Any) -> torch.nn.Module:
     from diffusers import AutoencoderKLQwenImage
 
     if model.pretrained is not None:
-        from flowtrain.models.common import load_component
+        from flowtrain.models.common import load_pretrained_vae
 
-        return load_component(AutoencoderKLQwenImage, model.pretrained, "vae", dtype=torch.float32, weights=None,
-                              key="model.pretrained")  # fmt: skip
+        return load_pretrained_vae(AutoencoderKLQwenImage, model.pretrained)
     base, mult, temporal = layout(model)
     return AutoencoderKLQwenImage(
         base_dim=base,

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from flowtrain.models.paths import subfolder_if_exists
+from flowtrain.models.common import load_pretrained_vae
 
 
 def build_vae(cfg: Any) -> torch.nn.Module:
@@ -21,8 +21,7 @@ def build_vae(cfg: Any) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     if cfg.pretrained is not None:
-        sub = subfolder_if_exists(cfg.pretrained, "vae")
-        return AutoencoderKL.from_pretrained(cfg.pretrained, subfolder=sub, dtype=torch.float32, use_safetensors=True)
+        return load_pretrained_vae(AutoencoderKL, cfg.pretrained)
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3,

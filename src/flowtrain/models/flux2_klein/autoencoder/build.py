@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from flowtrain.models.paths import subfolder_if_exists
+from flowtrain.models.common import load_pretrained_vae
 
 
 def build_vae(cfg: Any) -> torch.nn.Module:
@@ -14,10 +14,7 @@ def build_vae(cfg: Any) -> torch.nn.Module:
     from diffusers import AutoencoderKLFlux2
 
     if cfg.pretrained is not None:
-        sub = subfolder_if_exists(cfg.pretrained, "vae")
-        return AutoencoderKLFlux2.from_pretrained(
-            cfg.pretrained, subfolder=sub, dtype=torch.float32, use_safetensors=True
-        )
+        return load_pretrained_vae(AutoencoderKLFlux2, cfg.pretrained)
     n = len(cfg.block_out_channels)
     return AutoencoderKLFlux2(
         in_channels=3,
