@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowtrain.autoencoder import AutoencoderConfig, load_autoencoder_config, train_autoencoder
+from flowtrain.autoencoder.losses import kl_beta
 from flowtrain.config import ConfigError
-from flowtrain.models.flux2_klein.autoencoder.config import AutoencoderConfig, load_autoencoder_config
-from flowtrain.models.flux2_klein.autoencoder.train import build_vae, kl_beta, train_autoencoder
+from flowtrain.models.flux2_klein.autoencoder.build import build_vae
 
 REPO = Path(__file__).parents[2]
 

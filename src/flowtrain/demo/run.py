@@ -274,8 +274,8 @@ def _vae_roundtrip_accuracy(pipe: Any, split: Any, size: int, scorer: Any) -> fl
     import torch
     from PIL import Image
 
+    from flowtrain.autoencoder.data import to_pixels
     from flowtrain.demo import digits, score
-    from flowtrain.models.flux2_klein.autoencoder.data import to_pixels
 
     pixels = torch.stack([to_pixels(digits.digit_image(x, size), size) for x in split.test_x]).to(pipe.vae.device)
     with torch.no_grad():

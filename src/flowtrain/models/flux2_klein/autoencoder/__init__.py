@@ -2,9 +2,4 @@
 
 build.py   which VAE: `AutoencoderKLFlux2` from the config's architecture, and the pixel multiple it needs
 stats.py   fit the VAE BatchNorm latent statistics exactly as Klein normalises latents
-config.py, train.py   the names earlier code imported from here, now defined in `flowtrain.autoencoder`
 """
-
-from flowtrain.autoencoder.config import AutoencoderConfig, load_autoencoder_config
-
-__all__ = ["AutoencoderConfig", "load_autoencoder_config"]
