@@ -286,7 +286,7 @@ def _doc_params(family: str) -> dict[str, str]:
     return dict(cells)
 
 
-@pytest.mark.parametrize("name", ["flux2_klein", "flux1"])
+@pytest.mark.parametrize("name", ["flux2_klein", "flux1", "wan"])
 def test_docs_table_is_the_mapping(name):
     layout = ex.layout_of(name)
     assert _doc_table(name) == _layout_rows(layout)
