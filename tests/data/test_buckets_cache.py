@@ -201,29 +201,56 @@ def test_bad_bucket_settings_are_refused(bucketed, tiny_pipeline_dir, tmp_path, 
     assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("family", ["flux1", "qwen_image"])
+@pytest.mark.parametrize("family", ["flux1", "qwen_image", "wan"])
 def test_every_family_trains_on_a_bucketed_cache(family, tmp_path):
-    """FLUX.1 (fixed-length text, pooled vector, scheduler shift) and Qwen-Image (variable-length text, a frame
-    axis in its latents) on the same mixed shapes: per-shard shapes as declared, one bucket per batch, finite losses,
-    and the scheduler shift of each batch's token count."""
+    """FLUX.1 (fixed-length text, pooled vector, scheduler shift), Qwen-Image (variable-length text, a frame axis in
+    its latents) and Wan (images as one-frame clips, a static shift) on the same mixed shapes: per-shard shapes as
+    declared, one bucket per batch, finite losses, and each batch's σ drawn with the family's shift at that batch's
+    own token count."""
+    from flowtrain.flow import sample_sigmas
     from flowtrain.models import get_family
     from flowtrain.testing.ddp_probe import train_recording
+    from flowtrain.train.step import make_inputs, step_seed
 
     pipeline = get_family(family).save_tiny_pipeline(tmp_path / "pipeline")
-    _, cache = make_bucketed_cache(tmp_path / "data", pipeline, family=family)
+    # Wan's pixel multiple is 16 (its VAE's 8× and 2×2 patches): at its tiny 32 px every image would land in
+    # 32×32, so its images are bucketed around 64 px
+    side = 64 if family == "wan" else None
+    _, cache = make_bucketed_cache(tmp_path / "data", pipeline, family=family, resolution=side)
     manifest = CacheManifest.read(cache)
     image = [c for c in manifest.columns if c.source == "image"]
     ds = CacheDataset(cache)
     buckets = _bucket_of_rows(manifest)
+    f = {"flux1": 2, "qwen_image": 2, "wan": 8}[family]  # the tiny VAE's down-sampling (Wan's keeps the real 8×)
     for i in range(len(ds)):
         for c in image:
-            assert ds[i][c.name].shape[-2:] == tuple(x // 2 for x in buckets[i])  # the tiny VAEs halve each side
+            assert ds[i][c.name].shape[-2:] == tuple(x // f for x in buckets[i])
     cfg = train_config(pipeline, cache, tmp_path / "run", family=family, train={"max_steps": 8, "batch_size": 2},
                        timesteps={"shift_mode": "resolution"})  # fmt: skip
     result, rows = train_recording(cfg)
     assert all(len({buckets[i] for i in batch}) == 1 for batch in rows), rows
-    assert len({buckets[batch[0]] for batch in rows}) == 4
+    assert len({buckets[batch[0]] for batch in rows}) == len(set(buckets)) >= 3  # an epoch: every bucket
     assert len(result.losses) == 8 and all(math.isfinite(v) for v in result.losses.values())
+
+    fam, t, shifts = get_family(family), cfg.timesteps, set()
+    for batch_rows in rows:
+        batch = ds.collate([ds[i] for i in batch_rows])
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, 1, 0, 0))
+        inputs = make_inputs(batch, cfg, fam, ds.latent_norm, None, gen, torch.device("cpu"))
+        h, w = buckets[batch_rows[0]]
+        # FLUX.1 and Qwen-Image pack 2×2 latent patches into a token; Wan's x0 is one row per latent position
+        d = f if family == "wan" else 2 * f
+        tokens = (h // d) * (w // d)
+        assert inputs.x0.shape[1] == tokens
+        shift = fam.resolution_shift(cfg.model, tokens)
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, 1, 0, 0))
+        kw = {"logit_mean": t.logit_mean, "logit_std": t.logit_std, "mode_scale": t.mode_scale, "shift": shift}
+        assert torch.equal(inputs.sigma, sample_sigmas(2, gen, t.scheme, **kw))
+        shifts.add(round(shift, 9))
+    # FLUX.1 and Qwen-Image shift with the token count, so the buckets' batches differ; Wan's UniPC shift is static
+    varies = fam.resolution_shift(cfg.model, 64) != fam.resolution_shift(cfg.model, 4096)
+    assert len(shifts) >= 2 if varies else len(shifts) == 1
+    assert varies == (family != "wan")
 
 
 def test_a_square_only_dataset_with_buckets_trains_bitwise_like_the_square_cache(tiny_pipeline_dir, tmp_path):

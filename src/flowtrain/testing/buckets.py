@@ -44,9 +44,10 @@ def make_bucketed_cache(
     family: str = "flux2_klein",
     sizes: tuple[tuple[int, int], ...] = MIXED_SIZES,
     rows_per_shard: int = 256,
+    resolution: int | None = None,
 ) -> tuple[Path, Path]:
-    """prepare + precompute (`--buckets` at the family's tiny resolution, its pixel multiple, max aspect 2) images
-    of `sizes` for a family's tiny pipeline; returns (raw_dir, cache_dir)."""
+    """prepare + precompute (`--buckets` at `resolution`, default the family's tiny resolution, its pixel multiple,
+    max aspect 2) images of `sizes` for a family's tiny pipeline; returns (raw_dir, cache_dir)."""
     from flowtrain.data.buckets import BucketSpec
     from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
@@ -56,7 +57,8 @@ def make_bucketed_cache(
     images = make_mixed_image_folder(root / "images", sizes)
     prepare(images, root / "raw", progress=False)
     fam, model = get_family(family), tiny_model(pipeline, family)
-    spec = BucketSpec((fam.tiny_resolution,), fam.pixel_multiple(model), TINY_BUCKET_SPEC["max_aspect"])
-    precompute(root / "raw", root / "cache", model, resolution=fam.tiny_resolution, batch_size=4, progress=False,
+    side = resolution or fam.tiny_resolution
+    spec = BucketSpec((side,), fam.pixel_multiple(model), TINY_BUCKET_SPEC["max_aspect"])
+    precompute(root / "raw", root / "cache", model, resolution=side, batch_size=4, progress=False,
                rows_per_shard=rows_per_shard, buckets=spec)  # fmt: skip
     return root / "raw", root / "cache"

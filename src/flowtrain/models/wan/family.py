@@ -236,12 +236,17 @@ class Wan:
         ).attention_mask  # fmt: skip
         return {TEXT: [row[:length].clone() for row, length in zip(embeds, mask.gt(0).sum(1).tolist(), strict=True)]}
 
-    def preprocess_images(self, encoders: Any, images: list[Any], *, resolution: int) -> torch.Tensor:
-        """PIL RGB → (B, 3, res, res) in [-1, 1]: the pipeline's `VideoProcessor` (a `VaeImageProcessor`) in crop
+    def preprocess_images(
+        self, encoders: Any, images: list[Any], *, resolution: int, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """PIL RGB → (B, 3, res, res) in [-1, 1], or (B, 3, H, W) for `size` = (H, W) (an aspect-ratio bucket): the
+        pipeline's `VideoProcessor` (a `VaeImageProcessor`, which scales to cover before it centre-crops) in crop
         mode, the pixels WanImageToVideoPipeline feeds its VAE for an image."""
-        self._check_resolution(encoders, resolution)
+        height, width = size if size is not None else (resolution, resolution)
+        self._check_resolution(encoders, height)
+        self._check_resolution(encoders, width)
         images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        return encoders.video_processor.preprocess(images, height=resolution, width=resolution, resize_mode="crop")
+        return encoders.video_processor.preprocess(images, height=height, width=width, resize_mode="crop")
 
     def encode_pixels(self, encoders: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) images or (B, 3, F, H, W) clips → {"latent_moments": (B, 32, (F-1)/4+1, H/8, W/8)}
