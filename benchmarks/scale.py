@@ -193,6 +193,15 @@ LAYOUTS_1024 = {
         ("latent_moments", "float32", (32, 1, 128, 128)),
         ("prompt_embeds*", "bfloat16", (45, 3584)),
     ],
+    # Wan 2.1 T2V: z_dim 16, 8× spatial and 4× temporal VAE; UMT5-XXL text (d_model 4096), stored at its length
+    "wan, an image (L = 45)": [
+        ("latent_moments", "float32", (32, 1, 128, 128)),
+        ("prompt_embeds*", "bfloat16", (45, 4096)),
+    ],
+    "wan, an 81-frame clip (L = 45)": [
+        ("latent_moments", "float32", (32, 21, 128, 128)),
+        ("prompt_embeds*", "bfloat16", (45, 4096)),
+    ],
 }
 
 

@@ -86,8 +86,8 @@ def test_opening_a_url_cache_reads_footers_not_shards(tiny_cache, memory_cache, 
     shard_bytes = sum(fs.size(p) for p in shards)
     ds = CacheDataset(memory_cache)
     opened = sum(read)
-    # pyarrow reads the last 64 KiB speculatively for the footer; the tiny cache's shard is ~180 KiB
-    assert 0 < opened <= 64 * 1024 * len(shards) and opened < shard_bytes / 2, (opened, shard_bytes)
+    # pyarrow reads the last 64 KiB speculatively for the footer; the tiny cache's shard is ~120 KiB
+    assert 0 < opened <= 64 * 1024 * len(shards) and opened < shard_bytes, (opened, shard_bytes)
     ds[0]
     assert sum(read) > opened
 
