@@ -119,7 +119,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_dataset(
         _source(args), trigger=args.trigger, resolution=args.resolution, dedup=not args.no_dedup,
-        dup_distance=args.dup_distance, progress=not args.quiet, out=args.out,
+        dup_distance=args.dup_distance, progress=not args.quiet, out=args.out, bucket_sides=args.bucket_sides,
+        multiple=args.pixel_multiple, max_aspect=args.max_aspect,
     )  # fmt: skip
     print(summary(report))
     print(f"report: {Path(args.out) / 'inspect_report.json'}, histogram: {Path(args.out) / 'inspect_histogram.png'}")
@@ -566,7 +567,23 @@ def build_parser() -> argparse.ArgumentParser:
     _source_flags(s)
     s.add_argument("--out", type=_path, required=True, help="folder for inspect_report.json and inspect_histogram.png")
     s.add_argument("--trigger", help="report how many captions contain this word")
-    s.add_argument("--resolution", type=_positive_int, help="training resolution: count images smaller than it")
+    s.add_argument(
+        "--resolution", type=_positive_int,
+        help="training resolution: count images smaller than it, and preview the aspect-ratio buckets "
+        "`precompute --buckets` would give them",
+    )  # fmt: skip
+    s.add_argument(
+        "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
+        help="the bucket preview's extra target sides, as precompute's --bucket-sides (default: none)",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-aspect", type=float, default=2.0, help="the bucket preview's largest long / short side, as "
+        "precompute's --max-aspect (default 2.0)",
+    )  # fmt: skip
+    s.add_argument(
+        "--pixel-multiple", type=_positive_int, default=16,
+        help="bucket sides are multiples of this: the model's (VAE factor × patch; 16 for every shipped family)",
+    )  # fmt: skip
     s.add_argument("--no-dedup", action="store_true", help="skip perceptual hashing: read image headers only")
     s.add_argument(
         "--dup-distance", type=int, default=4, choices=range(64), metavar="BITS",

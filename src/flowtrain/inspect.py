@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,16 +157,21 @@ def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> list[list[int]]
 
 
 def bucket_assignment(
-    sizes: list[tuple[int, int]], resolution: int | None, *, multiple: int = 16, max_aspect: float = 2.0
+    sizes: list[tuple[int, int]],
+    resolution: int | None,
+    *,
+    sides: Sequence[int] = (),
+    multiple: int = 16,
+    max_aspect: float = 2.0,
 ) -> dict[str, int] | None:
-    """{"WxH": count} of the aspect-ratio bucket `precompute --buckets --resolution R` would give each (width,
-    height), in bucket order; None without a resolution. `multiple`: the model's pixel multiple (16 for every
-    shipped family: VAE factor 8 x 2x2 patches), `max_aspect`: precompute's --max-aspect (default 2)."""
+    """{"WxH": count} of the aspect-ratio bucket `precompute --buckets --resolution R --bucket-sides S...
+    --max-aspect A` would give each (width, height), in bucket order; None without a resolution. `multiple`: the
+    model's pixel multiple (16 for every shipped family: VAE factor 8 x 2x2 patches)."""
     if resolution is None or not sizes:
         return None
     from flowtrain.data.buckets import BucketSpec, bucket_counts
 
-    spec = BucketSpec((max(resolution // multiple * multiple, multiple),), multiple, max_aspect)
+    spec = BucketSpec((max(resolution // multiple * multiple, multiple), *sides), multiple, max_aspect)
     counts = bucket_counts([(h, w) for w, h in sizes], spec)
     return {f"{w}x{h}": n for (h, w), n in counts.items()}
 
@@ -270,9 +275,13 @@ def inspect_dataset(
     dup_distance: int = DEFAULT_DUP_DISTANCE,
     progress: bool = True,
     out: str | Path | None = None,
+    bucket_sides: Sequence[int] = (),
+    multiple: int = 16,
+    max_aspect: float = 2.0,
 ) -> dict[str, Any]:
     """The report (a JSON-ready dict) for a source or a prepared raw folder; see the module docstring. With `out`,
-    the report and the histogram PNG are written there (`write_outputs`).
+    the report and the histogram PNG are written there (`write_outputs`). `bucket_sides`, `multiple`, `max_aspect`:
+    the bucket preview's settings, as precompute's --bucket-sides, the model's pixel multiple and --max-aspect.
 
     `items_ok + items_with_problems == seen`; an item may have several problems (a corrupt image and no caption),
     so `problems_by_reason` can sum to more than `items_with_problems`."""
@@ -292,14 +301,24 @@ def inspect_dataset(
         for s in seen_iter:
             seen.append(s)
             bar.update(1)
-    report = build_report(str(src), kind, seen, trigger=trigger, resolution=resolution, dedup=dedup, dist=dup_distance)
+    buckets = {"sides": list(bucket_sides), "multiple": multiple, "max_aspect": max_aspect}
+    report = build_report(str(src), kind, seen, trigger=trigger, resolution=resolution, dedup=dedup, dist=dup_distance,
+                          buckets=buckets)  # fmt: skip
     if out is not None:
         write_outputs(report, out, [s.size for s in seen if s.size is not None])
     return report
 
 
 def build_report(
-    src: str, kind: str, seen: list[_Seen], *, trigger: str | None, resolution: int | None, dedup: bool, dist: int
+    src: str,
+    kind: str,
+    seen: list[_Seen],
+    *,
+    trigger: str | None,
+    resolution: int | None,
+    dedup: bool,
+    dist: int,
+    buckets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     reasons = Counter(reason_kind(p) for s in seen for p in s.problems)
     sizes = [s.size for s in seen if s.size is not None]
@@ -320,7 +339,8 @@ def build_report(
         "sizes": size_stats(sizes, resolution) if sizes else None,
         "aspect_histogram": aspect_histogram(sizes),
         "resolution": resolution,
-        "buckets": bucket_assignment(sizes, resolution),
+        "buckets": bucket_assignment(sizes, resolution, **(buckets or {})),
+        "bucket_settings": {"resolution": resolution, **(buckets or {})} if resolution else None,
         "captions": caption_stats(list(captions.values())),
         "trigger": trigger_coverage(captions, trigger) if trigger else None,
         "near_duplicates": None,

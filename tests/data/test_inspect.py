@@ -189,3 +189,27 @@ def test_webdataset_and_hf_sources(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     report = inspect_dataset(tmp_path / "ds", progress=False)
     assert (report["seen"], report["items_ok"], report["corrupt_images"], report["missing_captions"]) == (3, 1, 1, 1)
+
+
+def test_cli_bucket_preview_uses_precomputes_bucket_settings(folder, tmp_path):
+    """--bucket-sides / --max-aspect / --pixel-multiple shape the preview as they shape `precompute --buckets`:
+    the counts are `data.buckets.bucket_counts` under the same BucketSpec, and a 4:1 image that the default 2:1
+    limit crops into the widest 2:1 bucket gets a wider one at --max-aspect 4."""
+    from flowtrain.cli import main
+    from flowtrain.data.buckets import BucketSpec, bucket_counts
+
+    def preview(*flags: str) -> dict:
+        out = tmp_path / "-".join(flags or ("default",))
+        assert main(["inspect", str(folder), "--out", str(out), "--resolution", "64", "--no-dedup", "--quiet",
+                     *flags]) == 0  # fmt: skip
+        return json.loads((out / "inspect_report.json").read_text())
+
+    sizes = [(96, 64), (96, 64), (48, 32), (30, 120), (200, 50), (64, 64), (40, 80)]  # (w, h) of the readable images
+    default, custom = preview(), preview("--max-aspect", "4", "--bucket-sides", "96", "--pixel-multiple", "8")
+    for report, spec in ((default, BucketSpec((64,), 16, 2.0)), (custom, BucketSpec((64, 96), 8, 4.0))):
+        want = {f"{w}x{h}": n for (h, w), n in bucket_counts([(h, w) for w, h in sizes], spec).items()}
+        assert report["buckets"] == want
+    assert default["bucket_settings"] == {"resolution": 64, "sides": [], "multiple": 16, "max_aspect": 2.0}
+    assert custom["bucket_settings"] == {"resolution": 64, "sides": [96], "multiple": 8, "max_aspect": 4.0}
+    assert "80x48" in default["buckets"] and default["buckets"] != custom["buckets"]
+    assert max(int(b.split("x")[0]) / int(b.split("x")[1]) for b in custom["buckets"]) > 2  # 200x50 kept wider
