@@ -297,3 +297,21 @@ def test_an_interrupted_bucketed_precompute_continues(bucketed, tiny_pipeline_di
     assert again.shards == manifest.shards and again.fingerprint == manifest.fingerprint
     assert {f: (copy / f).stat().st_mtime_ns for f in kept} == kept  # not rewritten
     assert pq.read_table(copy / lost).equals(pq.read_table(cache / lost))
+
+
+def test_prior_preservation_with_a_bucketed_instance_cache_is_refused_clearly(
+    bucketed, tiny_cache, tiny_pipeline_dir, tmp_path
+):
+    """Class rows are read beside each instance batch and must share its latent shape, which a bucketed instance
+    cache changes from batch to batch: refused before training, naming the key and the way out."""
+    from flowtrain.train.loop import train
+
+    _, cache = bucketed
+    class_cache = tiny_cache[1]  # a square cache of the same tiny pipeline
+    cfg = train_config(tiny_pipeline_dir, cache, tmp_path / "run", train={"max_steps": 2, "batch_size": 2},
+                       dataset={"class_cache_dir": str(class_cache)},
+                       loss={"name": "prior_preservation", "prior_loss_weight": 0.5})  # fmt: skip
+    one_shape = r"dataset.class_cache_dir \(prior preservation\) needs an instance cache of one shape"
+    with pytest.raises(ValueError, match=one_shape):
+        train(cfg, progress=False)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
