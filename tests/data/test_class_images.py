@@ -8,7 +8,7 @@ import pytest
 
 from flowtrain.cli import main
 from flowtrain.data.cache import CacheDataset
-from flowtrain.data.class_images import class_images, image_name
+from flowtrain.data.class_images import class_images, sample_name
 from flowtrain.data.prior import check_class_cache
 from flowtrain.testing.data import TINY_RES, tiny_model
 
@@ -25,8 +25,8 @@ def made(tiny_pipeline_dir, tmp_path_factory):
 def test_class_images_are_sampled_prepared_and_precomputed(made, tiny_cache):
     out, done = made
     assert done.sampled == 3 and done.cache == out / "cache"
-    assert sorted(p.name for p in (out / "images").glob("*.png")) == [image_name(i) for i in range(3)]
-    assert [(out / "images" / image_name(i)).with_suffix(".txt").read_text() for i in range(3)] == [PROMPT] * 3
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [sample_name(i) for i in range(3)]
+    assert [(out / "images" / sample_name(i)).with_suffix(".txt").read_text() for i in range(3)] == [PROMPT] * 3
     klass = CacheDataset(done.cache)
     assert len(klass) == 3
     assert pq.read_table(done.cache / klass.manifest.shards[0]["file"])["caption"].to_pylist() == [PROMPT] * 3
@@ -37,13 +37,13 @@ def test_class_images_are_sampled_prepared_and_precomputed(made, tiny_cache):
 def test_rerun_samples_only_the_missing_image_and_the_same_one(made, tiny_pipeline_dir):
     out, _ = made
     images = out / "images"
-    lost = (images / image_name(1)).read_bytes()
-    kept = {i: (images / image_name(i)).stat().st_ino for i in (0, 2)}
-    (images / image_name(1)).unlink()
+    lost = (images / sample_name(1)).read_bytes()
+    kept = {i: (images / sample_name(i)).stat().st_ino for i in (0, 2)}
+    (images / sample_name(1)).unlink()
     done = class_images(out, PROMPT, 3, tiny_model(tiny_pipeline_dir), resolution=TINY_RES, steps=2, progress=False)
     assert done.sampled == 1
-    assert {i: (images / image_name(i)).stat().st_ino for i in (0, 2)} == kept  # not sampled again
-    assert (images / image_name(1)).read_bytes() == lost  # seeded by its index: the image an unbroken run made
+    assert {i: (images / sample_name(i)).stat().st_ino for i in (0, 2)} == kept  # not sampled again
+    assert (images / sample_name(1)).read_bytes() == lost  # seeded by its index: the image an unbroken run made
     assert len(CacheDataset(done.cache)) == 3
 
 
