@@ -1,7 +1,12 @@
 """`flowtrain class-images`: DreamBooth class images sampled with the tiny Klein pipeline, prepared and precomputed
-into a class cache that prior-preservation training reads; a rerun samples only what is missing, and the same."""
+into a class cache that prior-preservation training reads; a rerun samples only what is missing, and the same;
+the cache holds exactly --num-class-images samples whatever else the images folder holds. (A video family's class
+clips: test_class_images_video.py.)"""
 
 from __future__ import annotations
+
+import logging
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -45,6 +50,20 @@ def test_rerun_samples_only_the_missing_image_and_the_same_one(made, tiny_pipeli
     assert {i: (images / sample_name(i)).stat().st_ino for i in (0, 2)} == kept  # not sampled again
     assert (images / sample_name(1)).read_bytes() == lost  # seeded by its index: the image an unbroken run made
     assert len(CacheDataset(done.cache)) == 3
+
+
+def test_samples_beyond_num_stay_in_images_but_out_of_the_cache(made, tiny_pipeline_dir, tmp_path, caplog):
+    out = tmp_path / "dog"
+    shutil.copytree(made[0], out)  # a finished run of 3 images, raw/ and cache/ included
+    with caplog.at_level(logging.WARNING, logger="flowtrain.data.class_images"):
+        done = class_images(out, PROMPT, 2, tiny_model(tiny_pipeline_dir), resolution=TINY_RES, steps=2,
+                            progress=False)  # fmt: skip
+    assert done.sampled == 0
+    assert "1 class samples beyond --num-class-images 2" in caplog.text
+    klass = CacheDataset(done.cache)
+    keys = [k for s in klass.manifest.shards for k in pq.read_table(done.cache / s["file"])["key"].to_pylist()]
+    assert keys == ["class-00000", "class-00001"]  # exactly the first --num-class-images, not every file there
+    assert (out / "images" / sample_name(2)).read_bytes() == (made[0] / "images" / sample_name(2)).read_bytes()
 
 
 def test_cli_then_prior_preservation_training(tiny_pipeline_dir, tiny_cache, tmp_path, capsys):

@@ -6,7 +6,9 @@ Three stages into one folder, each resumable on its own:
             samples clips instead, `class-{i:05d}.mp4` of the sampler's `model.num_frames` frames at `model.fps`.
             Sample i always uses seed `seed + i`, so a rerun samples only the missing ones and gets what an
             uninterrupted run would have. Each file is written under a temporary name and renamed when complete.
-  raw/      `flowtrain prepare` of images/ (rebuilt when images/ changed; cheap next to sampling)
+  images.jsonl  the first --num-class-images samples with their caption: the source of raw/ (samples beyond
+            that number, left by an earlier run that asked for more, stay in images/ but out of the cache)
+  raw/      `flowtrain prepare` of images.jsonl (rebuilt when it or its files changed; cheap next to sampling)
   cache/    `flowtrain precompute` of raw/ (continues an unfinished cache); clips are cut as `dataset.video` says,
             the same options as the instance cache's, so that the two caches match
 cache/ is what `dataset.class_cache_dir` points to (see flowtrain.data.prior and configs/klein4b/dreambooth.yaml).
@@ -14,6 +16,7 @@ cache/ is what `dataset.class_cache_dir` points to (see flowtrain.data.prior and
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -156,6 +159,21 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_listing(listing: Path, images: Path, num: int, prompt: str, suffix: str) -> Path:
+    """`listing` (JSONL): samples 0..num-1 of `images` with their key and caption, the source `prepare` reads, so
+    that raw/ and the cache hold exactly `num` samples whatever else images/ holds. Rewritten only when its content
+    changes: its modification time is part of the source signature that says whether raw/ is current."""
+    rel = images.relative_to(listing.parent).as_posix()
+    lines = [
+        json.dumps({"key": Path(name).stem, "image": f"{rel}/{name}", "caption": prompt}, ensure_ascii=False)
+        for name in (sample_name(i, suffix) for i in range(num))
+    ]
+    text = "".join(line + "\n" for line in lines)
+    if not listing.exists() or listing.read_text(encoding="utf-8") != text:
+        _write_text(listing, text)
+    return listing
+
+
 def extra_samples(images: Path, num: int, suffix: str) -> list[str]:
     """Names of the samples in `images` numbered `num` or more (an earlier run asked for more)."""
     return sorted(p.name for p in images.glob(f"class-*{suffix}") if (m := _NAME.match(p.stem)) and int(m[1]) >= num)
@@ -192,9 +210,9 @@ def class_images(
     progress: bool = True,
     video: VideoConfig | None = None,
 ) -> ClassImages:
-    """Sample, prepare and precompute `num` class samples of `prompt` into `out` (images/, raw/, cache/). `video`:
-    how precompute cuts a video family's clips (`dataset.video`; default `VideoConfig()`, as `flowtrain
-    precompute`'s), which must be the instance cache's for prior preservation to accept the cache."""
+    """Sample, prepare and precompute `num` class samples of `prompt` into `out` (images/, images.jsonl, raw/,
+    cache/). `video`: how precompute cuts a video family's clips (`dataset.video`; default `VideoConfig()`, as
+    `flowtrain precompute`'s), which must be the instance cache's for prior preservation to accept the cache."""
     from flowtrain.chain import raw_is_current
     from flowtrain.data.precompute import precompute
     from flowtrain.data.prepare import prepare
@@ -216,15 +234,16 @@ def class_images(
                                   guidance_scale=guidance_scale, batch_size=batch_size, device=device,
                                   progress=progress)  # fmt: skip
     extra = extra_samples(images, num, suffix)
-    if extra:  # an earlier run asked for more: they stay (the user's images), but the cache holds `num`
-        log.warning("%s holds %d class samples beyond --num-class-images %d; they are prepared too", images,
-                    len(extra), num)  # fmt: skip
+    if extra:  # an earlier run asked for more: they stay (the user's files), but the cache holds `num`
+        log.warning("%s holds %d class samples beyond --num-class-images %d (%s, ...); they stay there but are left "
+                    "out of the cache", images, len(extra), num, extra[0])  # fmt: skip
+    listing = write_listing(out / "images.jsonl", images, num, prompt, suffix)
     settings = {"resolution": None, "min_size": 16, "keep_duplicates": True}
-    current, why = raw_is_current(raw, images, settings)
+    current, why = raw_is_current(raw, listing, settings)
     if not current:
-        log.info("class samples: preparing %s (%s)", images, why)
-        shutil.rmtree(raw, ignore_errors=True)  # derived from images/ alone (checked above): rebuilt whole
-        prepare(images, raw, min_size=16, progress=progress, keep_duplicates=True)
+        log.info("class samples: preparing %s (%s)", listing, why)
+        shutil.rmtree(raw, ignore_errors=True)  # derived from the listing alone (checked above): rebuilt whole
+        prepare(listing, raw, min_size=16, progress=progress, keep_duplicates=True)
     precompute(raw, cache, model, resolution=resolution, batch_size=encode_batch_size, device=device,
                progress=progress, video=video)  # fmt: skip
     return ClassImages(images, raw, cache, sampled)
