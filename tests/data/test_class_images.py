@@ -10,6 +10,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flowtrain.cli import main
 from flowtrain.data.cache import CacheDataset
@@ -64,6 +65,20 @@ def test_samples_beyond_num_stay_in_images_but_out_of_the_cache(made, tiny_pipel
     keys = [k for s in klass.manifest.shards for k in pq.read_table(done.cache / s["file"])["key"].to_pylist()]
     assert keys == ["class-00000", "class-00001"]  # exactly the first --num-class-images, not every file there
     assert (out / "images" / sample_name(2)).read_bytes() == (made[0] / "images" / sample_name(2)).read_bytes()
+
+
+def test_another_class_prompt_resamples_and_recaches_everything(made, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "cat"
+    shutil.copytree(made[0], out)  # a finished run of 3 dog images, raw/ and cache/ included
+    done = class_images(out, "a photo of a cat", 3, tiny_model(tiny_pipeline_dir), resolution=TINY_RES, steps=2,
+                        progress=False)  # fmt: skip
+    assert done.sampled == 3
+    klass = CacheDataset(done.cache)
+    # the same keys as the dog cache's: its shards must not pass for the cat images' (they are keyed alike)
+    captions = [c for s in klass.manifest.shards for c in pq.read_table(done.cache / s["file"])["caption"].to_pylist()]
+    assert captions == ["a photo of a cat"] * 3
+    dog = CacheDataset(made[0] / "cache")
+    assert not torch.equal(klass[0]["latent_moments"], dog[0]["latent_moments"])
 
 
 def test_cli_then_prior_preservation_training(tiny_pipeline_dir, tiny_cache, tmp_path, capsys):

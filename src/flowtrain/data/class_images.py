@@ -9,8 +9,8 @@ Three stages into one folder, each resumable on its own:
   images.jsonl  the first --num-class-images samples with their caption: the source of raw/ (samples beyond
             that number, left by an earlier run that asked for more, stay in images/ but out of the cache)
   raw/      `flowtrain prepare` of images.jsonl (rebuilt when it or its files changed; cheap next to sampling)
-  cache/    `flowtrain precompute` of raw/ (continues an unfinished cache); clips are cut as `dataset.video` says,
-            the same options as the instance cache's, so that the two caches match
+  cache/    `flowtrain precompute` of raw/ (continues an unfinished cache; rebuilt with raw/); clips are cut as
+            `dataset.video` says, the same options as the instance cache's, so that the two caches match
 cache/ is what `dataset.class_cache_dir` points to (see flowtrain.data.prior and configs/klein4b/dreambooth.yaml).
 """
 
@@ -243,6 +243,9 @@ def class_images(
     if not current:
         log.info("class samples: preparing %s (%s)", listing, why)
         shutil.rmtree(raw, ignore_errors=True)  # derived from the listing alone (checked above): rebuilt whole
+        # So is the cache: precompute reuses a shard by its keys, and a resampled sample (another class prompt)
+        # keeps its key, so shards encoded from the old samples would pass for the new ones.
+        shutil.rmtree(cache, ignore_errors=True)
         prepare(listing, raw, min_size=16, progress=progress, keep_duplicates=True)
     precompute(raw, cache, model, resolution=resolution, batch_size=encode_batch_size, device=device,
                progress=progress, video=video)  # fmt: skip
