@@ -195,8 +195,9 @@ def cmd_class_images(args: argparse.Namespace) -> int:
     cfg = _model_config(args, args.model, need="class-images")
     done = class_images(args.out, args.class_prompt, args.num_class_images, cfg.model, resolution=args.resolution,
                         seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                        batch_size=args.batch_size, device=args.device, progress=not args.quiet)  # fmt: skip
-    print(f"class-images: {args.num_class_images} images ({done.sampled} sampled now) → {done.cache}; train with "
+                        batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                        video=cfg.dataset.video)  # fmt: skip
+    print(f"class-images: {args.num_class_images} samples ({done.sampled} sampled now) → {done.cache}; train with "
           f"dataset.class_cache_dir={done.cache}")  # fmt: skip
     return 0
 
@@ -753,17 +754,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="DreamBooth class images: sample, prepare and precompute them for prior preservation",
         description="Sample --num-class-images images of --class-prompt with the base model (the family's "
         "pipeline; image i uses seed SEED+i), then prepare and precompute them: OUT/images, OUT/raw, OUT/cache. "
-        "A rerun samples only the missing images and continues the cache. Train with "
-        "dataset.class_cache_dir=OUT/cache (configs/klein4b/dreambooth.yaml).",
+        "A video family samples .mp4 clips of model.num_frames frames, cut into clips as dataset.video says (give "
+        "the options the instance cache was precomputed with). A rerun samples only the missing ones and continues "
+        "the cache. Train with dataset.class_cache_dir=OUT/cache (configs/klein4b/dreambooth.yaml).",
     )
     s.add_argument("out", type=_path, help="folder for images/, raw/ and cache/")
     s.add_argument("--class-prompt", required=True, help="the class, e.g. 'a photo of a dog' (also each caption)")
-    s.add_argument("--num-class-images", type=_positive_int, required=True, help="how many class images")
+    s.add_argument("--num-class-images", type=_positive_int, required=True,
+                   help="how many class images (clips for a video family); the cache holds exactly these")  # fmt: skip
     s.add_argument(
         "--model", type=_path, help="pipeline hub id or local folder (default: model.pretrained of --config)"
     )
     s.add_argument("--config", type=_path, help="training config to take model settings from")
-    s.add_argument("overrides", nargs="*", help="dotted model options, e.g. model.max_sequence_length=256")
+    s.add_argument("overrides", nargs="*", help="dotted model and dataset.video options, e.g. "
+                   "model.max_sequence_length=256 dataset.video.frames=33")  # fmt: skip
     s.add_argument("--resolution", type=_positive_int, default=PRECOMPUTE_RESOLUTION,
                    help=f"sampled square size and precompute resolution (default {PRECOMPUTE_RESOLUTION})")  # fmt: skip
     s.add_argument("--steps", type=_positive_int, help="denoising steps (default: the family's pipeline default)")

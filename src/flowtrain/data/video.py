@@ -224,19 +224,24 @@ def row_clip(row: dict[str, Any], indices: Sequence[int]) -> torch.Tensor:
 
 
 _CODECS = {".mp4": "libx264", ".mov": "libx264", ".m4v": "libx264", ".mkv": "libx264", ".webm": "libvpx-vp9"}
+# FFmpeg's muxer for each suffix (None: FFmpeg guesses from the file name, as for a path with its own suffix)
+_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".m4v": "mp4", ".mkv": "matroska", ".webm": "webm"}
 
 
-def write_video(path: Any, frames: Any, fps: float = 8, codec: str | None = None) -> None:
+def write_video(path: Any, frames: Any, fps: float = 8, codec: str | None = None, suffix: str | None = None) -> None:
     """Encode (F, H, W, 3) uint8 RGB frames (H, W even: yuv420p) into a video file with PyAV (H.264 for
-    .mp4/.mov, VP9 for .webm unless `codec` says otherwise): for tests and demos that need real video files."""
+    .mp4/.mov, VP9 for .webm unless `codec` says otherwise), near-lossless: for tests, demos and class clips
+    (`flowtrain class-images`). `suffix` (".mp4", ...) names the container when `path`'s own suffix does not (a
+    temporary name that is renamed when the file is complete)."""
     from fractions import Fraction
     from pathlib import Path
 
     import av
 
     path = Path(path)
-    codec = codec or _CODECS.get(path.suffix.lower(), "libx264")
-    with av.open(str(path), mode="w") as container:
+    suffix = (suffix or path.suffix).lower()
+    codec = codec or _CODECS.get(suffix, "libx264")
+    with av.open(str(path), mode="w", format=_CONTAINERS.get(suffix)) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
         stream.pix_fmt = "yuv420p"
