@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from flowtrain.data.manifest import CacheError
-from flowtrain.data.precompute_dist import Unit, merge, plan, share
+from flowtrain.data.precompute_dist import Unit, gather, merge, merge_whole, plan, raw_share, share
 from flowtrain.data.writer import ShardWriter
 from flowtrain.testing.data import make_image_folder, tiny_config_dict
 from flowtrain.testing.launch import accelerate_launch, cpu_env, ddp_args, run
@@ -73,6 +73,61 @@ def test_merge_folds_the_rank_records(tmp_path):
     record = json.loads((tmp_path / "precompute_ranks.json").read_text())
     assert record["ranks"][0]["encoded"] == [units[0].file] and record["ranks"][1]["reused"] == [units[1].file]
     assert not list(tmp_path.glob("precompute-rank-*"))
+
+
+# ------------------------------------------------------------------------------- whole raw shards (buckets, clips)
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_raw_shares_are_disjoint_cover_every_raw_shard_and_ignore_what_is_done(world):
+    shares = [raw_share(10, r, world) for r in range(world)]
+    assert sorted(i for s in shares for i in s) == list(range(10))
+    assert all(s == sorted(s) for s in shares)  # each rank reads its raw shards in raw order
+    assert raw_share(10, 0, world) == list(range(0, 10, world))  # a pure function of the count: a rerun's too
+    with pytest.raises(ValueError, match="rank 3 is not in 0..2"):
+        raw_share(10, 3, 3)
+
+
+def _cut(raw: int) -> dict:
+    """A raw shard's planned entries as precompute records them: two buckets' shards, the second of 2 rows."""
+    shards = [{"file": f"cache-{raw:05d}-b{b:03d}-0000.parquet", "rows": 1 + b, "bucket": [32, 32]} for b in (0, 1)]
+    return {"raw": raw, "shards": shards, "left_out": raw % 2}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_gather_puts_the_ranks_entries_in_one_process_order(world):
+    one_process = [e for raw in range(5) for e in _cut(raw)["shards"]]
+    planned = [[_cut(raw) for raw in raw_share(5, r, world)] for r in range(world)]
+    assert gather(planned, 5) == (one_process, 2)
+    with pytest.raises(ValueError, match=r"rank 0 of 2 planned raw shards \[0\], its share is \[0, 2, 4\]"):
+        gather([[_cut(0)], [_cut(1), _cut(3)]], 5)  # a record of another launch
+
+
+def test_merge_whole_checks_the_shards_and_folds_the_records(tmp_path):
+    from flowtrain.data.precompute_dist import Ranks, write_rank_record
+
+    planned = [[_cut(0), _cut(2)], [_cut(1)]]
+    for items in planned:
+        for e in (e for p in items for e in p["shards"]):
+            pq.write_table(pa.table({"key": [f"{e['file']}-{i}" for i in range(e["rows"])]}), tmp_path / e["file"])
+    write_rank_record(tmp_path, Ranks(0, 2), ["cache-00000-b000-0000.parquet"], [], planned[0])
+    with pytest.raises(CacheError, match=r"no record of the cache shards of rank\(s\) \[1\]"):
+        merge_whole(tmp_path, 3, world_size=2)
+    write_rank_record(tmp_path, Ranks(1, 2), [], ["cache-00001-b000-0000.parquet"], planned[1])
+    (tmp_path / "cache-00002-b001-0000.parquet").unlink()
+    with pytest.raises(CacheError, match=r"1 of 6 cache shards.*cache-00002-b001-0000.parquet \(FileNotFound"):
+        merge_whole(tmp_path, 3, world_size=2)
+    pq.write_table(pa.table({"key": ["a", "b"]}), tmp_path / "cache-00002-b001-0000.parquet")
+    shards, left_out = merge_whole(tmp_path, 3, world_size=2)
+    assert shards == [e for raw in range(3) for e in _cut(raw)["shards"]] and left_out == 1
+    record = json.loads((tmp_path / "precompute_ranks.json").read_text())
+    assert record["ranks"][1] == {
+        "rank": 1,
+        "world_size": 2,
+        "encoded": [],
+        "reused": ["cache-00001-b000-0000.parquet"],
+    }
+    assert not list(tmp_path.glob("precompute-rank-*"))
+    assert merge_whole(tmp_path, 3, own=[_cut(0), _cut(1), _cut(2)]) == (shards, 1)  # one process: no records
+    assert not (tmp_path / "precompute_ranks.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ writer thread
