@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -199,6 +200,57 @@ def _content(cache: Path) -> tuple[dict, dict[str, dict]]:
     return manifest, {s["file"]: pq.read_table(cache / s["file"]).to_pydict() for s in manifest["shards"]}
 
 
+def _killed_then_rerun(out: Path, precompute: list[str], port: int, first: Callable[[set[str]], bool]):
+    """Launch `precompute` on 2 CPU processes into `out`, SIGKILL rank 1 once `first(finished shard names)` holds
+    (as a lost node would die; torchrun then stops rank 0), and rerun the same launch to the end. Returns the
+    shards the killed run had finished ({name: st_ino}) and the rerun's output; asserts that the rerun wrote none
+    of them again."""
+    tag = str(out)
+    env = cpu_env({"FLOWTRAIN_TEST_TAG": tag})
+    launch = accelerate_launch([*ddp_args(2, port), *precompute, "--out", str(out)])
+    log_path = out.with_name(out.name + "-killed.log")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(launch, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not first(set(_finished(out))):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(_worker_pids(tag)[1], signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        for pid in [*_worker_pids(tag).values(), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    before = _finished(out)
+    assert not (out / "manifest.json").exists()
+    try:
+        outputs = run(launch, env, TIMEOUT)
+    except AssertionError as e:  # the rank's one-line error sits above torchrun's long summary: show it
+        raise AssertionError("\n".join(ln for ln in str(e).splitlines() if "error" in ln.lower())) from e
+    after = _finished(out)
+    assert {f: after[f] for f in before} == before  # each rank continued: no finished shard was written again
+    return before, outputs
+
+
+def _assert_accounts(out: Path, before: set[str], own: Callable[[int], set[str]]) -> None:
+    """Each rank encoded only its own share (`own(rank)`, shard names), and of it only what the killed run had not
+    finished; the per-rank records are folded into one account."""
+    record = json.loads((out / "precompute_ranks.json").read_text())
+    assert record["world_size"] == 2 and [r["rank"] for r in record["ranks"]] == [0, 1]
+    for r in record["ranks"]:
+        assert set(r["reused"]) == own(r["rank"]) & before and set(r["encoded"]) == own(r["rank"]) - before
+        assert "planned" not in r  # the entries are in the manifest
+    assert not list(out.glob("precompute-rank-*"))
+    assert not list(out.glob("*.tmp"))
+
+
+def _raw_of(shard: str) -> int:
+    return int(shard.split("-")[1])
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_processes_killed_and_rerun_equal_one_process(tiny_pipeline_dir, tmp_path):
@@ -214,48 +266,51 @@ def test_two_processes_killed_and_rerun_equal_one_process(tiny_pipeline_dir, tmp
     # kernels, so the same bits).
     run([sys.executable, *precompute, "--out", str(tmp_path / "one")], cpu_env(), TIMEOUT)
 
-    out, tag = tmp_path / "two", str(tmp_path)
-    env = cpu_env({"FLOWTRAIN_TEST_TAG": tag})
-    launch = accelerate_launch([*ddp_args(2, PORT), *precompute, "--out", str(out)])
-    log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(launch, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # SIGKILL rank 1 once each rank has finished a shard, as a lost node would die; torchrun then stops rank 0.
-        deadline = time.monotonic() + TIMEOUT
-        while not {"cache-00000-0000.parquet", "cache-00001-0000.parquet"} <= _finished(out).keys():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(_worker_pids(tag)[1], signal.SIGKILL)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        for pid in [*_worker_pids(tag).values(), proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
-    before = _finished(out)
-    assert not (out / "manifest.json").exists()
+    out = tmp_path / "two"
+    # Kill once each rank has finished a shard.
+    before, outputs = _killed_then_rerun(out, precompute, PORT, lambda done: {_one(0), _one(1)} <= done)
     assert 2 <= len(before) < IMAGES // RAW_SHARD, "the run was not stopped half-way: raise IMAGES"
-    ranks_done = {int(f.split("-")[1]) % 2 for f in before}
-    assert ranks_done == {0, 1}
-
-    try:
-        outputs = run(launch, env, TIMEOUT)
-    except AssertionError as e:  # the rank's one-line error sits above torchrun's long summary: show it
-        raise AssertionError("\n".join(ln for ln in str(e).splitlines() if "error" in ln.lower())) from e
+    assert {_raw_of(f) % 2 for f in before} == {0, 1}
     assert outputs.count("precompute: 96 rows") == 1  # said once, by the main rank
-    after = _finished(out)
-    assert {f: after[f] for f in before} == before  # each rank continued: no finished shard was written again
-    # Each rank encoded only its own share, and of it only what the killed run had not finished.
-    record = json.loads((out / "precompute_ranks.json").read_text())
     units = plan(json.loads((raw / "manifest.json").read_text())["shards"], rows_per_shard=256)
-    assert record["world_size"] == 2 and [r["rank"] for r in record["ranks"]] == [0, 1]
-    for r in record["ranks"]:
-        own = {u.file for u in share(units, r["rank"], 2)}
-        assert set(r["reused"]) == own & before.keys() and set(r["encoded"]) == own - before.keys()
-    assert not list(out.glob("precompute-rank-*"))
+    _assert_accounts(out, set(before), lambda rank: {u.file for u in share(units, rank, 2)})
     want_manifest, want_shards = _content(tmp_path / "one")
     got_manifest, got_shards = _content(out)
     assert got_manifest == want_manifest
     assert got_shards == want_shards  # every row, every column, every bit
-    assert not list(out.glob("*.tmp"))
+
+
+def _one(raw: int) -> str:
+    return f"cache-{raw:05d}-0000.parquet"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_killed_and_rerun_equal_one_process_with_buckets(tiny_pipeline_dir, tmp_path):
+    """Aspect-ratio buckets: each rank cuts and encodes whole raw shards (a shard's buckets are known only from its
+    rows), and the main rank's manifest lists the same bucket shards, in the same order, as one process's."""
+    from flowtrain.data.prepare import prepare
+    from flowtrain.testing.buckets import MIXED_SIZES, make_mixed_image_folder
+
+    raw = tmp_path / "raw"
+    images = make_mixed_image_folder(tmp_path / "images", MIXED_SIZES * 4)  # 64 images in 4 buckets
+    prepare(images, raw, shard_size=2, progress=False)  # 32 raw shards, 16 a rank, 1 or 2 buckets each
+    config = tmp_path / "precompute.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_pipeline_dir, tmp_path / "unused", tmp_path / "run")))
+    precompute = ["-m", "flowtrain", "precompute", str(raw), "--config", str(config), "--resolution", "32"]
+    precompute += ["--buckets", "--batch-size", "1", "--quiet"]
+    run([sys.executable, *precompute, "--out", str(tmp_path / "one")], cpu_env(), TIMEOUT)
+    want_manifest, want_shards = _content(tmp_path / "one")
+    assert len({tuple(s["bucket"]) for s in want_manifest["shards"]}) == 4
+
+    out = tmp_path / "two"
+    before, outputs = _killed_then_rerun(  # once each rank has finished a shard of its first raw shard
+        out, precompute, PORT + 1, lambda done: {_raw_of(f) for f in done} >= {0, 1}
+    )
+    assert {_raw_of(f) % 2 for f in before} == {0, 1}
+    assert 2 <= len(before) < len(want_shards), "the run was not stopped half-way: raise the image count"
+    assert outputs.count(f"precompute: {len(MIXED_SIZES) * 4} rows") == 1  # said once, by the main rank
+    _assert_accounts(out, set(before), lambda rank: {f for f in want_shards if _raw_of(f) % 2 == rank})
+    got_manifest, got_shards = _content(out)
+    assert got_manifest == want_manifest  # the same shards, buckets and shapes, in the same order
+    assert got_shards == want_shards  # every row, every column, every bit
