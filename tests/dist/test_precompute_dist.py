@@ -314,3 +314,55 @@ def test_two_processes_killed_and_rerun_equal_one_process_with_buckets(tiny_pipe
     got_manifest, got_shards = _content(out)
     assert got_manifest == want_manifest  # the same shards, buckets and shapes, in the same order
     assert got_shards == want_shards  # every row, every column, every bit
+
+
+def _mixed_video_folder(root: Path, videos: int, images: int) -> Path:
+    """`videos` 7-frame .mp4 clips (a bright square moving over noise) and `images` stills, captioned, named so
+    that sorted they alternate: raw shards of 2 hold both kinds."""
+    import numpy as np
+    from PIL import Image
+
+    from flowtrain.data.video import write_video
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(videos):
+        frames = (rng.random((7, 32, 32, 3)) * 60).astype(np.uint8)
+        for f in range(7):
+            frames[f, 8:20, 2 + 2 * f : 14 + 2 * f] = 230
+        write_video(root / f"{i:02d}-v.mp4", frames, fps=8)
+        (root / f"{i:02d}-v.txt").write_text(f"a square moving right {i}")
+    for i in range(images):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / f"{2 * i:02d}-s.png")
+        (root / f"{2 * i:02d}-s.txt").write_text(f"a still image {i}")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_killed_and_rerun_equal_one_process_with_video_clips(tmp_path):
+    """Wan, videos and images in one cache: each rank cuts its whole raw shards into clips (5-frame clips and
+    one-frame images in shards of their own), and the merged manifest equals one process's, frames and all."""
+    from flowtrain.data.prepare import prepare
+    from flowtrain.models.wan.tiny import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline(tmp_path / "wan")
+    raw = tmp_path / "raw"
+    prepare(_mixed_video_folder(tmp_path / "src", videos=12, images=6), raw, shard_size=2, progress=False)
+    precompute = ["-m", "flowtrain", "precompute", str(raw), "--model", str(pipeline), "--resolution", "32"]
+    precompute += ["--dtype", "float32", "--batch-size", "1", "--quiet", "model.max_sequence_length=32"]
+    precompute += ["dataset.video.frames=5"]
+    run([sys.executable, *precompute, "--out", str(tmp_path / "one")], cpu_env(), TIMEOUT)
+    want_manifest, want_shards = _content(tmp_path / "one")
+    assert {s.get("frames") for s in want_manifest["shards"]} == {None, 1}  # 5-frame clips and images
+
+    out = tmp_path / "two"
+    before, outputs = _killed_then_rerun(out, precompute, PORT + 2, lambda done: {_raw_of(f) for f in done} >= {0, 1})
+    assert {_raw_of(f) % 2 for f in before} == {0, 1}
+    assert 2 <= len(before) < len(want_shards), "the run was not stopped half-way: raise the video count"
+    rows = sum(s["rows"] for s in want_manifest["shards"])
+    assert outputs.count(f"precompute: {rows} rows") == 1  # said once, by the main rank
+    _assert_accounts(out, set(before), lambda rank: {f for f in want_shards if _raw_of(f) % 2 == rank})
+    got_manifest, got_shards = _content(out)
+    assert got_manifest == want_manifest  # the same clip shards, frame counts and shapes, in the same order
+    assert got_shards == want_shards  # every row, every column, every bit
