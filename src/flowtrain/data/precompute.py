@@ -214,14 +214,7 @@ def precompute(
         else:
             for raw_idx in my_raws:
                 path = raw_dir / raw["shards"][raw_idx]["file"]
-                if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
-                    table = read_table(path, columns=["key", "caption", "image", "width", "height"])
-                    slices = [(n, b, None, p) for n, b, p in cache_slices(table, raw_idx, rows_per_shard, buckets)]
-                    dropped = 0
-                else:  # videos: one row per clip (data/clips.py), one frame count per shard
-                    table = read_table(path, columns=clips.raw_columns(path))
-                    cut, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
-                    slices = [(n, None, f, p) for n, f, p in cut]
+                slices, dropped = _cut_raw_shard(path, raw_idx, rows_per_shard, buckets, clip_opts)
                 entries = []
                 for name, bucket, n_frames, part in slices:
                     entry = shard_entry(name, part.num_rows, bucket, columns, resolution)
@@ -254,6 +247,20 @@ def precompute(
         log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
     ranks.barrier()  # no rank returns before the manifest is there
     return manifest if ranks.is_main else CacheManifest.read(out)
+
+
+def _cut_raw_shard(
+    path: Any, raw_idx: int, rows_per_shard: int, buckets: BucketSpec | None, clip_opts: VideoConfig | None
+) -> tuple[list[tuple[str, tuple[int, int] | None, int | None, pa.Table]], int]:
+    """A bucketed or video cache's slices of raw shard `raw_idx` at `path`, in the order one process writes them:
+    (cache shard name, bucket (height, width) or None, frame count or None, rows) each; and how many raw rows gave
+    no clip. Each row's bucket or clips decide the names, so they are known only here, once the shard is read."""
+    if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
+        table = read_table(path, columns=["key", "caption", "image", "width", "height"])
+        return [(n, b, None, p) for n, b, p in cache_slices(table, raw_idx, rows_per_shard, buckets)], 0
+    table = read_table(path, columns=clips.raw_columns(path))  # videos: one row per clip, one frame count a shard
+    cut, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
+    return [(n, None, f, p) for n, f, p in cut], dropped
 
 
 def _save_empty_prompt(out: Path, family: ModelFamily, encoders: Any, model: ModelOptions, columns: list[Column]):
