@@ -1,6 +1,8 @@
 """Precompute on 2 CPU processes (`accelerate launch`, gloo): one rank SIGKILLed mid-run, the launch rerun; each rank
-continues its own share, and the merged cache equals a one-process run row for row, bit for bit. Plus the pieces:
-the shard plan and the ranks' shares, the merge's check, and the writer thread's ordering and errors."""
+continues its own share, and the merged cache equals a one-process run row for row, bit for bit: a square cache
+(shared by cache shard), an aspect-ratio-bucketed one and a mixed Wan video cache (shared by whole raw shard). Plus
+the pieces: the shard plan and the ranks' shares, the gather into one-process order, the merge's check, and the
+writer thread's ordering and errors."""
 
 from __future__ import annotations
 
