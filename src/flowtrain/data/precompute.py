@@ -10,8 +10,9 @@ skips the shards that exist and recomputes only the rest; the result equals an u
 shard is reused only when it holds exactly the keys of its raw slice (the raw shards may have been re-prepared
 since), and the manifest is removed at the start and written last, so it never vouches for a half-done cache.
 
-On N processes (`accelerate launch -m flowtrain precompute ...`) each rank encodes its own share of the cache
-shards and continues on its own after a kill; the main rank merges the manifest at the end (`precompute_dist`).
+On N processes (`accelerate launch -m flowtrain precompute ...`) each rank encodes its own share (of the cache
+shards of a square cache, of the raw shards of a bucketed or video cache) and continues on its own after a kill;
+the main rank merges the manifest at the end (`precompute_dist`).
 Finished tables are written by a thread (`writer.ShardWriter`), so the encoders do not wait on Parquet.
 """
 
@@ -40,7 +41,15 @@ from flowtrain.data.buckets import BucketSpec, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.layout import with_layout
 from flowtrain.data.manifest import EMPTY_PROMPT, MANIFEST, CacheManifest, fingerprint
-from flowtrain.data.precompute_dist import current_ranks, merge, plan, share, write_rank_record
+from flowtrain.data.precompute_dist import (
+    current_ranks,
+    merge,
+    merge_whole,
+    plan,
+    raw_share,
+    share,
+    write_rank_record,
+)
 from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
 from flowtrain.data.writer import ShardWriter
@@ -147,14 +156,9 @@ def precompute(
     if clip_opts is not None and buckets is not None:
         raise ValueError("aspect-ratio buckets are for images: video clips are cached at one size (drop --buckets)")
     ranks = current_ranks(device)  # one process, or this rank of `accelerate launch` (precompute_dist)
-    # Square image caches are planned from the raw manifest alone and shared over the ranks; a bucket's or a
-    # video's cache shards depend on each row (its size, its clips), so those run in one process.
+    # Square image caches are planned from the raw manifest alone and shared over the ranks by cache shard; a
+    # bucket's or a video's cache shards depend on each row (its size, its clips), so those are shared by raw shard.
     square = clip_opts is None and buckets is None
-    if ranks.world_size > 1 and not square:
-        raise ValueError(
-            f"precompute on {ranks.world_size} processes makes square image caches; aspect-ratio buckets and video "
-            "clips are cut from each row's own size and frames: run this precompute in one process (no accelerate)"
-        )
     if ranks.world_size > 1 and device in (None, "cuda"):  # each rank its own GPU, not all of them on cuda:0
         device = ranks.device
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,11 +185,14 @@ def precompute(
     ranks.barrier()  # the other ranks write into `out` once the main rank has set it up
 
     units = plan(raw["shards"], rows_per_shard)
-    mine = share(units, ranks.rank, ranks.world_size)
-    if clip_opts is None:
+    mine = share(units, ranks.rank, ranks.world_size)  # square caches
+    my_raws = raw_share(len(raw["shards"]), ranks.rank, ranks.world_size)  # bucketed and video caches
+    if square:
         total = sum(u.rows for u in mine)
+    elif clip_opts is None:
+        total = sum(raw["shards"][i]["rows"] for i in my_raws)
     else:
-        total = sum(clips.plan_size(raw_dir / s["file"], clip_opts, rows_per_shard) for s in raw["shards"])
+        total = sum(clips.plan_size(raw_dir / raw["shards"][i]["file"], clip_opts, rows_per_shard) for i in my_raws)
     desc = "precompute" if ranks.world_size == 1 else f"precompute {ranks.rank}/{ranks.world_size}"
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                position=ranks.rank)  # fmt: skip
@@ -196,8 +203,7 @@ def precompute(
     overlap = torch.device(device).type != "cpu"
     encode = _ShardEncoder(family, encoders, model, columns, resolution, batch_size)
     table, table_of, encoded, reused = None, -1, [], []
-    shards: list[dict] = []  # the one-process path's (buckets, clips); the square path's come from `merge`
-    left_out = 0  # raw rows that gave no clip
+    planned: list[dict] = []  # bucketed and video caches: [{raw, shards, left_out}] per raw shard of this rank
     with ThreadPoolExecutor(max_workers=1) if overlap else _Inline() as pool, ShardWriter(write_shard) as writer:
         if square:
             for unit in mine:
@@ -212,34 +218,33 @@ def precompute(
                     bar.update(part.num_rows)
                     reused.append(unit.file)
         else:
-            for raw_idx, raw_shard in enumerate(raw["shards"]):
-                path = raw_dir / raw_shard["file"]
-                if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
-                    table = read_table(path, columns=["key", "caption", "image", "width", "height"])
-                    slices = [(n, b, None, p) for n, b, p in cache_slices(table, raw_idx, rows_per_shard, buckets)]
-                else:  # videos: one row per clip (data/clips.py), one frame count per shard
-                    table = read_table(path, columns=clips.raw_columns(path))
-                    planned, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
-                    slices = [(n, None, f, p) for n, f, p in planned]
-                    left_out += dropped
+            for raw_idx in my_raws:
+                path = raw_dir / raw["shards"][raw_idx]["file"]
+                slices, dropped = _cut_raw_shard(path, raw_idx, rows_per_shard, buckets, clip_opts)
+                entries = []
                 for name, bucket, n_frames, part in slices:
                     entry = shard_entry(name, part.num_rows, bucket, columns, resolution)
                     if n_frames is not None:  # clips of another length than the declared columns' (images)
                         entry |= {"frames": n_frames, "shapes": frame_shapes(n_frames)}
                     if not _reusable(out / name, part):  # else finished by an earlier, interrupted run
                         writer.submit(encode(part, pool, bar, bucket, entry.get("shapes")), out / name)
+                        encoded.append(name)
                     else:
                         bar.update(part.num_rows)
-                    shards.append(entry)
+                        reused.append(name)
+                    entries.append(entry)
+                planned.append({"raw": raw_idx, "shards": entries, "left_out": dropped})
     bar.close()
-    if clip_opts is not None:
-        clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
     if ranks.world_size > 1:
-        write_rank_record(out, ranks, encoded, reused)
+        write_rank_record(out, ranks, encoded, reused, None if square else planned)
     ranks.barrier()  # every rank's shards are written
     if ranks.is_main:  # the one merge, once every rank has finished its share
         if square:
             shards = merge(out, units, ranks.world_size)
+        else:  # the ranks' raw shards' entries in raw order: the shards, and their order, of one process
+            shards, left_out = merge_whole(out, len(raw["shards"]), ranks.world_size, planned)
+            if clip_opts is not None:
+                clips.log_left_out(left_out, clip_opts, cached=sum(s["rows"] for s in shards))
         _remove_stale(out, {s["file"] for s in shards})
         shards = with_layout(out, shards)  # readers open the cache without reading every footer (data.layout)
         manifest = CacheManifest(family.name, fp, columns, family.latent_norm(encoders), shards,
@@ -248,6 +253,20 @@ def precompute(
         log.info("precompute: %d rows in %.1fs → %s", manifest.num_rows, time.perf_counter() - t0, out)
     ranks.barrier()  # no rank returns before the manifest is there
     return manifest if ranks.is_main else CacheManifest.read(out)
+
+
+def _cut_raw_shard(
+    path: Any, raw_idx: int, rows_per_shard: int, buckets: BucketSpec | None, clip_opts: VideoConfig | None
+) -> tuple[list[tuple[str, tuple[int, int] | None, int | None, pa.Table]], int]:
+    """A bucketed or video cache's slices of raw shard `raw_idx` at `path`, in the order one process writes them:
+    (cache shard name, bucket (height, width) or None, frame count or None, rows) each; and how many raw rows gave
+    no clip. Each row's bucket or clips decide the names, so they are known only here, once the shard is read."""
+    if clip_opts is None:  # images grouped by bucket (data.buckets), in raw order within one
+        table = read_table(path, columns=["key", "caption", "image", "width", "height"])
+        return [(n, b, None, p) for n, b, p in cache_slices(table, raw_idx, rows_per_shard, buckets)], 0
+    table = read_table(path, columns=clips.raw_columns(path))  # videos: one row per clip, one frame count a shard
+    cut, dropped = clips.planned_slices(table, raw_idx, rows_per_shard, clip_opts)
+    return [(n, None, f, p) for n, f, p in cut], dropped
 
 
 def _save_empty_prompt(out: Path, family: ModelFamily, encoders: Any, model: ModelOptions, columns: list[Column]):
