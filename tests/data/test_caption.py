@@ -1,5 +1,7 @@
 """`flowtrain caption`: a tiny random BLIP built offline and loaded through `from_pretrained` (the path real weights
-take by name) captions only what has no caption, with the trigger template, in sidecars or a JSONL, and resumes."""
+take by name) captions only what has no caption, with the trigger template, in sidecars or a JSONL, and resumes.
+A tiny random chat VLM (LLaVA-NeXT: a chat template, prompts whose length depends on the image) covers the chat
+path: the template is applied and left padding makes a batched caption the one each image gets alone."""
 
 from __future__ import annotations
 
@@ -47,6 +49,74 @@ def save_tiny_blip(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_vlm(folder: Path) -> Path:
+    """A randomly initialised LlavaNextForConditionalGeneration (~50k parameters: a one-layer CLIP vision tower, a
+    one-layer Qwen2 decoder) with a LlavaNextProcessor that has a chat template, saved like a Hub checkpoint.
+
+    LLaVA-NeXT because its processor needs no torchvision (Qwen2-VL's video processor does) and, as with
+    Qwen2.5-VL, the number of image tokens follows the image's size and aspect ratio: prompts in one batch differ
+    in length, so a batch is padded and left padding is what keeps each row's caption its own. The tokenizer is
+    the tiny byte-level BPE the Qwen-Image tests train offline, plus `<image>`."""
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from flowtrain.models.qwen_image.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    ids = tok.convert_tokens_to_ids
+    pins = [[28, 28], [28, 56], [56, 28]]  # 1x1, 1x2 and 2x1 tiles of 28 px: 4 patches of 14 px each
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pins
+    )
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+                                   patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1)  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                pad_token_id=tok.pad_token_id, bos_token_id=ids("<|endoftext|>"),
+                eos_token_id=ids("<|im_end|>"))  # fmt: skip
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=ids("<image>"),
+                             image_grid_pinpoints=pins, vision_feature_select_strategy="default",
+                             vision_feature_layer=-1, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():  # loud image features and sharp attention, so each image gets a caption of its own
+        for param in model.model.multi_modal_projector.parameters():
+            param.normal_(0.0, 1.0)
+        for name, param in model.model.language_model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(30.0)
+    # Never end early, and only tokens that decode to printable text of their own: every caption has words in it.
+    pieces = [tok.decode([i]) for i in range(len(tok))]
+    bad = [i for i, p in enumerate(pieces)
+           if i in tok.all_special_ids or not p.strip() or not p.isprintable() or "\ufffd" in p]  # fmt: skip
+    model.generation_config.update(min_new_tokens=4, suppress_tokens=bad)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory) -> Captioner:
+    folder = save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-llava-next")
+    return Captioner(str(folder), device="cpu", prompt="Describe the image.", max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +276,51 @@ def test_jsonl_for_a_webdataset_source(captioner, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert [(r["key"], r["image"], r["generated"]) for r in records] == [("s-0/0", "s-0.tar:0", False),
                                                                          ("s-0/1", "s-0.tar:1", True)]  # fmt: skip
+
+
+def make_vlm_folder(root: Path) -> Path:
+    """Three uncaptioned images of different aspect ratios (so of different prompt lengths) and a captioned one.
+    Plain colours, not noise: noise images look alike to a random vision tower, colours do not."""
+    root.mkdir(parents=True)
+    for name, colour, size in [("a", "red", (40, 30)), ("b", "blue", (90, 40)), ("c", "yellow", (30, 64)),
+                               ("d", "green", (32, 32))]:  # fmt: skip
+        Image.new("RGB", size, colour).save(root / f"{name}.png")
+    (root / "d.txt").write_text("my own caption")
+    return root
+
+
+def test_chat_vlm_batched_equals_alone(vlm, tmp_path):
+    """The chat branch: the processor's template wraps `--prompt` as a user turn with the image, the prompt is cut
+    from the output, and with batch size 2 the padded batch (a, b) gives each image the caption it gets alone."""
+    assert vlm.chat and vlm.processor.tokenizer.padding_side == "left"
+    root = make_vlm_folder(tmp_path / "imgs")
+    images = {k: Image.open(root / f"{k}.png").convert("RGB") for k in "abc"}
+    inputs = vlm._inputs([images["a"], images["b"]])
+    prompt = vlm.processor.tokenizer.decode(inputs["input_ids"][1], skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>user\n<image>") and prompt.endswith(
+        "Describe the image.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    mask = inputs["attention_mask"]
+    assert mask[0, 0] == 0 and mask[:, -1].all()  # a's prompt is shorter: padded, on the left
+    alone = {k: vlm([im])[0] for k, im in images.items()}
+    assert len(set(alone.values())) == 3 and all(len(t.split()) >= 1 for t in alone.values()), alone
+
+    report = caption_source(root, vlm, trigger="sks", batch_size=2, progress=False)
+    assert (report.seen, report.captioned, report.kept, report.failed) == (4, 3, 1, 0)
+    for k in "abc":
+        assert (root / f"{k}.txt").read_text() == f"sks, {alone[k]}\n"
+    assert (root / "d.txt").read_text() == "my own caption"
+
+
+def test_chat_vlm_cli(vlm, tmp_path, capsys):
+    from flowtrain.cli import main
+
+    root = make_vlm_folder(tmp_path / "imgs")
+    alone = {k: vlm([Image.open(root / f"{k}.png").convert("RGB")])[0] for k in "abc"}
+    argv = ["caption", str(root), "--model", vlm.model.name_or_path, "--prompt", "Describe the image.",
+            "--prefix", "photo of {trigger}: ", "--trigger", "ohwx", "--batch-size", "2", "--max-new-tokens", "6",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "caption: 3 new, 1 kept (had a caption), 0 done earlier, 0 failed, of 4" in capsys.readouterr().out
+    for k in "abc":
+        assert (root / f"{k}.txt").read_text() == f"photo of ohwx: {alone[k]}\n"
