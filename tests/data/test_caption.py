@@ -324,3 +324,38 @@ def test_chat_vlm_cli(vlm, tmp_path, capsys):
     assert "caption: 3 new, 1 kept (had a caption), 0 done earlier, 0 failed, of 4" in capsys.readouterr().out
     for k in "abc":
         assert (root / f"{k}.txt").read_text() == f"photo of ohwx: {alone[k]}\n"
+
+
+class _Counts:
+    """The captioner, recording how many images each call got."""
+
+    def __init__(self, inner: Captioner) -> None:
+        self.inner, self.sizes = inner, []
+
+    def __call__(self, images):
+        self.sizes.append(len(images))
+        return self.inner(images)
+
+
+def test_sidecar_overwrite_resumes_after_a_kill(captioner, tmp_path):
+    """--overwrite-captions with sidecars: the hidden progress log lets a rerun skip what the killed run already
+    overwrote (those keep the killed run's captions: trigger ohwx), caption the rest (trigger sks), then go."""
+    root = make_folder(tmp_path / "imgs")
+    log = root / ".flowtrain-caption.log"
+    with pytest.raises(KeyboardInterrupt):  # batches (blank, broken), (mine, new0) done; (new1, new2) killed
+        caption_source(root, _DiesAfter(captioner, 3), trigger="ohwx", overwrite=True, batch_size=2, progress=False)
+    assert log.read_text().split() == ["blank", "mine", "new0"]
+    done = {k: (root / f"{k}.txt").read_text() for k in ["blank", "mine", "new0"]}
+    assert all(text.startswith("ohwx, ") for text in done.values()), done
+    assert not (root / "new1.txt").exists()
+
+    counts = _Counts(captioner)
+    report = caption_source(root, counts, trigger="sks", overwrite=True, batch_size=2, progress=False)
+    assert (report.seen, report.resumed, report.captioned, report.kept, report.failed) == (8, 3, 4, 0, 1)
+    assert sum(counts.sizes) == 4  # new1..new4 only: broken fails to decode, the resumed three are not redone
+    assert {k: (root / f"{k}.txt").read_text() for k in done} == done
+    for k in ["new1", "new2", "new3", "new4"]:
+        assert (root / f"{k}.txt").read_text().startswith("sks, ")
+    assert not log.exists()  # finished: the log goes, and the next overwrite run starts from scratch
+    again = caption_source(root, captioner, trigger="sks", overwrite=True, batch_size=2, progress=False)
+    assert (again.resumed, again.captioned) == (0, 7) and (root / "mine.txt").read_text().startswith("sks, ")
