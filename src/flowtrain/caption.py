@@ -122,9 +122,12 @@ class _Sink:
                 self._file.write("\n")
         elif overwrite:  # sidecar files exist either way, so an overwrite run needs its own record of progress
             self._log_path = Path(str(src)) / PROGRESS_LOG
-            if self._log_path.is_file():
-                self.done = set(self._log_path.read_text(encoding="utf-8").split("\n")) - {""}
+            text = self._log_path.read_text(encoding="utf-8") if self._log_path.is_file() else ""
+            lines = text.split("\n")  # the last is "" unless a kill cut it: then not a key done (it is redone)
+            self.done = set(lines[:-1]) - {""}
             self._file = self._log_path.open("a", encoding="utf-8")
+            if lines[-1]:  # end the cut line, so the next key starts on a line of its own
+                self._file.write("\n")
 
     def write(self, item: SourceItem, caption: str, generated: bool) -> None:
         if self.jsonl is not None:

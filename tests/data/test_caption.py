@@ -359,3 +359,18 @@ def test_sidecar_overwrite_resumes_after_a_kill(captioner, tmp_path):
     assert not log.exists()  # finished: the log goes, and the next overwrite run starts from scratch
     again = caption_source(root, captioner, trigger="sks", overwrite=True, batch_size=2, progress=False)
     assert (again.resumed, again.captioned) == (0, 7) and (root / "mine.txt").read_text().startswith("sks, ")
+
+
+def test_sidecar_overwrite_log_with_a_cut_line(captioner, tmp_path):
+    """A kill can cut the progress log's last key: the fragment is not a key done, and the next key written starts
+    on a line of its own (glued to the fragment it would be lost, and a third run would redo it)."""
+    root = make_folder(tmp_path / "imgs")
+    log = root / ".flowtrain-caption.log"
+    log.write_text("blank\nmine\nnew")  # "new" is cut from "new0": new0's sidecar may not be written yet
+    with pytest.raises(KeyboardInterrupt):  # (broken, new0), (new1, new2) done; (new3, new4) killed
+        caption_source(root, _DiesAfter(captioner, 3), overwrite=True, batch_size=2, progress=False)
+    assert log.read_text().split("\n") == ["blank", "mine", "new", "new0", "new1", "new2", ""]
+    counts = _Counts(captioner)
+    report = caption_source(root, counts, overwrite=True, batch_size=2, progress=False)
+    assert (report.resumed, report.captioned, report.failed) == (5, 2, 1) and sum(counts.sizes) == 2
+    assert not log.exists()
