@@ -40,6 +40,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sides(text: str) -> list[int]:
+    """`--bucket-sides S1,S2`: positive integers, comma-separated."""
+    return [_positive_int(x) for x in text.split(",") if x]
+
+
 def _path(text: str) -> str:
     """A path flag: an empty string would mean the current folder (or be ignored), never what was meant."""
     if not text.strip():
@@ -574,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`precompute --buckets` would give them",
     )  # fmt: skip
     s.add_argument(
-        "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
+        "--bucket-sides", type=_sides, default=[], metavar="S1,S2",
         help="the bucket preview's extra target sides, as precompute's --bucket-sides (default: none)",
     )  # fmt: skip
     s.add_argument(
@@ -658,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: dataset.buckets of --config; --no-buckets: a square cache whatever the config says)",
     )  # fmt: skip
     s.add_argument(
-        "--bucket-sides", type=lambda t: [_positive_int(x) for x in t.split(",") if x], default=[], metavar="S1,S2",
+        "--bucket-sides", type=_sides, default=[], metavar="S1,S2",
         help="with --buckets, more target areas (S² each): an image goes to the largest it reaches without upscaling "
         "(default: dataset.buckets.sides)",
     )  # fmt: skip
