@@ -49,6 +49,28 @@ def test_help_check_and_prepare_import_no_torch(tmp_path):
     assert _loaded_by("prepare", "src", "--out", "raw", "--quiet", cwd=tmp_path) == []
 
 
+def test_drawing_the_graphs_imports_no_torch(tmp_path):
+    """The MLflow child draws the end-of-run graphs while the trainer waits: importing torch there cost ~2 s."""
+    logs = tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    rows = [
+        {"step": s, "loss": 1.0 / s, "lr": 1e-4, "s_per_step": 0.01, "loss_by_sigma/0.0-0.1": 0.5} for s in (1, 2, 3)
+    ]
+    (logs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = (
+        "import sys; from pathlib import Path\n"
+        "import flowtrain.track.mlflow_process\n"
+        "from flowtrain.track.plots import plot_run, warm_up\n"
+        "warm_up(); plot_run(Path(sys.argv[1]))\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run" / "graphs" / "loss.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 def test_single_process_training_never_imports_deepspeed(tiny_pipeline_dir, tiny_cache, tmp_path):
     """accelerate's unwrap_model imports DeepSpeed (and with it MLflow) just to test isinstance; flowtrain's

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flowtrain.track.jsonl import read_metrics
 from flowtrain.track.plots import series, smoothing_beta
-from flowtrain.track.stats import smooth
+from flowtrain.track.series import smooth
 
 TERMS = (
     ("rec", "reconstruction"),

@@ -15,12 +15,7 @@ from typing import Any
 
 import torch
 
-SIGMA_BINS = 10
-
-
-def sigma_bin_names(n: int = SIGMA_BINS) -> list[str]:
-    """Metric names of the bins: `loss_by_sigma/0.0-0.1`, ... (σ ∈ [0, 1] split evenly)."""
-    return [f"loss_by_sigma/{i / n:.1f}-{(i + 1) / n:.1f}" for i in range(n)]
+from flowtrain.track.series import SIGMA_BINS, Smoother, sigma_bin_names, smooth  # noqa: F401  re-exported
 
 
 class SigmaBinLoss:
@@ -101,30 +96,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["mem/cuda_max_alloc_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
-
-
-class Smoother:
-    """Bias-corrected exponential moving average (as in Adam / TensorBoard smoothing) of a logged series."""
-
-    def __init__(self, beta: float = 0.9):
-        self.beta, self.avg, self.n = beta, 0.0, 0
-
-    def update(self, x: float) -> float:
-        if x != x:  # NaN: keep the average meaningful; the raw value is still logged
-            return self.value
-        self.n += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * x
-        return self.value
-
-    @property
-    def value(self) -> float:
-        return self.avg / (1 - self.beta**self.n) if self.n else float("nan")
-
-
-def smooth(values: list[float], beta: float = 0.9) -> list[float]:
-    """The Smoother applied along a whole series."""
-    s = Smoother(beta)
-    return [s.update(v) for v in values]
 
 
 class TrainMeter:
