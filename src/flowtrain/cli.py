@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flowtrain.openmp import choose_wait_policy
 
@@ -875,6 +875,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if extra:
         args.overrides = list(args.overrides) + extra
     return args
+
+
+def run() -> NoReturn:
+    """The console entry (`flowtrain`, `python -m flowtrain`): `main()`, then the process ends without the
+    interpreter's slow teardown (`flowtrain.exit`). An exception that escapes `main` (`--debug`) ends it the usual
+    way, with its traceback."""
+    from flowtrain.exit import exit_now
+
+    exit_now(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,10 +298,11 @@ def serve(stream: BinaryIO) -> int:
         except queue.Empty:
             if tracker.flush_due_in() <= 0:
                 tracker.flush()
-            if not drawing_ready:  # the end-of-run graphs' import (~1 s), done while training leaves the child idle
+            if not drawing_ready:  # the end-of-run graphs' imports and fonts (~1 s), while training leaves it idle
                 drawing_ready = True
-                import matplotlib.backends.backend_agg  # noqa: F401
-                import matplotlib.figure  # noqa: F401
+                from flowtrain.track.plots import warm_up
+
+                warm_up()
             if os.getppid() != parent and not orphaned:  # the trainer is gone; a forked worker holds the pipe
                 orphaned = True
                 _exit_after(_DRAIN_S)
@@ -374,4 +375,6 @@ def _apply(tracker: Any, op: str, msg: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.stdin.buffer))
+    from flowtrain.exit import exit_now
+
+    exit_now(serve(sys.stdin.buffer))  # the run is closed by now: skip MLflow's and SQLAlchemy's teardown
