@@ -2,10 +2,11 @@
 precompute → train) vs a baseline doing the same work in one process, each run as a fresh process, interleaved.
 
 Baseline: diffusers' `examples/dreambooth/train_dreambooth_lora_flux2_klein.py`, unmodified, where it can run
-(`--script PATH --script-python PYTHON`: an interpreter with torchvision, which flowtrain's environment must not
-get). Otherwise — and by default — `benchmarks/start_bare.py`: decode, encode with the pipeline's own VAE and
-`encode_prompt`, free the encoders, train with the hand-written loop of `bare.py`, save the LoRA. The output names
-the baseline used.
+(`--script PATH`): it imports torchvision, which flowtrain's environment must not get, so run this benchmark with the
+interpreter `benchmarks/script_env.sh` makes (torch + torchvision + flowtrain): every side then runs on that one
+torch build (`--script-python` picks another interpreter for the script alone). Otherwise — and by default —
+`benchmarks/start_bare.py`: decode, encode with the pipeline's own VAE and `encode_prompt`, free the encoders, train
+with the hand-written loop of `bare.py`, save the LoRA. The output names the baseline used.
 
 Both sides: the tiny Klein pipeline (`common.tiny_fixture`), the same `--images` PNGs with captions, LoRA rank 16 on
 the attention preset, batch 2, AdamW lr 1e-4, fp32, 32 px, `--steps` optimizer steps, `--threads` torch threads.
@@ -18,14 +19,18 @@ Measured per run, from outside the process:
   first      process start → the first optimizer step done (flowtrain: `time` of step 1 in logs/metrics.jsonl;
              the bare baseline prints it; the script: its progress bar's first step on stderr)
   peak RSS   the process's maximum resident set (wait4's ru_maxrss)
-  s/step     median step time after `--warmup` steps (flowtrain: its per-step `s_per_step`)
+  s/step     median step time after `--warmup` steps (flowtrain: its per-step `s_per_step`); the ratio to the bare
+             loop is shown two ways: of the medians over repetitions, and paired (the median over repetitions of
+             flowtrain / bare within each, adjacent runs that share the machine's load)
 
 Ratios: flowtrain (MLflow on: the default tracking) / baseline for wall, first and peak RSS (target ≤ 1.0), and
 flowtrain / the bare loop for s/step (target ≤ 1.02); the same with `tracking.report_to: [jsonl]` as a second row,
 and with JSONL and `tracking.graphs: false` (no end-of-run PNGs) as a third, to show what each costs.
 
-    .venv/bin/python benchmarks/start.py                      # 3 interleaved reps, 200 steps, ~6 min on 2 cores
+    .venv/bin/python benchmarks/start.py                      # 3 interleaved reps, 200 steps, ~3 min on 2 cores
     .venv/bin/python benchmarks/start.py --reps 5 --threads 0
+    bash benchmarks/script_env.sh && runs/bench/script-venv/bin/python benchmarks/start.py --reps 5 \
+        --script DIFFUSERS/examples/dreambooth/train_dreambooth_lora_flux2_klein.py
 """
 
 from __future__ import annotations
@@ -128,12 +133,19 @@ def script_job(python: str, script: Path, fx: common.Fixture, images: Path, work
     optimizer step is the moment its progress bar first shows `1/steps`."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # the script opens every file of --instance_data_dir as an image and gives all the one --instance_prompt
+    only = work / "images"
+    only.mkdir()
+    for png in sorted(images.glob("*.png")):
+        (only / png.name).symlink_to(png)
     cmd = [python, str(script), "--pretrained_model_name_or_path", str(fx.pipeline), "--instance_data_dir",
-           str(images), "--instance_prompt", prompt, "--output_dir", str(work / "out"), "--resolution",
+           str(only), "--instance_prompt", prompt, "--output_dir", str(work / "out"), "--resolution",
            str(RESOLUTION), "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
            "--rank", "16", "--lora_alpha", "16", "--max_sequence_length", str(fx.max_sequence_length),
            "--mixed_precision", "no", "--checkpointing_steps", str(steps + 1), "--seed", "0",
-           "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0"]  # fmt: skip
+           "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0",
+           # Klein's hidden-state layers; the script's default (10, 20, 30) is FLUX.2 [dev]'s
+           "--text_encoder_out_layers", "9", "18", "27"]  # fmt: skip
     # flowtrain's `attention` preset by module name: double blocks' attention (both streams), single blocks' fused
     # projection and their output Linear (`to_out` alone would also match the double blocks' ModuleList)
     singles = json.loads((fx.pipeline / "transformer" / "config.json").read_text())["num_single_layers"]
@@ -159,7 +171,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, every side (default 1; 0: torch's)")
     p.add_argument("--script", type=Path, help=f"diffusers' {SCRIPT_IN_DIFFUSERS}, unmodified (baseline if given)")
-    p.add_argument("--script-python", help="the interpreter for --script (needs torchvision)")
+    p.add_argument("--script-python", default=sys.executable,
+                   help="the interpreter for --script (needs torchvision; default: this one, so every side runs on "
+                        "the same torch build)")  # fmt: skip
     args = p.parse_args()
 
     fx = common.tiny_fixture()
@@ -181,8 +195,6 @@ def main() -> None:
     }
     baseline = "bare"
     if args.script is not None:
-        if not args.script_python:
-            p.error("--script needs --script-python (an interpreter with torchvision)")
         baseline = "script"
         runs["script"] = lambda: script_job(args.script_python, args.script, fx, images, work / "script",
                                             args.steps, args.threads, "a photo")  # fmt: skip
@@ -206,6 +218,8 @@ def main() -> None:
             "peak RSS MiB": f"{m['rss']:.0f} / {base['rss']:.0f}",
             "RSS ratio": m["rss"] / base["rss"],
             "s/step vs bare": m["step"] / med["bare"]["step"],
+            "s/step paired": common.median([f["step"] / b["step"]
+                                            for f, b in zip(res[side], res["bare"], strict=True)]),
         })  # fmt: skip
     common.report(f"start-up, images → LoRA ({args.steps} steps, tiny)", rows,
                   {"command": " ".join(sys.argv), "runs": res})  # fmt: skip

@@ -143,7 +143,9 @@ def test_nan_row_read_by_one_rank_stops_both(tiny_pipeline_dir, tiny_cache, tmp_
     log = proc.stdout
     assert proc.returncode == EXIT_USER_ERROR, log[-3000:]  # the launcher returns rank 1's own exit code
     assert log.count("row 5 (key 'img05') has NaN/inf values") == 1, log[-3000:]
-    assert "Connection closed by peer" in log and "flowtrain launch: processes failed" in log
+    # rank 0 hears it from gloo: rank 1's socket closed, or reset when rank 1 is gone already (it exits at once)
+    assert any(f"Connection {how} by peer" in log for how in ("closed", "reset")), log[-3000:]
+    assert "flowtrain launch: processes failed" in log
     _assert_stopped_at_3_with_2_intact(out)
 
 

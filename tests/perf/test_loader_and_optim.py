@@ -15,7 +15,7 @@ from flowtrain.data.loader import BatchPrefetcher, batch_iterator, build_loader,
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import optimizer_kwargs, optimizer_step_fn
+from flowtrain.train.perf import hot_optimizer, optimizer_kwargs
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -40,13 +40,15 @@ def test_plain_accelerate_setups_step_the_torch_optimizer_directly():
     accelerator = Accelerator(cpu=True)
     params = _params()
     opt = accelerator.prepare(torch.optim.AdamW(params, lr=0.1, fused=True))
-    step = optimizer_step_fn(opt, accelerator)
-    assert step == opt.optimizer.step  # no AcceleratedOptimizer indirection on the hot path
+    hot = hot_optimizer(opt, accelerator)
+    assert hot is opt.optimizer  # no AcceleratedOptimizer indirection on the hot path
     for p in params:
         p.grad = torch.ones_like(p)
     before = params[0].detach().clone()
-    step()
+    hot.step()
     assert not torch.equal(before, params[0])
+    hot.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
 
 
 def _dataset_and_sampler(cache, batch=2):

@@ -133,9 +133,9 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             run.optimizer.zero_grad(set_to_none=True)
             break
         if not bad or not check_grads:
-            run.step_optimizer()
+            run.hot_optimizer.step()
         run.lr_scheduler.step()  # a skipped step still advances the schedule: lr stays a function of the step
-        run.optimizer.zero_grad(set_to_none=True)
+        run.hot_optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
             with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: gathered meanwhile
                 run.ema.update(done)

@@ -46,21 +46,23 @@ def optimizer_kwargs(params: Iterable[torch.Tensor] = (), implementation: str = 
     return {"foreach": implementation == "foreach"}
 
 
-def optimizer_step_fn(optimizer: Any, accelerator: Any) -> Any:
-    """The callable to step `optimizer` (as returned by `accelerator.prepare`) with.
+def hot_optimizer(optimizer: Any, accelerator: Any) -> Any:
+    """The optimizer the loop calls `step()` and `zero_grad(set_to_none=True)` on every step: `optimizer` (as
+    returned by `accelerator.prepare`), or the torch optimizer inside it where accelerate's wrapper adds nothing.
 
-    accelerate's `AcceleratedOptimizer.step` looks up an optional package twice per call (~0.1 ms of Python) and
-    otherwise only acts for a GradScaler, XLA, or accelerate's own gradient accumulation, which flowtrain does not
-    use. Without a scaler, on plain / DDP setups, the wrapped torch optimizer is stepped directly; every other
-    case (fp16, DeepSpeed, FSDP, XLA, ...) keeps accelerate's step.
+    accelerate's `AcceleratedOptimizer.step` looks up an optional package twice per call (~0.1 ms of Python), and its
+    `zero_grad` builds `inspect.signature` of the inner `zero_grad` on every call; otherwise both only act for a
+    GradScaler, XLA, or accelerate's own gradient accumulation, which flowtrain does not use. Without a scaler, on
+    plain / DDP setups, the wrapped torch optimizer is used directly; every other case (fp16, DeepSpeed, FSDP, XLA,
+    ...) keeps accelerate's wrapper.
     """
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.utils import DistributedType
 
     plain = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
     if type(optimizer) is AcceleratedOptimizer and accelerator.scaler is None and accelerator.distributed_type in plain:
-        return optimizer.optimizer.step
-    return optimizer.step
+        return optimizer.optimizer
+    return optimizer
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------

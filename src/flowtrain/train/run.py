@@ -31,7 +31,7 @@ from flowtrain.train.ema import EMA, ema_for_run
 from flowtrain.train.engines import fsdp
 from flowtrain.train.offload import install_block_swap
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
-from flowtrain.train.perf import optimizer_step_fn
+from flowtrain.train.perf import hot_optimizer
 from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position, transformer_identity
 from flowtrain.train.state import TrainState
 from flowtrain.train.trainable import build_transformer, load_teacher, load_trainable_state
@@ -54,7 +54,7 @@ class Run:
     params: list[torch.nn.Parameter]  # the trainable ones
     optimizer: Any
     lr_scheduler: Any
-    step_optimizer: Any
+    hot_optimizer: Any  # what each step calls step() / zero_grad() on (`perf.hot_optimizer`)
     dataset: CacheDataset
     sampler: ResumableSampler | BucketSampler
     batches: Any  # iterator of batches (possibly behind a prefetch thread)
@@ -239,7 +239,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
         log.debug("config: %s", config_to_flat_dict(cfg))
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, family=family, model=model, lora_cfg=lora_cfg, params=params,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, step_optimizer=optimizer_step_fn(optimizer, accelerator),
+        optimizer=optimizer, lr_scheduler=lr_scheduler, hot_optimizer=hot_optimizer(optimizer, accelerator),
         dataset=dataset, sampler=sampler, batches=batches, norm=norm, empty=empty, loss_fn=loss_fn,
         validator=validator, tracker=tracker, ema=ema, start_step=start_step, transformer_id=transformer_id,
         restored=restored,
