@@ -169,6 +169,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20, help="steps left out of the s/step medians (default 20)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--untimed", type=int, default=1,
+                   help="rounds of every side run first and not counted, so every side starts with the same files "
+                        "(libraries, models, images) in the page cache (default 1)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads, every side (default 1; 0: torch's)")
     p.add_argument("--script", type=Path, help=f"diffusers' {SCRIPT_IN_DIFFUSERS}, unmodified (baseline if given)")
     p.add_argument("--script-python", default=sys.executable,
@@ -198,6 +201,9 @@ def main() -> None:
         baseline = "script"
         runs["script"] = lambda: script_job(args.script_python, args.script, fx, images, work / "script",
                                             args.steps, args.threads, "a photo")  # fmt: skip
+    for _ in range(args.untimed):
+        for run in runs.values():
+            run()
     res = common.interleave(runs, args.reps)
     med = {name: {k: common.median([r[k] for r in rs]) for k in ("wall", "first", "rss", "step")}
            for name, rs in res.items()}  # fmt: skip
