@@ -15,11 +15,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from flowtrain.data.fs import read_table
 from flowtrain.data.precompute import read_raw_manifest
 
 
@@ -33,7 +33,7 @@ class RawImageDataset(Dataset):
         self._bytes: list[bytes] = []
         self.captions: list[str] = []
         for shard in manifest["shards"]:
-            table = pq.read_table(self.raw_dir / shard["file"], columns=["caption", "image"])
+            table = read_table(self.raw_dir / shard["file"], columns=["caption", "image"])
             self._bytes += table.column("image").to_pylist()
             self.captions += table.column("caption").to_pylist()
         if not self._bytes:
@@ -83,7 +83,7 @@ class RawClipDataset(Dataset):
         self._video: list[bool] = []
         self.captions: list[str] = []
         for shard in read_raw_manifest(self.raw_dir)["shards"]:
-            table = pq.read_table(self.raw_dir / shard["file"], columns=["caption", "image", "format", "num_frames"])
+            table = read_table(self.raw_dir / shard["file"], columns=["caption", "image", "format", "num_frames"])
             for row in table.to_pylist():
                 video = row["format"] in VIDEO_FORMATS
                 # an image is a one-frame clip: with data.frames 1 (a causal 3-D VAE trained on images) it is one

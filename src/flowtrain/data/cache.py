@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from flowtrain.data.arrays import as_numpy
 from flowtrain.data.fs import FsPath, as_path, load_tensors, open_parquet
 from flowtrain.data.layout import has_layout, unchanged
 from flowtrain.data.manifest import CacheError, CacheManifest
@@ -370,7 +371,7 @@ def _mask_tensor(column) -> torch.Tensor:
     """A loss_mask column → (B, 1) for a plain float column (per-sample weights), else (B, *shape) float32."""
     if isinstance(column.type, pa.FixedShapeTensorType):
         return column_to_tensor(column, "float32").float()
-    return torch.from_numpy(column.to_numpy().astype("float32")).unsqueeze(1)
+    return torch.from_numpy(as_numpy(column).astype("float32")).unsqueeze(1)
 
 
 @dataclass(frozen=True)

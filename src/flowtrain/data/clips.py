@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flowtrain.config.video import VideoConfig
+from flowtrain.data.arrays import byte_strings, int_lists, numeric
+from flowtrain.data.fs import read_table
 from flowtrain.data.video import VIDEO_FORMATS, decode_frames, row_frames, select_clips
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def by_frame_count(part: pa.Table, frames: int) -> list[tuple[int | None, pa.Tab
     if set(rows) <= {frames}:
         return [(None, part)] if part.num_rows else []
     order = sorted(rows, key=lambda n: (n != frames, n))
-    return [(None if n == frames else n, part.take(pa.array(rows[n], pa.int64()))) for n in order]
+    return [(None if n == frames else n, part.take(numeric(rows[n], pa.int64()))) for n in order]
 
 
 def differing_shapes(columns: list[Any], other: list[Any]) -> dict[str, list[int]]:
@@ -142,15 +144,15 @@ def plan(part: pa.Table, options: VideoConfig) -> tuple[pa.Table, int]:
             out_captions.append(captions[i])
             rows.append(i)
             frames.append(indices)
-    columns = {"key": pa.array(out_keys, pa.string()), "caption": pa.array(out_captions, pa.string())}
+    columns = {"key": byte_strings(out_keys), "caption": byte_strings(out_captions)}
     if "image" in names:  # absent when only counting (`plan_size`)
         # 64-bit offsets: a slice of videos can pass the 2 GiB that one `binary` array can address
         image = part.column("image").cast(pa.large_binary()).combine_chunks()
-        columns["image"] = pa.DictionaryArray.from_arrays(pa.array(rows, pa.int32()), image)
+        columns["image"] = pa.DictionaryArray.from_arrays(numeric(rows, pa.int32()), image)
     columns |= {
-        "format": pa.array([formats[r] for r in rows], pa.string()),
-        FRAMES: pa.array(frames, pa.list_(pa.int32())),
-        RAW_ROW: pa.array(rows, pa.int32()),
+        "format": byte_strings([formats[r] for r in rows]),
+        FRAMES: int_lists(frames),
+        RAW_ROW: numeric(rows, pa.int32()),
     }
     return pa.table(columns), left_out
 
@@ -173,7 +175,7 @@ def raw_columns(path: Any) -> list[str]:
 
 def plan_size(path: Any, options: VideoConfig, rows_per_shard: int) -> int:
     """How many cache rows `plan` makes of a raw shard, from its metadata columns only: the progress total."""
-    meta = pq.read_table(path, columns=[c for c in raw_columns(path) if c != "image"])
+    meta = read_table(path, columns=[c for c in raw_columns(path) if c != "image"])
     starts = range(0, meta.num_rows, rows_per_shard)
     return sum(plan(meta.slice(s, rows_per_shard), options)[0].num_rows for s in starts)
 

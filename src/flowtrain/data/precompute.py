@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from flowtrain.config.model import ModelOptions
 from flowtrain.config.video import VideoConfig
 from flowtrain.data import clips
+from flowtrain.data.arrays import byte_strings
 from flowtrain.data.buckets import BucketSpec, cache_slices, shard_entry
 from flowtrain.data.fs import as_path, read_table
 from flowtrain.data.layout import with_layout
@@ -348,8 +349,8 @@ class _ShardEncoder:
         }
         return pa.table(
             {
-                "key": pa.array(part.column("key").to_pylist(), pa.string()),
-                "caption": pa.array(part.column("caption").to_pylist(), pa.string()),
+                "key": byte_strings(part.column("key").to_pylist()),
+                "caption": byte_strings(part.column("caption").to_pylist()),
                 **arrays,
             }
         )
@@ -360,7 +361,7 @@ def _reusable(path: Path, part: pa.Table) -> bool:
     if not path.exists():
         return False
     try:
-        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        keys = read_table(path, columns=["key"]).column("key").to_pylist()
     except Exception as e:  # unreadable: recompute it
         log.warning("precompute: %s is unreadable (%s); recomputing it", path, e)
         return False

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
+from flowtrain.data.arrays import table_from_rows
 from flowtrain.data.fs import as_path, describe
 from flowtrain.data.sources import SourceItem, count_items, iter_source, source_files
 from flowtrain.data.video import VIDEO_EXTENSIONS, VIDEO_FORMATS, VideoError, probe, sniff_video
@@ -257,7 +258,7 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         if self._rows and self._writer is not None:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA))
+            self._writer.write_table(table_from_rows(self._rows, SCHEMA))
         self._rows, self._buffered_bytes = [], 0
 
     def close(self) -> None:

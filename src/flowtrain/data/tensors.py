@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from flowtrain.data.arrays import as_numpy, numeric
 from flowtrain.dtypes import DTYPES as STORAGE_DTYPES
 
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
@@ -22,7 +23,8 @@ def tensor_column(batch: torch.Tensor, storage_dtype: str) -> pa.ExtensionArray:
     t = batch.detach().to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
     arr = t.view(torch.uint16).numpy() if storage_dtype == "bfloat16" else t.numpy()
     ty = pa.fixed_shape_tensor(_ARROW_VALUE[storage_dtype], list(arr.shape[1:]))
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(np.prod(arr.shape[1:])))
+    values = numeric(arr.reshape(-1), _ARROW_VALUE[storage_dtype])
+    storage = pa.FixedSizeListArray.from_arrays(values, int(np.prod(arr.shape[1:])))
     return pa.ExtensionArray.from_storage(ty, storage)
 
 
@@ -67,10 +69,10 @@ def ragged_column(rows: list[torch.Tensor], storage_dtype: str) -> pa.ListArray:
     flat = torch.cat([r.detach().reshape(r.shape[0], width) for r in rows]) if rows else torch.zeros(0, width)
     t = flat.to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
     arr = t.view(torch.uint16).numpy() if storage_dtype == "bfloat16" else t.numpy()
-    values = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), _ARROW_VALUE[storage_dtype]), width)
+    values = pa.FixedSizeListArray.from_arrays(numeric(arr.reshape(-1), _ARROW_VALUE[storage_dtype]), width)
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([r.shape[0] for r in rows])
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.ListArray.from_arrays(numeric(offsets, pa.int32()), values)
 
 
 def ragged_to_tensors(
@@ -80,9 +82,9 @@ def ragged_to_tensors(
     offsets (B + 1,) int64); row i is `values[offsets[i]:offsets[i + 1]]`. Never write to the values."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    offsets = torch.from_numpy(column.offsets.to_numpy().astype(np.int64))
+    offsets = torch.from_numpy(as_numpy(column.offsets).astype(np.int64))
     flat = column.flatten().flatten()  # rows → fixed-size lists → values (respects slicing offsets)
-    values = _from_readonly(flat.to_numpy(zero_copy_only=False))  # the caller only copies out of it
+    values = _from_readonly(as_numpy(flat))  # the caller only copies out of it
     if storage_dtype == "bfloat16":
         values = values.view(torch.bfloat16)
     offsets = offsets - offsets[0]
