@@ -47,3 +47,11 @@ def test_sigma_sampling_is_a_function_of_the_generator():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="unknown timestep scheme"):
         sample_sigmas(2, torch.Generator(), "cosine")
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (0.5, 0.8)])
+def test_logit_normal_sigmas_are_sigmoid_of_scaled_normal_draws(mean, std):
+    """The standard case skips ·1 and +0, which change no bit: the draws are exactly sigmoid(mean + std·z)."""
+    z = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    s = sample_sigmas(64, torch.Generator().manual_seed(3), "logit_normal", logit_mean=mean, logit_std=std)
+    assert torch.equal(s, torch.sigmoid(z * std + mean))

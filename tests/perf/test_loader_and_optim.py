@@ -11,11 +11,17 @@ import torch
 from flowtrain.config import FlowtrainConfig
 from flowtrain.config.schema import OptimizerConfig
 from flowtrain.data.cache import CacheDataset, ResumableSampler
-from flowtrain.data.loader import BatchPrefetcher, batch_iterator, build_loader, use_prefetch_thread
+from flowtrain.data.loader import (
+    BatchPrefetcher,
+    MainProcessLoader,
+    batch_iterator,
+    build_loader,
+    use_prefetch_thread,
+)
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import hot_optimizer, optimizer_kwargs
+from flowtrain.train.perf import hot_backward, hot_optimizer, optimizer_kwargs
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -51,6 +57,21 @@ def test_plain_accelerate_setups_step_the_torch_optimizer_directly():
     assert all(p.grad is None for p in params)
 
 
+def test_plain_accelerate_setups_call_backward_directly_with_the_same_gradients():
+    """accelerate's `backward` divides by its accumulation steps (1) first: `Tensor.backward` gives the same bits."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert hot_backward(accelerator) is torch.Tensor.backward
+    grads = []
+    for backward in (accelerator.backward, hot_backward(accelerator)):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, 3))
+        backward((torch.randn(7, 5) @ w).tanh().square().mean())
+        grads.append(w.grad)
+    assert torch.equal(*grads)
+
+
 def _dataset_and_sampler(cache, batch=2):
     ds = CacheDataset(cache)
     return ds, ResumableSampler(len(ds), batch, seed=0, **ds.shuffle_blocks(None))
@@ -63,6 +84,25 @@ def test_loader_pins_memory_for_cuda_and_prefetches_with_workers(tiny_cache):
     assert cuda.pin_memory and cuda.prefetch_factor == 3 and cuda.persistent_workers and cuda.num_workers == 2
     cpu = build_loader(ds, sampler, num_workers=0, device=torch.device("cpu"), **kw)
     assert not cpu.pin_memory and cpu.prefetch_factor is None  # pinning buys nothing on CPU
+
+
+def test_main_process_loader_reads_what_a_dataloader_reads(tmp_path):
+    """Without workers or pinning the loop reads through `MainProcessLoader`: the DataLoader's batches, in its order,
+    the short last one of a finite sampler included."""
+    from torch.utils.data import DataLoader
+
+    cache = write_synthetic_cache(tmp_path / "c", 7, text_shape=(6, 12))
+    ds, sampler = _dataset_and_sampler(cache, batch=3)
+    kw = {"batch_size": 3, "collate_fn": ds.collate, "pin_memory": True, "prefetch_factor": 2, "num_workers": 0}
+    loader = build_loader(ds, sampler, device=torch.device("cpu"), **kw)
+    assert isinstance(loader, MainProcessLoader)
+    assert isinstance(build_loader(ds, sampler, device=torch.device("cuda"), **kw), DataLoader)  # pins: torch's
+    ours, torchs = iter(loader), iter(DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=ds.collate))
+    for _ in range(8):  # across epochs
+        a, b = next(ours), next(torchs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finite = list(MainProcessLoader(ds, range(7), batch_size=3, collate_fn=ds.collate))
+    assert [b["index"].tolist() for b in finite] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_prefetch_thread_reads_ahead_in_order(tiny_pipeline_dir, tiny_cache, tmp_path):

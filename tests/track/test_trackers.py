@@ -81,15 +81,26 @@ def test_multitracker_fans_out_and_drops_a_failing_backend(caplog) -> None:
 
 # --- σ-bins, meter, smoothing ----------------------------------------------------------------------------------
 def test_sigma_bins_mean_per_bin_and_skipped_steps() -> None:
-    bins = SigmaBinLoss(torch.device("cpu"))
-    bins.add(torch.tensor([0.05, 0.07, 0.55, 1.0]), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    bins = SigmaBinLoss()
+    bins.add(torch.tensor([0.05, 0.07, 0.55]), torch.tensor([1.0, 3.0, 5.0]))
+    bins.add(torch.tensor([1.0]), torch.tensor([7.0]))  # a second micro-batch of the same step
     bins.end_step(ok=True)
     bins.add(torch.tensor([0.05]), torch.tensor([float("nan")]))
     bins.end_step(ok=False)  # a skipped non-finite step leaves no trace
-    values = bins.values(bins.state().tolist())
+    sigmas, losses = bins.pending()
+    sums = bins.sums(sigmas.tolist(), losses.tolist())
+    assert sums[10:] == [2.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]  # counts: σ = 1.0 lands in the last bin
+    values = bins.values(sums)
     names = sigma_bin_names()
-    assert values == {names[0]: 2.0, names[5]: 5.0, names[9]: 7.0}  # σ = 1.0 lands in the last bin
+    assert values == {names[0]: 2.0, names[5]: 5.0, names[9]: 7.0}
     assert names[0] == "loss_by_sigma/0.0-0.1" and names[9] == "loss_by_sigma/0.9-1.0"
+    bins.reset()
+    assert bins.pending() is None
+    for i in range(SigmaBinLoss._FOLD_AT + 3):  # a long log interval is folded into one tensor, nothing lost
+        bins.add(torch.tensor([0.35]), torch.tensor([float(i)]))
+        bins.end_step()
+    sigmas, losses = bins.pending()
+    assert len(bins._window) == 4 and losses.tolist() == [float(i) for i in range(SigmaBinLoss._FOLD_AT + 3)]
 
 
 def test_train_meter_row() -> None:
@@ -109,6 +120,28 @@ def test_train_meter_row() -> None:
     meter.end_step()
     assert not any(
         k.startswith("loss_by_sigma") for k in meter.row(torch.tensor(1.0), None, reduce=lambda t: t, lr=0, epoch=0)
+    )
+
+
+def test_train_meter_row_reduces_loss_bins_and_parts_together() -> None:
+    """With several processes `reduce` gets [loss ‖ σ-bin sums ‖ counts ‖ loss parts] (the grad norm is global
+    already); with one there is no reduce, and the same metrics."""
+    rows, seen = [], []
+    for reduce in (None, lambda t: seen.append(t.tolist()) or t / 2):
+        meter = TrainMeter(torch.device("cpu"), samples_per_step=2)
+        meter.add(
+            torch.tensor([0.15, 0.95]), {"loss/per_sample": torch.tensor([1.0, 3.0]), "loss/prior": torch.tensor(4.0)}
+        )
+        meter.end_step()
+        rows.append(meter.row(torch.tensor(2.0), torch.tensor(0.5), reduce=reduce, lr=1e-3, epoch=0))
+    assert seen == [[2.0, 0, 1.0, 0, 0, 0, 0, 0, 0, 0, 3.0, 0, 1.0, 0, 0, 0, 0, 0, 0, 0, 1.0, 4.0]]
+    one, halved = rows
+    assert (one["loss"], one["loss/prior"], one["loss_by_sigma/0.1-0.2"], one["grad_norm"]) == (2.0, 4.0, 1.0, 0.5)
+    assert (halved["loss"], halved["loss/prior"], halved["loss_by_sigma/0.9-1.0"], halved["grad_norm"]) == (
+        1.0,
+        2.0,
+        3.0,
+        0.5,
     )
 
 

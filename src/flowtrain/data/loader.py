@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -31,19 +32,43 @@ def build_loader(
     pin_memory: bool,
     prefetch_factor: int,
     device: torch.device,
-) -> DataLoader:
+) -> DataLoader | MainProcessLoader:
     """The training DataLoader. Pinned host memory only when the batches go to a CUDA device (it buys nothing on
-    CPU and costs a copy); workers prefetch `prefetch_factor` batches each and live for the whole run."""
+    CPU and costs a copy); workers prefetch `prefetch_factor` batches each and live for the whole run. Without
+    workers or pinning, a `MainProcessLoader` reads the same batches."""
+    pin = pin_memory and device.type == "cuda"
+    if num_workers == 0 and not pin:
+        return MainProcessLoader(dataset, sampler, batch_size=batch_size, collate_fn=collate_fn)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_fn,
         num_workers=num_workers,
-        pin_memory=pin_memory and device.type == "cuda",
+        pin_memory=pin,
         prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=num_workers > 0,
     )
+
+
+class MainProcessLoader:
+    """The batches a worker-less, unpinned DataLoader yields: `batch_size` indices at a time from `sampler` (the last
+    batch may be short), each row read from `dataset` and the rows collated, in this process.
+
+    Written here because the DataLoader's own iterator adds ~50 µs of bookkeeping to every batch (a profiler range,
+    a batch-sampler and fetcher layer, checks for iterable datasets) that buys nothing without workers: on a small
+    model that is ~0.5% of a step.
+    """
+
+    num_workers, pin_memory, prefetch_factor = 0, False, None
+
+    def __init__(self, dataset: Dataset, sampler: Sampler[int], *, batch_size: int, collate_fn: Any):
+        self.dataset, self.sampler, self.batch_size, self.collate_fn = dataset, sampler, batch_size, collate_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        indices, read = iter(self.sampler), self.dataset.__getitem__
+        while rows := list(itertools.islice(indices, self.batch_size)):
+            yield self.collate_fn([read(i) for i in rows])
 
 
 class BatchPrefetcher:

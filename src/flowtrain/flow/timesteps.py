@@ -46,7 +46,9 @@ def sample_sigmas(
     if scheme == "uniform":
         sigma = torch.rand(batch_size, generator=generator)
     elif scheme == "logit_normal":
-        sigma = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
+        u = torch.randn(batch_size, generator=generator)
+        # ·1 and +0 change no bit (sigmoid(±0) alike): skipped for the standard logit-normal, drawn every step
+        sigma = torch.sigmoid(u if (logit_std, logit_mean) == (1.0, 0.0) else u * logit_std + logit_mean)
     elif scheme == "mode":
         u = torch.rand(batch_size, generator=generator)
         sigma = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1.0 + u)

@@ -1,7 +1,8 @@
 """Cheap training statistics for the metrics row: loss by σ-bin, data-wait time, memory, a smoothed loss.
 
-Everything that touches tensors accumulates on the training device and is read back together with the loss in the
-one host sync of a logged step (see `train.loop`).
+Tensors stay on the training device between logged steps (the loss accumulates there, each sample's σ and loss are
+kept) and are read back together in the one host sync of a logged step (see `train.loop`); the σ-bins are filled on
+the host from that read-back.
 """
 
 from __future__ import annotations
@@ -19,41 +20,62 @@ from flowtrain.track.series import SIGMA_BINS, Smoother, sigma_bin_names, smooth
 
 
 class SigmaBinLoss:
-    """Sum and count of per-sample losses per σ-bin, kept on device between logged steps.
+    """Mean per-sample loss per σ-bin between logged steps, binned on the host.
 
-    `add` (per micro-batch) costs a couple of tiny kernels and no host sync; `end_step(ok)` folds the step into the
-    interval unless the step was skipped (a non-finite loss would poison every bin); `state()` is the (2·n,) tensor
-    [sums ‖ counts] that is reduced across processes and read back with the loss; `values(host)` makes the metrics.
+    `add` (per micro-batch) only keeps the (B,) σ and loss tensors, launching nothing; `end_step(ok)` folds the
+    step's into the interval unless the step was skipped (a non-finite loss would poison every bin); `pending()`
+    is the interval's σs and losses, which the meter reads back with the loss in the one host sync of a logged
+    step; `sums` bins those host values into [sums ‖ counts] (reduced across processes with the loss) and `values`
+    makes the metrics.
+
+    Why on the host: binning on the device took ~10 tiny kernels per micro-batch (~0.1 ms of a ~10 ms CPU step);
+    the values are a few floats per sample, and the loss's read-back carries them for free.
     """
 
-    def __init__(self, device: torch.device, n: int = SIGMA_BINS):
+    _FOLD_AT = 256  # pending micro-batches kept as separate tensors before they are concatenated into one
+
+    def __init__(self, n: int = SIGMA_BINS):
         self.n = n
         self.names = sigma_bin_names(n)
-        self.step_acc = torch.zeros(2 * n, device=device, dtype=torch.float32)
-        self.acc = torch.zeros(2 * n, device=device, dtype=torch.float32)
+        self._step: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._window: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, sigma: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         """sigma, per_sample_loss: (B,) on the training device."""
-        idx = (sigma.detach().float() * self.n).long().clamp_(0, self.n - 1)
-        # A one-hot product rather than index_add_/scatter_add_: deterministic on every device, and B is small.
-        onehot = torch.nn.functional.one_hot(idx, self.n).float()  # (B, n)
-        self.step_acc += torch.cat([per_sample_loss.detach().float() @ onehot, onehot.sum(0)])
+        self._step.append((sigma.detach(), per_sample_loss.detach()))
 
     def end_step(self, ok: bool = True) -> None:
         if ok:
-            self.acc += self.step_acc
-        self.step_acc.zero_()
+            self._window += self._step
+            if len(self._window) >= self._FOLD_AT:  # a long log interval: keep the list short
+                self._window = [self.pending()]
+        self._step = []
 
-    def state(self) -> torch.Tensor:
-        return self.acc
+    def pending(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(σ (K,), loss (K,)) float32 of every sample since the last reset, None if there was none."""
+        if not self._window:
+            return None
+        if len(self._window) == 1:
+            sigma, loss = self._window[0]
+            return sigma.float(), loss.float()
+        return torch.cat([t[0] for t in self._window]).float(), torch.cat([t[1] for t in self._window]).float()
+
+    def sums(self, sigmas: list[float], losses: list[float]) -> list[float]:
+        """Host values of `pending()` → [sum of losses per bin (n) ‖ samples per bin (n)]; σ = 1 is in the last bin."""
+        n, out = self.n, [0.0] * (2 * self.n)
+        for s, v in zip(sigmas, losses, strict=True):
+            i = min(max(int(s * n), 0), n - 1)
+            out[i] += v
+            out[n + i] += 1.0
+        return out
 
     def reset(self) -> None:
-        self.acc.zero_()
+        self._window = []
 
-    def values(self, host: list[float]) -> dict[str, float]:
-        """Mean loss per bin from a host copy of `state()`; bins that saw no sample are left out."""
-        sums, counts = host[: self.n], host[self.n :]
-        return {name: s / c for name, s, c in zip(self.names, sums, counts, strict=True) if c > 0}
+    def values(self, sums: list[float]) -> dict[str, float]:
+        """Mean loss per bin from `sums` (possibly reduced across processes); bins that saw no sample are left out."""
+        totals, counts = sums[: self.n], sums[self.n :]
+        return {name: s / c for name, s, c in zip(self.names, totals, counts, strict=True) if c > 0}
 
 
 class LossParts:
@@ -78,11 +100,12 @@ class LossParts:
             self.micro += self.step_micro
         self.step_acc, self.step_micro = {}, 0
 
-    def state(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
-        """Sorted names and their (k,) means; the same names on every process (the loss is the same)."""
+    def state(self, device: torch.device) -> tuple[list[str], torch.Tensor | None]:
+        """Sorted names and their (k,) means (None without parts); the same names on every process (the loss is
+        the same)."""
         names = sorted(self.acc)
         if not names:
-            return [], torch.zeros(0, device=device)
+            return [], None
         return names, torch.stack([self.acc[k] for k in names]).to(device) / max(self.micro, 1)
 
     def reset(self) -> None:
@@ -109,7 +132,7 @@ class TrainMeter:
 
     def __init__(self, device: torch.device, *, samples_per_step: int):
         self.device, self.samples_per_step = device, samples_per_step
-        self.sigma_bins = SigmaBinLoss(device)
+        self.sigma_bins = SigmaBinLoss()
         self.parts = LossParts()
         self.smoothed = Smoother()
         self.t_start = time.perf_counter()
@@ -154,36 +177,45 @@ class TrainMeter:
         mean_loss: torch.Tensor,
         grad_norm: torch.Tensor | float | None,
         *,
-        reduce: Callable[[torch.Tensor], torch.Tensor],
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None,
         lr: float,
         epoch: int,
     ) -> dict[str, float | None]:
         """The metrics since the last row. `mean_loss`: this process's 0-dim mean loss on device; `reduce`
-        averages a tensor over processes (a collective: every process calls `row` at the same steps)."""
+        averages a tensor over processes (a collective: every process calls `row` at the same steps), None with
+        one process."""
         part_names, parts = self.parts.state(self.device)
-        vec = reduce(torch.cat([mean_loss.detach().float().view(1), self.sigma_bins.state(), parts]))
         tensor_norm = isinstance(grad_norm, torch.Tensor)
-        if tensor_norm:
-            vec = torch.cat([vec, grad_norm.detach().float().view(1).to(vec.device)])
-        host = vec.tolist()  # the one host sync of a logged step
+        pending = self.sigma_bins.pending()
+        pieces = [mean_loss.detach().float().view(1)]
+        pieces += [] if parts is None else [parts]
+        pieces += [grad_norm.detach().float().view(1).to(self.device)] if tensor_norm else []
+        pieces += [] if pending is None else [t.to(self.device) for t in pending]
+        host = torch.cat(pieces).tolist()  # the one host sync of a logged step
+        k, m = (0 if pending is None else len(pending[0])), len(part_names)
+        bins = self.sigma_bins.sums(host[len(host) - 2 * k : len(host) - k], host[len(host) - k :])
+        # loss ‖ σ-bin sums and counts ‖ loss parts: as is with one process, else their means over processes
+        shared = [host[0], *bins, *host[1 : 1 + m]]
+        if reduce is not None:
+            shared = reduce(torch.tensor(shared, device=self.device)).tolist()
         now = time.perf_counter()
         dt = now - self.t_last
         s_per_step = dt / max(self.steps, 1)
         n = self.sigma_bins.n
         row: dict[str, float | None] = {
-            "loss": host[0],
+            "loss": shared[0],
             "lr": lr,
-            "grad_norm": host[-1] if tensor_norm else (None if grad_norm is None else float(grad_norm)),
+            "grad_norm": host[1 + m] if tensor_norm else (None if grad_norm is None else float(grad_norm)),
             "s_per_step": s_per_step,
             "samples_per_s": self.samples_per_step / s_per_step if s_per_step > 0 else None,
             "epoch": epoch,
             "data_wait_frac": min(self.wait / dt, 1.0) if dt > 0 else 0.0,
             "elapsed_s": now - self.t_start,
             **memory_metrics(self.device),
-            **self.sigma_bins.values(host[1 : 1 + 2 * n]),
-            **dict(zip(part_names, host[1 + 2 * n : 1 + 2 * n + len(part_names)], strict=True)),
+            **self.sigma_bins.values(shared[1 : 1 + 2 * n]),
+            **dict(zip(part_names, shared[1 + 2 * n :], strict=True)),
         }
-        self.smoothed.update(host[0])
+        self.smoothed.update(shared[0])
         self._reset(now)
         return row
 

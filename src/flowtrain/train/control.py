@@ -104,11 +104,15 @@ def agree(accelerator: Any, flags: list[torch.Tensor | float | bool]) -> list[bo
 
 
 def nonfinite_flag(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-    """A 0-dim tensor, 1 when the step's loss (or, when measured, the global grad norm) is NaN/inf. No sync."""
-    bad = ~torch.isfinite(loss.detach().float())
+    """A 0-dim bool tensor, True when the step's loss (or, when measured, the global grad norm) is NaN/inf. No sync.
+
+    One check of their sum (this runs every step): NaN or ±inf in either makes it non-finite. Two finite values
+    sum past float32's range only beyond ~1.7e38 each, a step that is lost either way.
+    """
+    x = loss.detach().float()
     if grad_norm is not None:
-        bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device).float())
-    return bad.float()
+        x = x + torch.as_tensor(grad_norm, device=loss.device).float()
+    return ~torch.isfinite(x)
 
 
 class NonFiniteGuard:

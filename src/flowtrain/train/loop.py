@@ -78,8 +78,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
     # resumed run logs exactly what an uninterrupted one would even when log_every and the save steps differ.
     loop_state = (run.restored or {}).get("loop") or {}
     meter = TrainMeter(device, samples_per_step=cfg.train.batch_size * ga * run.world)
-    loss_acc = torch.tensor(loop_state.get("loss_acc", 0.0), device=device)
     steps_acc = loop_state.get("steps_acc", 0)
+    # None while the window is empty: its first loss is taken as is (0 + x == x: the same bits, one op fewer).
+    loss_acc = torch.tensor(loop_state["loss_acc"], device=device) if steps_acc else None
+    reduce = _mean_over_processes(accelerator)
     policy = engines.nonfinite_policy(accelerator, cfg.train.nonfinite)
     guard = NonFiniteGuard(policy, cfg.train.max_nonfinite_in_a_row,
                            **(run.restored_state.nonfinite if run.restored_state else {}))  # fmt: skip
@@ -101,7 +103,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
         if not model.training:  # validation restores the mode itself; a full .train() walk costs ~0.5 ms a step
             model.train()
         faults.at_step(accelerator.process_index, step + 1)  # test hook (train.faults); a no-op unless set
-        step_acc, rows = torch.zeros((), device=device), []
+        step_acc, rows = None, []
         for micro in range(ga):
             batch = meter.next_batch(run.batches)
             consumed += 1
@@ -116,8 +118,10 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
                     loss, logs = step_loss(model, family, inputs, run.loss_fn)
                 # Outside autocast (torch's advice; same numerics): leaving it frees autocast's cache of low-precision
                 # weight copies, which would otherwise live through backward (~2 bytes a parameter, full fine-tune).
-                accelerator.backward(loss / ga)
-            step_acc += loss.detach() / ga
+                # x / 1 == x: with one micro-batch a step, no division (one op and one autograd node fewer)
+                micro_loss = loss / ga if ga > 1 else loss
+                run.backward(micro_loss)
+            step_acc = micro_loss.detach() if step_acc is None else step_acc + micro_loss.detach()
             meter.add(inputs.sigma, logs)
         max_norm = cfg.train.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(run.params, max_norm) if max_norm else None
@@ -140,16 +144,18 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             with engines.full_parameters(accelerator, model, trainable_only=True):  # ZeRO-3: gathered meanwhile
                 run.ema.update(done)
         if not bad:
-            loss_acc, steps_acc = loss_acc + step_acc, steps_acc + 1
+            loss_acc, steps_acc = step_acc if loss_acc is None else loss_acc + step_acc, steps_acc + 1
         meter.end_step(ok=not bad)
         bar.update(1)
 
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
             # The loss is accumulated on device between logged steps.
-            mean = loss_acc / steps_acc if steps_acc else torch.full((), float("nan"), device=device)
+            if loss_acc is None:
+                mean = torch.full((), float("nan"), device=device)
+            else:
+                mean = loss_acc / steps_acc if steps_acc > 1 else loss_acc
             lr, epoch = run.lr_scheduler.get_last_lr()[0], run.sampler.position_after(consumed)[0]
-            row = meter.row(mean, grad_norm, reduce=lambda t: accelerator.reduce(t, reduction="mean"), lr=lr,
-                            epoch=epoch)  # fmt: skip
+            row = meter.row(mean, grad_norm, reduce=reduce, lr=lr, epoch=epoch)
             row["nonfinite_skipped"] = guard.total
             result.losses[done] = row["loss"]
             if end is not None and end.observe(done, row["loss"]):
@@ -159,8 +165,9 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             if hasattr(run.lr_scheduler, "observe"):  # lr_scheduler plateau: on the (process-averaged) logged loss
                 run.lr_scheduler.observe(row["loss"])
             run.tracker.log_metrics(done, row)
-            bar.set_postfix_str(meter.postfix(row))
-            loss_acc, steps_acc = torch.zeros((), device=device), 0
+            if not bar.disable:
+                bar.set_postfix_str(meter.postfix(row))
+            loss_acc, steps_acc = None, 0
 
         every = cfg.checkpoint.every_steps
         due = bool(every and done % every == 0) or time_due or stop_now
@@ -170,7 +177,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
         if due:
             try:
                 save_checkpoint(run, done, run.sampler.position_after(consumed), guard,
-                                loop={"loss_acc": loss_acc.item(), "steps_acc": steps_acc,
+                                loop={"loss_acc": 0.0 if loss_acc is None else loss_acc.item(), "steps_acc": steps_acc,
                                       **({"stage_end": end.state_dict()} if end is not None else {})})  # fmt: skip
             except CheckpointWriteError as e:
                 halt = e
@@ -225,6 +232,13 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
 def _latest_name(out: Path) -> str | None:
     ckpts = ckpt.list_checkpoints(out)
     return str(ckpts[-1][1]) if ckpts else None
+
+
+def _mean_over_processes(accelerator) -> Any:
+    """`reduce` for the metrics row: the mean over processes (a collective); None with one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t, reduction="mean")
 
 
 def _agree_failed(accelerator) -> object:

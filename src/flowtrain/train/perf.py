@@ -13,7 +13,7 @@ The DataLoader and its prefetch thread live in `flowtrain.data.loader`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -57,12 +57,29 @@ def hot_optimizer(optimizer: Any, accelerator: Any) -> Any:
     ...) keeps accelerate's wrapper.
     """
     from accelerate.optimizer import AcceleratedOptimizer
+
+    if type(optimizer) is AcceleratedOptimizer and _plain(accelerator):
+        return optimizer.optimizer
+    return optimizer
+
+
+def hot_backward(accelerator: Any) -> Callable[[torch.Tensor], None]:
+    """What the loop calls `backward` of each micro-batch's loss with: `accelerator.backward`, or `Tensor.backward`
+    where accelerate's adds nothing. On plain / DDP setups without a GradScaler it divides the loss by its own
+    gradient accumulation steps, which flowtrain leaves at 1 (the loop divides itself), and calls `loss.backward()`:
+    x / 1 == x, so the gradients are the same bits without that op and its autograd node.
+    """
+    if _plain(accelerator) and accelerator.gradient_accumulation_steps == 1:
+        return torch.Tensor.backward
+    return accelerator.backward
+
+
+def _plain(accelerator: Any) -> bool:
+    """No GradScaler, and one process or DDP (no DeepSpeed, FSDP, XLA, Megatron...)."""
     from accelerate.utils import DistributedType
 
     plain = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
-    if type(optimizer) is AcceleratedOptimizer and accelerator.scaler is None and accelerator.distributed_type in plain:
-        return optimizer.optimizer
-    return optimizer
+    return accelerator.scaler is None and accelerator.distributed_type in plain
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
