@@ -238,10 +238,13 @@ def test_tracker_process_death_is_a_warning_and_jsonl_keeps_everything(
     with caplog.at_level(logging.WARNING):
         for step in (2, 3):
             tracker.log_metrics(step, {"loss": 0.5 / step})
+        tracker.flush()  # rows reach the pipe at most `flush_every_s` later: here, now
+        tracker.log_metrics(4, {"loss": 0.125})
+        tracker.flush()
     assert tracker.get(MlflowProcessTracker) is None  # dropped, once
     assert sum("MlflowProcessTracker failed" in r.getMessage() for r in caplog.records) == 1
     tracker.close()
-    assert [r["step"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_telemetry_is_off_unless_the_user_set_it(tmp_path) -> None:

@@ -74,9 +74,37 @@ def test_multitracker_fans_out_and_drops_a_failing_backend(caplog) -> None:
     multi.log_metrics(2, {"loss": 0.5})
     multi.log_images(2, {})  # nothing to log: no call
     multi.close()
-    assert good.calls == [("log_metrics", 1, {"loss": 1.0}), ("log_metrics", 2, {"loss": 0.5}), ("close", "FINISHED")]
+    logged = [("log_metrics", 1, {"loss": 1.0}), ("flush",), ("log_metrics", 2, {"loss": 0.5}), ("flush",)]
+    assert good.calls == [*logged, ("close", "FINISHED")]  # flush_every_s=0: each row handed on at once
     assert "disabled for the rest of the run" in caplog.text
     MultiTracker().log_metrics(1, {"loss": 1.0})  # the no-op tracker of non-main processes
+
+
+def test_multitracker_flushes_buffered_rows_at_most_every_interval_jsonl_last(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    class Buffering(_Recorder):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def flush(self) -> None:
+            order.append(self.name)
+
+    jsonl, other = JsonlTracker(tmp_path / "m.jsonl"), Buffering("mlflow")
+    jsonl_flush = jsonl.flush
+    jsonl.flush = lambda: (order.append("jsonl"), jsonl_flush())  # type: ignore[method-assign]
+    multi = MultiTracker([jsonl, other], flush_every_s=3600)
+    for step in (1, 2, 3):
+        multi.log_metrics(step, {"loss": 1.0 / step})
+    assert order == [] and read_metrics(tmp_path / "m.jsonl") == []  # held: no system call per row
+    multi.flush()  # what the loop does at a checkpoint
+    assert order == ["mlflow", "jsonl"]  # metrics.jsonl last: it never holds a row the others lack
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3]
+    multi.flush_every_s = 0.0
+    multi.log_metrics(4, {"loss": 0.25})  # the interval has passed: handed on with this row
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3, 4]
+    multi.close()
 
 
 # --- σ-bins, meter, smoothing ----------------------------------------------------------------------------------

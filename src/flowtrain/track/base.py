@@ -9,6 +9,7 @@ backend only uploads / copies / references them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -24,7 +25,8 @@ class Tracker(Protocol):
         """Flat `{dotted.key: scalar}` run parameters (the resolved config)."""
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
-        """Scalar metrics of optimizer step `step`."""
+        """Scalar metrics of optimizer step `step`. A backend with a `flush()` method may hold rows until it is
+        called (or until `close`)."""
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         """PNG files written at `step`, by display name (e.g. `samples/step000100_00_0.png`)."""
@@ -45,8 +47,10 @@ class MultiTracker:
     here; they stop the run before the first step, which is when a user can still fix them.
     """
 
-    def __init__(self, trackers: Sequence[Tracker] = ()):
+    def __init__(self, trackers: Sequence[Tracker] = (), *, flush_every_s: float = 0.0):
         self.trackers: list[Tracker] = list(trackers)
+        self.flush_every_s = flush_every_s
+        self._flushed = time.monotonic()
 
     def _each(self, method: str, *args: Any) -> None:
         for t in list(self.trackers):
@@ -61,6 +65,26 @@ class MultiTracker:
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
         self._each("log_metrics", step, metrics)
+        if time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand every row logged so far to the backends that buffer them (those with a `flush()`): at most every
+        `flush_every_s` from `log_metrics`, and whenever the loop needs the record to be complete (a checkpoint).
+
+        Why buffer: a row a step costs each backend a system call (a file flush, a pipe write that wakes the MLflow
+        process), ~0.1 ms of a ~10 ms step on a small model. A kill -9 loses at most the last `flush_every_s` of
+        rows, all of them after the last checkpoint. Flushed in reverse order, so the first backend (`metrics.jsonl`,
+        which `open_tracking` always opens first) never holds a row the others lack.
+        """
+        for t in reversed(list(self.trackers)):
+            if hasattr(t, "flush"):
+                try:
+                    t.flush()
+                except Exception as e:  # keep training; see the class docstring
+                    log.warning("tracker %s failed in flush (%s); it is disabled for the rest of the run", _name(t), e)
+                    self.trackers.remove(t)
+        self._flushed = time.monotonic()
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         if images:

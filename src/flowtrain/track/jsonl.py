@@ -38,7 +38,9 @@ class JsonlTracker:
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
         # NaN / inf are written as JSON's common extension (NaN, Infinity), which Python's json reads back.
         row = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._fh.write(json.dumps(row) + "\n")
+        self._fh.write(json.dumps(row) + "\n")  # on disk at `flush()` (MultiTracker: at most ~1 s later) or `close`
+
+    def flush(self) -> None:
         self._fh.flush()
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:

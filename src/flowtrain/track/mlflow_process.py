@@ -114,7 +114,12 @@ class MlflowProcessTracker:
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
         values = {k: None if v is None else float(v) for k, v in metrics.items()}
-        self._send("log_metrics", step=step, metrics=values, timestamp_ms=int(time.time() * 1000))
+        # Queued; into the pipe at `flush()` (MultiTracker: at most ~1 s later) or with the next other call.
+        self._queue("log_metrics", step=step, metrics=values, timestamp_ms=int(time.time() * 1000))
+
+    def flush(self) -> None:
+        """Write the queued rows into the pipe (as much as it takes now; the rest goes with the next call)."""
+        self._send(None)
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
         self._send("log_images", step=step, images={k: str(Path(p).resolve()) for k, p in images.items()})
@@ -151,13 +156,18 @@ class MlflowProcessTracker:
         return f"tracking URI {self.uri}"
 
     # ---- the pipe --------------------------------------------------------------------------------------------
-    def _send(self, op: str, **fields: Any) -> None:
+    def _queue(self, op: str, **fields: Any) -> None:
+        self._unsent += (json.dumps({"op": op, **fields}) + "\n").encode()
+
+    def _send(self, op: str | None, **fields: Any) -> None:
+        """Queue `op` (None: nothing new) and write the queue into the pipe."""
         code = self.proc.poll()
         if code is not None:
             self._closed = True  # nothing left to close at exit; the caller (MultiTracker) drops this tracker
             atexit.unregister(self._abandon)
             raise RuntimeError(f"the MLflow process has ended (exit code {code}; its message is above)")
-        self._unsent += (json.dumps({"op": op, **fields}) + "\n").encode()
+        if op is not None:
+            self._queue(op, **fields)
         self._write(block=False)
 
     def _write(self, *, block: bool) -> None:

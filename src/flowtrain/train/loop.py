@@ -183,6 +183,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
                 halt = e
                 break
             clock.saved()
+            run.tracker.flush()  # every row up to a checkpoint is recorded before training goes on from it
         result.step = done
         if result.ended:
             break
