@@ -31,16 +31,21 @@ class JsonlTracker:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
         self._fh = open(self.path, "a")  # noqa: SIM115  closed in close()
+        self._rows: list[dict[str, Any]] = []  # logged, not yet written (see `flush`)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass  # the resolved config is `{output_dir}/config.yaml`
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
         # NaN / inf are written as JSON's common extension (NaN, Infinity), which Python's json reads back.
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._fh.write(json.dumps(row) + "\n")  # on disk at `flush()` (MultiTracker: at most ~1 s later) or `close`
+        self._rows.append({"step": step, "time": round(time.time(), 3), **metrics})
 
     def flush(self) -> None:
+        """Write the logged rows (MultiTracker calls this at most ~1 s after a row, and at checkpoints). Encoded
+        here, all at once, rather than one `json.dumps` inside every training step."""
+        rows, self._rows = self._rows, []
+        if rows:
+            self._fh.write("".join(json.dumps(r) + "\n" for r in rows))
         self._fh.flush()
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
@@ -51,6 +56,7 @@ class JsonlTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         if not self._fh.closed:
+            self.flush()
             self._fh.close()
 
 

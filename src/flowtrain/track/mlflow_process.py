@@ -78,6 +78,7 @@ class MlflowProcessTracker:
         self._fd = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         self._unsent = bytearray()
+        self._rows: list[tuple[int, dict[str, float | None], int]] = []  # logged metrics not yet encoded
         self._opened = self._closed = False
         self.uri = ""
         atexit.register(self._abandon)
@@ -113,9 +114,9 @@ class MlflowProcessTracker:
         self._send("log_params", params={k: param_value(v) for k, v in params.items()})
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
-        values = {k: None if v is None else float(v) for k, v in metrics.items()}
-        # Queued; into the pipe at `flush()` (MultiTracker: at most ~1 s later) or with the next other call.
-        self._queue("log_metrics", step=step, metrics=values, timestamp_ms=int(time.time() * 1000))
+        # Kept as is; encoded and written into the pipe at `flush()` (MultiTracker: at most ~1 s later) or with the
+        # next other call, all at once rather than inside every training step.
+        self._rows.append((step, dict(metrics), int(time.time() * 1000)))
 
     def flush(self) -> None:
         """Write the queued rows into the pipe (as much as it takes now; the rest goes with the next call)."""
@@ -157,7 +158,16 @@ class MlflowProcessTracker:
 
     # ---- the pipe --------------------------------------------------------------------------------------------
     def _queue(self, op: str, **fields: Any) -> None:
+        self._encode_rows()
         self._unsent += (json.dumps({"op": op, **fields}) + "\n").encode()
+
+    def _encode_rows(self) -> None:
+        """Move the logged metric rows into `_unsent`, in order, ahead of whatever is queued next."""
+        rows, self._rows = self._rows, []
+        for step, metrics, timestamp_ms in rows:
+            values = {k: None if v is None else float(v) for k, v in metrics.items()}
+            line = {"op": "log_metrics", "step": step, "metrics": values, "timestamp_ms": timestamp_ms}
+            self._unsent += (json.dumps(line) + "\n").encode()
 
     def _send(self, op: str | None, **fields: Any) -> None:
         """Queue `op` (None: nothing new) and write the queue into the pipe."""
@@ -168,6 +178,8 @@ class MlflowProcessTracker:
             raise RuntimeError(f"the MLflow process has ended (exit code {code}; its message is above)")
         if op is not None:
             self._queue(op, **fields)
+        else:
+            self._encode_rows()
         self._write(block=False)
 
     def _write(self, *, block: bool) -> None:
