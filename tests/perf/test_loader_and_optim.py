@@ -21,7 +21,7 @@ from flowtrain.data.loader import (
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import hot_backward, hot_optimizer, optimizer_kwargs
+from flowtrain.train.perf import hot_backward, hot_clip, hot_optimizer, optimizer_kwargs
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -70,6 +70,26 @@ def test_plain_accelerate_setups_call_backward_directly_with_the_same_gradients(
         backward((torch.randn(7, 5) @ w).tanh().square().mean())
         grads.append(w.grad)
     assert torch.equal(*grads)
+
+
+def test_plain_accelerate_setups_clip_with_torch_and_the_same_bits():
+    """accelerate's clip groups parameters by DTensor mesh and returns the norm of the one group's norm: the same
+    norm and the same clipped gradients as torch's `clip_grad_norm_`, bit for bit."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert hot_clip(accelerator) is torch.nn.utils.clip_grad_norm_
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 16) * 3, torch.randn(16) * 1e-3, torch.randn(300) * 7]
+    out = []
+    for clip in (accelerator.clip_grad_norm_, hot_clip(accelerator)):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        out.append((clip(params, 1.0), [p.grad for p in params]))
+    (norm_a, grads_a), (norm_b, grads_b) = out
+    assert torch.equal(norm_a, norm_b) and norm_a > 1.0  # clipping happened
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
 
 
 def _dataset_and_sampler(cache, batch=2):

@@ -124,7 +124,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             step_acc = micro_loss.detach() if step_acc is None else step_acc + micro_loss.detach()
             meter.add(inputs.sigma, logs)
         max_norm = cfg.train.max_grad_norm
-        grad_norm = accelerator.clip_grad_norm_(run.params, max_norm) if max_norm else None
+        grad_norm = run.clip_grad_norm(run.params, max_norm) if max_norm else None
         grad_norm = fsdp.whole(grad_norm)  # FSDP: the norm comes back as a DTensor
         done = step + 1
         # One host sync per step, agreed by all processes: skip this update? stop? time for a save?

@@ -74,6 +74,17 @@ def hot_backward(accelerator: Any) -> Callable[[torch.Tensor], None]:
     return accelerator.backward
 
 
+def hot_clip(accelerator: Any) -> Callable[[list[torch.Tensor], float], torch.Tensor | float | None]:
+    """What the loop clips gradients with: `accelerator.clip_grad_norm_`, or torch's `clip_grad_norm_` where
+    accelerate's adds nothing. On plain / DDP setups without a GradScaler it unscales nothing, sorts the parameters
+    by DTensor mesh (an isinstance per parameter, every step: a LoRA has hundreds) into one group, and returns the
+    2-norm of that group's norm, which is the norm itself, bit for bit (sqrt(n²) == n for a float n ≥ 0).
+    """
+    if _plain(accelerator):
+        return torch.nn.utils.clip_grad_norm_
+    return accelerator.clip_grad_norm_
+
+
 def _plain(accelerator: Any) -> bool:
     """No GradScaler, and one process or DDP (no DeepSpeed, FSDP, XLA, Megatron...)."""
     from accelerate.utils import DistributedType
