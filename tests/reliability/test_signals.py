@@ -38,7 +38,9 @@ def test_sigterm_writes_checkpoint_exits_75_and_resume_is_exact(reference_run, t
     out = tmp_path / "run"
     # No periodic checkpoints: the one checkpoint before the resume is the one the signal asked for. (The
     # reference saves every step; saving must not change the numbers either.)
-    cmd = kh.train_command(reference_run.config, out, ["checkpoint.every_steps=null"], resume=False)
+    # Rows reach metrics.jsonl at once (tracking.flush_every_s=0): the test reads them to know training is under way.
+    overrides = ["checkpoint.every_steps=null", "tracking.flush_every_s=0"]
+    cmd = kh.train_command(reference_run.config, out, overrides, resume=False)
     proc = subprocess.Popen(cmd, env=kh.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: _rows(out) >= 4, proc)
     proc.send_signal(signal.SIGTERM)

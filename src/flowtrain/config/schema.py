@@ -418,6 +418,12 @@ class TrackingConfig(Section):
         True, description="Log the final LoRA file / transformer folder as an artifact (a copy, for full fine-tunes)."
     )
     graphs: bool = Field(True, description="Write graphs/ and summary.txt at the end of training (`flowtrain plot`).")
+    flush_every_s: float = Field(
+        1.0,
+        ge=0,
+        description="Metric rows reach metrics.jsonl and the backends at most this many seconds late (and at every "
+        "checkpoint); 0: every row at once, at the cost of a file flush and a pipe write per logged step.",
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

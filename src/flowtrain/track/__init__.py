@@ -21,7 +21,6 @@ __all__ = [
 ]  # fmt: skip
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-FLUSH_EVERY_S = 1.0  # metric rows reach metrics.jsonl and the MLflow process at most this late (MultiTracker.flush)
 
 
 def check_backends(report_to: list[str]) -> None:
@@ -87,7 +86,7 @@ def open_tracking(
             trackers.append(
                 WandbTracker(out, experiment_name=t.experiment_name, run_name=t.run_name, resume_step=resume_step)
             )
-    tracker = MultiTracker(trackers, flush_every_s=FLUSH_EVERY_S)
+    tracker = MultiTracker(trackers, flush_every_s=t.flush_every_s)
     tracker.log_params(config_to_flat_dict(cfg))
     if (out / "config.yaml").exists():
         tracker.log_artifact(out / "config.yaml")
