@@ -157,29 +157,23 @@ class MlflowProcessTracker:
         return f"tracking URI {self.uri}"
 
     # ---- the pipe --------------------------------------------------------------------------------------------
-    def _queue(self, op: str, **fields: Any) -> None:
-        self._encode_rows()
-        self._unsent += (json.dumps({"op": op, **fields}) + "\n").encode()
-
     def _encode_rows(self) -> None:
         """Move the logged metric rows into `_unsent`, in order, ahead of whatever is queued next."""
         rows, self._rows = self._rows, []
         for step, metrics, timestamp_ms in rows:
             values = {k: None if v is None else float(v) for k, v in metrics.items()}
-            line = {"op": "log_metrics", "step": step, "metrics": values, "timestamp_ms": timestamp_ms}
-            self._unsent += (json.dumps(line) + "\n").encode()
+            self._unsent += _line("log_metrics", step=step, metrics=values, timestamp_ms=timestamp_ms)
 
     def _send(self, op: str | None, **fields: Any) -> None:
-        """Queue `op` (None: nothing new) and write the queue into the pipe."""
+        """Queue the logged metric rows, then `op` (None: nothing else), and write the queue into the pipe."""
         code = self.proc.poll()
         if code is not None:
             self._closed = True  # nothing left to close at exit; the caller (MultiTracker) drops this tracker
             atexit.unregister(self._abandon)
             raise RuntimeError(f"the MLflow process has ended (exit code {code}; its message is above)")
+        self._encode_rows()
         if op is not None:
-            self._queue(op, **fields)
-        else:
-            self._encode_rows()
+            self._unsent += _line(op, **fields)
         self._write(block=False)
 
     def _write(self, *, block: bool) -> None:
@@ -226,6 +220,11 @@ class MlflowProcessTracker:
         """At interpreter exit, a run that was never closed (training raised) is marked FAILED."""
         with contextlib.suppress(Exception):  # the child may be gone already; nothing useful to do then
             self.close("FAILED")
+
+
+def _line(op: str, **fields: Any) -> bytes:
+    """One message of the protocol: a JSON object on one line."""
+    return (json.dumps({"op": op, **fields}) + "\n").encode()
 
 
 # ---- the child ---------------------------------------------------------------------------------------------------
