@@ -59,8 +59,11 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.processor = AutoProcessor.from_pretrained(name)
-        self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype))
+        from flowtrain.gc_pause import loading
+
+        with loading():
+            self.processor = AutoProcessor.from_pretrained(name)
+            self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.chat = getattr(self.processor, "chat_template", None) is not None

@@ -397,16 +397,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace, prompts: list[str], model: Any, lora: Path | None) -> None:
     from flowtrain.dtypes import torch_dtype
+    from flowtrain.gc_pause import loading
     from flowtrain.media import sample_fps
     from flowtrain.sample import generate, load_sampling_pipeline, save_images
 
-    pipe = load_sampling_pipeline(
-        model,
-        lora=lora and str(lora),
-        transformer=args.transformer,
-        dtype=torch_dtype(args.sample_dtype),
-        device=args.device,
-    )
+    with loading():
+        pipe = load_sampling_pipeline(model, lora=lora and str(lora), transformer=args.transformer,
+                                      dtype=torch_dtype(args.sample_dtype), device=args.device)  # fmt: skip
     images = generate(
         pipe,
         prompts,
@@ -882,7 +879,9 @@ def run() -> NoReturn:
     interpreter's slow teardown (`flowtrain.exit`). An exception that escapes `main` (`--debug`) ends it the usual
     way, with its traceback."""
     from flowtrain.exit import exit_now
+    from flowtrain.gc_pause import freeze_after_loading
 
+    freeze_after_loading()  # this process is the command's: what its models' loading leaves is frozen (gc_pause)
     exit_now(main())
 
 

@@ -101,9 +101,19 @@ def test_from_flags_need_from(work, monkeypatch, capsys):
     assert "give --from" in capsys.readouterr().err
 
 
-def test_encoders_are_freed_before_the_transformer_loads(work, monkeypatch):
-    """One process must not hold the text encoder and VAE while it trains: their memory is the transformer's."""
+@pytest.mark.parametrize("frozen", [False, True], ids=["called-from-python", "console-entry"])
+def test_encoders_are_freed_before_the_transformer_loads(work, monkeypatch, frozen):
+    """One process must not hold the text encoder and VAE while it trains: their memory is the transformer's. Also
+    as the `flowtrain` command runs it, where what loading left is frozen (`flowtrain.gc_pause`): only reference
+    counting frees the encoders then, so they must hold no reference cycle."""
+    import gc
     import weakref
+
+    from flowtrain import gc_pause
+
+    if frozen:
+        monkeypatch.setattr(gc_pause, "_freeze", True)
+        before = gc.get_freeze_count()
 
     from flowtrain.models.flux2_klein.family import Flux2Klein
 
@@ -123,5 +133,10 @@ def test_encoders_are_freed_before_the_transformer_loads(work, monkeypatch):
     monkeypatch.setattr(Flux2Klein, "load_encoders", recording)
     monkeypatch.setattr(Flux2Klein, "load_transformer", checking)
     monkeypatch.chdir(work)
-    assert main(["train", "tiny.yaml", "--from", "src", "--resolution", str(TINY_RES), "--quiet"]) == 0
+    try:
+        assert main(["train", "tiny.yaml", "--from", "src", "--resolution", str(TINY_RES), "--quiet"]) == 0
+    finally:
+        if frozen:
+            assert gc.get_freeze_count() > before
+            gc.unfreeze()  # this test process is pytest's: give its objects back to the collector
     assert alive_when_transformer_loads == [[False, False]]

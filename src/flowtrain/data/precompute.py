@@ -55,6 +55,7 @@ from flowtrain.data.prepare import raw_digest
 from flowtrain.data.tensors import ragged_column, tensor_column
 from flowtrain.data.writer import ShardWriter
 from flowtrain.dtypes import torch_dtype
+from flowtrain.gc_pause import loading
 from flowtrain.models import Column, ModelFamily, get_family
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def precompute(
     fp = cache_fingerprint(model, resolution, clips.clip_settings(clip_opts, raw), buckets)
     if ranks.is_main:
         _check_existing(out, fp)
-    encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
+    with loading():  # imports and builds millions of long-lived objects: no collector walks meanwhile
+        encoders = family.load_encoders(model, dtype=torch_dtype(model.dtype), device=device)
     family.check_options(encoders, model)
     frames = {"frames": clip_opts.frames} if clip_opts is not None and clips.is_video_family(family) else {}
     columns = family.cache_columns(encoders, model, resolution=resolution, **frames)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from flowtrain.config import FlowtrainConfig
 from flowtrain.data.loader import close_batches
+from flowtrain.gc_pause import loading
 from flowtrain.track import finish_tracking
 from flowtrain.track.stats import TrainMeter
 from flowtrain.train import checkpoint as ckpt
@@ -64,7 +65,9 @@ def train(cfg: FlowtrainConfig, *, resume: str | None = None, progress: bool = T
         # innermost: a failing process leaves the process group before any other cleanup runs
         one_failure_stops_all(Path(cfg.output_dir), cfg.train.collective_timeout_minutes),
     ):
-        return run_loop(build_run(cfg, resume, cleanup, stage), stop, progress)
+        with loading():  # model, adapters, optimizer, data: no collector walks while they are built
+            run = build_run(cfg, resume, cleanup, stage)
+        return run_loop(run, stop, progress)
 
 
 def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
