@@ -21,7 +21,7 @@ from flowtrain.data.loader import (
 from flowtrain.testing.data import tiny_config_dict
 from flowtrain.testing.synthetic import write_synthetic_cache
 from flowtrain.train.optim import build_optimizer
-from flowtrain.train.perf import hot_backward, hot_clip, hot_optimizer, optimizer_kwargs
+from flowtrain.train.perf import hot_autocast, hot_backward, hot_clip, hot_optimizer, optimizer_kwargs
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -90,6 +90,26 @@ def test_plain_accelerate_setups_clip_with_torch_and_the_same_bits():
     (norm_a, grads_a), (norm_b, grads_b) = out
     assert torch.equal(norm_a, norm_b) and norm_a > 1.0  # clipping happened
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_autocast_is_a_null_context_without_mixed_precision_and_accelerates_with_it():
+    """Without mixed precision accelerate's autocast is a `nullcontext` too (built anew each call); with bf16 the loop
+    keeps accelerate's, and the forward inside it runs in bf16."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    from flowtrain.testing.training import fresh_accelerator_state
+
+    plain = Accelerator(cpu=True)
+    assert hot_autocast(plain) is contextlib.nullcontext
+    with plain.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with fresh_accelerator_state():
+        bf16 = Accelerator(cpu=True, mixed_precision="bf16")
+        assert hot_autocast(bf16) == bf16.autocast
+        with hot_autocast(bf16)():
+            assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.bfloat16
 
 
 def _dataset_and_sampler(cache, batch=2):

@@ -117,7 +117,7 @@ def run_loop(run: Run, stop: StopSignals, progress: bool = True) -> TrainResult:
             inputs = make_inputs(batch, cfg, family, run.norm, run.empty, gen, device, part=part)
             sync = engines.micro_batch(accelerator, model, last=micro == ga - 1)
             with sync:
-                with accelerator.autocast():
+                with run.autocast():
                     loss, logs = step_loss(model, family, inputs, run.loss_fn)
                 # Outside autocast (torch's advice; same numerics): leaving it frees autocast's cache of low-precision
                 # weight copies, which would otherwise live through backward (~2 bytes a parameter, full fine-tune).

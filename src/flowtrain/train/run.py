@@ -31,7 +31,7 @@ from flowtrain.train.ema import EMA, ema_for_run
 from flowtrain.train.engines import fsdp
 from flowtrain.train.offload import install_block_swap
 from flowtrain.train.optim import build_lr_scheduler, build_optimizer
-from flowtrain.train.perf import hot_backward, hot_clip, hot_optimizer
+from flowtrain.train.perf import hot_autocast, hot_backward, hot_clip, hot_optimizer
 from flowtrain.train.resume import apply_changed_schedule, check_resume, resume_position, transformer_identity
 from flowtrain.train.state import TrainState
 from flowtrain.train.trainable import build_transformer, load_teacher, load_trainable_state
@@ -57,6 +57,7 @@ class Run:
     hot_optimizer: Any  # what each step calls step() / zero_grad() on (`perf.hot_optimizer`)
     backward: Any  # called with each micro-batch's loss (`perf.hot_backward`)
     clip_grad_norm: Any  # (params, max_norm) → the global grad norm before clipping (`perf.hot_clip`)
+    autocast: Any  # () → the context each forward runs in (`perf.hot_autocast`)
     dataset: CacheDataset
     sampler: ResumableSampler | BucketSampler
     batches: Any  # iterator of batches (possibly behind a prefetch thread)
@@ -242,7 +243,7 @@ def build_run(cfg: FlowtrainConfig, resume: str | None, cleanup: contextlib.Exit
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, family=family, model=model, lora_cfg=lora_cfg, params=params,
         optimizer=optimizer, lr_scheduler=lr_scheduler, hot_optimizer=hot_optimizer(optimizer, accelerator),
-        backward=hot_backward(accelerator), clip_grad_norm=hot_clip(accelerator),
+        backward=hot_backward(accelerator), clip_grad_norm=hot_clip(accelerator), autocast=hot_autocast(accelerator),
         dataset=dataset, sampler=sampler, batches=batches, norm=norm, empty=empty, loss_fn=loss_fn,
         validator=validator, tracker=tracker, ema=ema, start_step=start_step, transformer_id=transformer_id,
         restored=restored,
