@@ -58,9 +58,9 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from flowtrain.gc_pause import loading
 
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with loading():
             self.processor = AutoProcessor.from_pretrained(name)
             self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype))
